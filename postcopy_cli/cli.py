@@ -1,0 +1,60 @@
+"""The ``postcopy`` command group and the one place that maps errors to exit codes.
+
+Commands live in ``postcopy_cli.commands``; each parses options, calls one core
+function and renders the result.  Errors: one line on stderr, exit code per
+DESIGN.md section 2 (0 ok, 1 failed, 2 usage, 3 protocol, 4 disconnected).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from . import errors
+from .commands import ALL_COMMANDS
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="postcopy", prog_name="postcopy")
+def cli() -> None:
+    """Post-copy memory migration on Linux with userfaultfd.
+
+    Memory moves from a source host to a destination while the program keeps
+    running; pages not there yet are caught by userfaultfd, fetched from the
+    source and installed atomically.
+    """
+
+
+for _command in ALL_COMMANDS:
+    cli.add_command(_command)
+
+
+def _fail(code: int, message: str) -> int:
+    click.echo(f"postcopy: {message}", err=True)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (no sys.exit, for tests and embedding)."""
+    try:
+        cli.main(args=argv, prog_name="postcopy", standalone_mode=False)
+        return errors.EXIT_OK
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        return _fail(errors.EXIT_FAILED, "aborted")
+    except click.ClickException as e:
+        e.show()
+        return errors.EXIT_USAGE if isinstance(e, click.UsageError) else errors.EXIT_FAILED
+    except errors.PostcopyError as e:
+        return _fail(e.exit_code, str(e))
+    except KeyboardInterrupt:
+        return _fail(errors.EXIT_FAILED, "interrupted")
+    except OSError as e:
+        return _fail(errors.EXIT_FAILED, str(e))
+
+
+def main() -> None:
+    logging.basicConfig(format="postcopy: %(levelname)s: %(message)s", stream=sys.stderr)
+    sys.exit(run())
