@@ -1,11 +1,63 @@
-"""`postcopy probe`."""
+"""`postcopy probe`: can this host do post-copy migration?"""
+from __future__ import annotations
+
 import click
 
-from ._common import common_options, not_built
+from ..errors import PostcopyError
+from ._common import common_options, emit_json
+
+
+class PostcopyUnsupported(PostcopyError):
+    """The host failed a check that post-copy needs (exit 1)."""
+
+
+_STYLE = {"pass": "green", "fail": "bold red", "warn": "yellow", "skip": "dim"}
+
+
+def _render(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"postcopy probe: Linux {report.kernel}, host page {report.host_page_size} B",
+                  show_lines=False, expand=False)
+    table.add_column("check", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("detail")
+    table.add_column("remedy")
+    for c in report.checks:
+        table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", c.detail, c.remedy)
+    console.print(table)
+    caps = "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in report.capabilities.items())
+    console.print(f"capabilities: {caps}", highlight=False)
+    if report.supported:
+        console.print(f"[green]postcopy is supported on this host[/] ({report.elapsed_ms:.0f} ms)")
+    else:
+        console.print(f"[bold red]postcopy is NOT supported on this host[/] ({report.elapsed_ms:.0f} ms)")
 
 
 @click.command("probe")
+@click.option("--target-page-size", type=click.IntRange(min=512), default=4096, show_default=True,
+              help="Page size of the migrated program's memory (QEMU's target page size).")
 @common_options
-def probe(as_json: bool) -> None:
-    """(not built yet)"""
-    not_built("postcopy probe")
+def probe(as_json: bool, target_page_size: int) -> None:
+    """Check whether this host supports post-copy migration.
+
+    Runs every host check of QEMU's postcopy_ram_supported_by_host (page size,
+    userfaultfd, the UFFDIO_API handshake, a real registration of anonymous
+    memory, munlockall, hugetlbfs and shared memory) and more (THREAD_ID for
+    blocktime, WP_ASYNC with PAGEMAP_SCAN for live dirty tracking, MINOR faults
+    with UFFDIO_CONTINUE, transparent huge pages). Each check is pass, fail,
+    warn or skip with a detail and a remedy; the QEMU migration capabilities
+    the host supports are listed. Exits 1 when post-copy is not supported.
+    """
+    from ..probe import run_probe
+
+    report = run_probe(target_page_size)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        _render(report)
+    if not report.supported:
+        names = ", ".join(c.name for c in report.failed) or "core checks"
+        raise PostcopyUnsupported(f"post-copy is not supported on this host (failed: {names})")
