@@ -47,6 +47,21 @@ _unpack_bhh = struct.Struct(">BHH").unpack_from
 _unpack_hh = struct.Struct(">HH").unpack_from
 _unpack_qi = struct.Struct(">QI").unpack_from
 
+_new = object.__new__
+_set_block = RamPage.block.__set__
+_set_offset = RamPage.offset.__set__
+_set_data = RamPage.data.__set__
+
+
+def _ram_page(block: str, offset: int, data) -> RamPage:
+    """RamPage(block, offset, data) without the frozen-dataclass __init__ overhead (hot path)."""
+    r = _new(RamPage)
+    _set_block(r, block)
+    _set_offset(r, offset)
+    _set_data(r, data)
+    return r
+
+
 _PAGE = 0x08
 _ZERO = 0x02
 _EOS = 0x10
@@ -199,6 +214,39 @@ class StreamDecoder(_Buffered):
         return self._phase == _P_DONE
 
     # -- dispatch ----------------------------------------------------------
+    def events(self) -> Iterator:
+        """Yield events until the decoder needs more data.
+
+        Runs of PAGE|CONTINUE records are decoded in a tight inner loop.
+        """
+        nxt = self.next_event
+        unpack = _unpack_q
+        while True:
+            if self._phase == _P_RAM and self._error is None:
+                buf = self._buf
+                mv = self._mv
+                pos = self._pos
+                end = len(buf)
+                name = self._cur_name
+                clen = self._cur_len
+                while end - pos >= 4104:
+                    v = unpack(buf, pos)[0]
+                    if v & 0xFFF != 0x28 or v ^ 0x28 >= clen:
+                        break
+                    r = _new(RamPage)
+                    _set_block(r, name)
+                    _set_offset(r, v ^ 0x28)
+                    _set_data(r, mv[pos + 8:pos + 4104])
+                    pos += 4104
+                    self._pos = pos
+                    yield r
+                    if self._pos != pos or self._buf is not buf:
+                        break  # next_event() was called meanwhile: reload
+            ev = nxt()
+            if ev is NEED_DATA:
+                return
+            yield ev
+
     def next_event(self):
         """The next event, or :data:`NEED_DATA`."""
         if self._error is not None:
@@ -235,6 +283,7 @@ class StreamDecoder(_Buffered):
             self._pos += 1
             self._phase = _P_RAM
             self._cur_name = None
+            self._cur_len = 0
             self._section_start = start
             return self._ram_record()
         if kind == Section.COMMAND:
@@ -329,7 +378,7 @@ class StreamDecoder(_Buffered):
                 pos = self._pos
                 end = pos + 4104
             self._pos = end
-            return RamPage(self._cur_name, off, self._mv[pos + 8:end])
+            return _ram_page(self._cur_name, off, self._mv[pos + 8:end])
         return self._ram_slow(v, flags, pos)
 
     def _ram_bad(self, v: int, pos: int):
@@ -349,6 +398,7 @@ class StreamDecoder(_Buffered):
             self._pos = pos + 8
             self._phase = _P_SECTION
             self._cur_name = None
+            self._cur_len = 0
             return RamEnd()
         kind = flags & (_PAGE | _ZERO)
         if kind == 0:
