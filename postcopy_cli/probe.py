@@ -178,14 +178,17 @@ def _check_page_size(host: int, target: int) -> Check:
 def _check_userfaultfd(ctx: _Ctx) -> Check:
     flags = os.O_CLOEXEC | os.O_NONBLOCK
     r = _sys_userfaultfd(flags)
-    if r >= 0:
-        os.close(r)
-        ctx.opener, ctx.source = _sys_userfaultfd, "syscall"
-        return Check("userfaultfd", PASS, "userfaultfd(2) syscall opens a userfaultfd", core=True)
-    sys_err = -r
     r2 = _dev_userfaultfd(flags)
+    for fd in (r, r2):
+        if fd >= 0:
+            os.close(fd)
+    if r >= 0:
+        ctx.opener, ctx.source = _sys_userfaultfd, "syscall"
+        dev = "also works" if r2 >= 0 else f"not usable ({errno.errorcode.get(-r2, -r2)}), not needed"
+        return Check("userfaultfd", PASS, f"userfaultfd(2) syscall opens a userfaultfd; {DEV_UFFD} {dev}",
+                     core=True)
+    sys_err = -r
     if r2 >= 0:
-        os.close(r2)
         ctx.opener, ctx.source = _dev_userfaultfd, "device"
         return Check("userfaultfd", PASS,
                      f"userfaultfd(2) refused ({errno.errorcode.get(sys_err, sys_err)}), "
