@@ -1,11 +1,86 @@
-"""`postcopy workload`."""
+"""`postcopy workload`: the reference guest (run, incoming, touch)."""
+from __future__ import annotations
+
 import click
 
-from ._common import common_options, not_built
+from .. import guest
+from ..errors import UsageError
+from ..memory import parse_size
+from ._common import common_options, emit_json
 
 
-@click.command("workload")
+def _size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if size % guest.PAGE or size < 2 * guest.PAGE:
+        raise UsageError(f"memory size {text} must be a multiple of {guest.PAGE} bytes and at least 2 pages")
+    return size
+
+
+def _finish(code: int, report: dict | None) -> None:
+    if report is not None:
+        emit_json(report)
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+_attach = click.option("--attach", "path", required=True, metavar="PATH",
+                       help="Unix socket to hand the memory over on (migrate --attach / serve-dest --uffd-socket).")
+_connect = click.option("--connect-timeout", type=float, default=5.0, show_default=True,
+                        help="Seconds to keep retrying while PATH does not exist yet.")
+_mem = click.option("--mem", "mem", required=True, metavar="SIZE", help="RAM size (e.g. 64M, 1G).")
+_step = click.option("--step", type=click.IntRange(min=1), default=guest.PAGE, show_default=True,
+                     help="Bytes between the bytes the loop increments.")
+_report = click.option("--report-after", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+                       help="Run this long, then pause, check the memory, print one JSON line and exit.")
+
+
+@click.group("workload")
+def workload() -> None:
+    """The reference guest: a native loop dirtying memory like QEMU's migration-test guest."""
+
+
+@workload.command("run")
+@_mem
+@_attach
+@_step
+@_report
+@_connect
 @common_options
-def workload(as_json: bool) -> None:
-    """(not built yet)"""
-    not_built("postcopy workload")
+def run(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float, as_json: bool) -> None:
+    """Start fresh and hand the memory over to `postcopy migrate --attach` (write-protect tracking)."""
+    _finish(*guest.run_source(_size(mem), path, step=step, report_after=report_after,
+                              connect_timeout=connect_timeout))
+
+
+@workload.command("incoming")
+@_mem
+@_attach
+@_step
+@_report
+@_connect
+@common_options
+def incoming(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float,
+             as_json: bool) -> None:
+    """Hand empty memory to `postcopy serve-dest --uffd-socket`, wait for RUN, continue the loop."""
+    _finish(*guest.run_incoming(_size(mem), path, step=step, report_after=report_after,
+                                connect_timeout=connect_timeout))
+
+
+@workload.command("touch")
+@click.option("--size", "size", required=True, metavar="SIZE", help="RAM size (e.g. 64M, 1G).")
+@_attach
+@click.option("--image", type=click.Path(dir_okay=False), default=None,
+              help="Compare every page with this file (pages past its end with zeros).")
+@click.option("--order", type=click.Choice(["sequential", "random"]), default="sequential", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random order.")
+@click.option("--wait-run", is_flag=True, help="Wait for the RUN event before touching.")
+@_connect
+@common_options
+def touch(size: str, path: str, image: str | None, order: str, seed: int, wait_run: bool, connect_timeout: float,
+          as_json: bool) -> None:
+    """Hand empty memory over, touch every page, report latencies; exit 0 only if every page matched."""
+    _finish(*guest.run_touch(_size(size), path, image=image, order=order, seed=seed, wait_run=wait_run,
+                             connect_timeout=connect_timeout))
