@@ -397,10 +397,12 @@ def _note(text: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# the three programs; each returns (exit code, report dict or None)
+# the three programs; each returns its report (None when ended by quit or a
+# signal) and raises PostcopyError when it failed; the caller prints the report
+# and fails when it says so (check "failed", mismatches > 0)
 
 def run_source(size: int, path: str, *, step: int = PAGE, report_after: float | None = None,
-               connect_timeout: float = 5.0) -> tuple[int, dict | None]:
+               connect_timeout: float = 5.0) -> dict | None:
     """``workload run``: start fresh, hand memory over for write-protect tracking, obey pause/resume/quit."""
     ram = AnonymousMapping(size)
     sock = attach(path, ram, mode="run", connect_timeout=connect_timeout)
@@ -410,20 +412,18 @@ def run_source(size: int, path: str, *, step: int = PAGE, report_after: float | 
 
 
 def run_incoming(size: int, path: str, *, step: int = PAGE, report_after: float | None = None,
-                 connect_timeout: float = 5.0) -> tuple[int, dict | None]:
+                 connect_timeout: float = 5.0) -> dict | None:
     """``workload incoming``: hand memory over (MISSING), apply discards, wait for RUN, continue the loop."""
     ram = AnonymousMapping(size)
     reader = _Reader(attach(path, ram, mode="incoming", connect_timeout=connect_timeout))
-    code = _wait_run(reader, ram)
-    if code is not None:
-        return code, None
+    _wait_run(reader, ram)
     t_run = time.monotonic()
     loop = NativeLoop(ram.addr, size, step, fresh=False).start()
     return _control(loop, reader, ram, report_after, t_run, None, source=False)
 
 
-def _wait_run(reader: _Reader, ram: AnonymousMapping) -> int | None:
-    """Handle messages until RUN (None) or failure (exit code)."""
+def _wait_run(reader: _Reader, ram: AnonymousMapping) -> None:
+    """Handle messages until RUN; WorkloadError when the migration failed."""
     _install_signals()
     try:
         while True:
@@ -438,21 +438,20 @@ def _wait_run(reader: _Reader, ram: AnonymousMapping) -> int | None:
                 except (ValueError, TypeError):
                     raise ProtocolError("run event with a state that is not base64", section="control channel") \
                         from None
-                return None
+                return
             if kind == "discard":
                 _discard(ram, msg)
                 reader.send({"event": "discarded"})
             elif kind == "failed":
-                _note(f"migration failed: {msg.get('reason', 'no reason given')}")
-                return 1
+                raise WorkloadError(f"migration failed: {msg.get('reason', 'no reason given')}")
             else:
                 log.info("control message before RUN ignored: %s", kind)
     except _Terminate:
-        return 1
+        raise WorkloadError("interrupted before RUN") from None
 
 
 def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_after: float | None,
-             t0: float, passes_before: int | None, *, source: bool) -> tuple[int, dict | None]:
+             t0: float, passes_before: int | None, *, source: bool) -> dict | None:
     _install_signals()
     deadline = t0 + report_after if report_after is not None else None
     try:
@@ -466,8 +465,7 @@ def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_af
                 if passes_before is None:
                     loop.wait_started(PAUSE_TIMEOUT)
                     passes_before = loop.start_passes
-                report = _report(loop, passes_before, now - t0)
-                return (0 if report["check"] == "ok" else 1), report
+                return _report(loop, passes_before, now - t0)
             wait = 0.2 if deadline is None else min(0.2, deadline - now)
             msg = reader.get(wait)
             if msg is None:
@@ -483,22 +481,22 @@ def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_af
                 reader.send({"event": "resumed"})
             elif kind == "quit":
                 loop.stop()
-                return 0, None
+                return None
             elif kind == "failed":
-                _note(f"migration failed: {msg.get('reason', 'no reason given')}")
                 if not source:
-                    return 1, None
+                    raise WorkloadError(f"migration failed: {msg.get('reason', 'no reason given')}")
+                _note(f"migration failed: {msg.get('reason', 'no reason given')}")
             elif kind == "complete":
                 log.info("migration complete: every page is in")
             else:
                 log.info("control message ignored: %s", kind)
     except _Terminate:
         loop.stop(1.0)
-        return 0, None
+        return None
 
 
 def run_touch(size: int, path: str, *, image: str | None = None, order: str = "sequential", seed: int = 0,
-              wait_run: bool = False, connect_timeout: float = 5.0) -> tuple[int, dict | None]:
+              wait_run: bool = False, connect_timeout: float = 5.0) -> dict | None:
     """``workload touch``: hand memory over (MISSING), touch every page, compare with ``image``."""
     if size % PAGE or size <= 0:
         raise WorkloadError(f"size must be a positive multiple of {PAGE}")
@@ -515,11 +513,8 @@ def run_touch(size: int, path: str, *, image: str | None = None, order: str = "s
         ram = AnonymousMapping(size)
         reader = _Reader(attach(path, ram, mode="touch", connect_timeout=connect_timeout))
         if wait_run:
-            code = _wait_run(reader, ram)
-            if code is not None:
-                return code, None
-        report = touch_memory(ram.addr, size, expected=expected, order=order, seed=seed)
-        return (0 if report["mismatches"] == 0 else 1), report
+            _wait_run(reader, ram)
+        return touch_memory(ram.addr, size, expected=expected, order=order, seed=seed)
     finally:
         if f is not None:
             f.close()

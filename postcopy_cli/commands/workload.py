@@ -19,11 +19,16 @@ def _size(text: str) -> int:
     return size
 
 
-def _finish(code: int, report: dict | None) -> None:
-    if report is not None:
-        emit_json(report)
-    if code:
-        raise click.exceptions.Exit(code)
+def _finish(report: dict | None) -> None:
+    """Print the report; fail (exit 1, one line on stderr) when it says the memory is wrong."""
+    if report is None:
+        return
+    emit_json(report)
+    if report.get("check", "ok") != "ok":
+        raise guest.WorkloadError(f"memory check failed at page {report['first_bad_page']}")
+    if report.get("mismatches"):
+        raise guest.WorkloadError(f"{report['mismatches']} page(s) differ from the expected content, "
+                                  f"first page {report['first_mismatch']}")
 
 
 _attach = click.option("--attach", "path", required=True, metavar="PATH",
@@ -51,7 +56,7 @@ def workload() -> None:
 @common_options
 def run(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float, as_json: bool) -> None:
     """Start fresh and hand the memory over to `postcopy migrate --attach` (write-protect tracking)."""
-    _finish(*guest.run_source(_size(mem), path, step=step, report_after=report_after,
+    _finish(guest.run_source(_size(mem), path, step=step, report_after=report_after,
                               connect_timeout=connect_timeout))
 
 
@@ -65,7 +70,7 @@ def run(mem: str, path: str, step: int, report_after: float | None, connect_time
 def incoming(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float,
              as_json: bool) -> None:
     """Hand empty memory to `postcopy serve-dest --uffd-socket`, wait for RUN, continue the loop."""
-    _finish(*guest.run_incoming(_size(mem), path, step=step, report_after=report_after,
+    _finish(guest.run_incoming(_size(mem), path, step=step, report_after=report_after,
                                 connect_timeout=connect_timeout))
 
 
@@ -82,5 +87,5 @@ def incoming(mem: str, path: str, step: int, report_after: float | None, connect
 def touch(size: str, path: str, image: str | None, order: str, seed: int, wait_run: bool, connect_timeout: float,
           as_json: bool) -> None:
     """Hand empty memory over, touch every page, report latencies; exit 0 only if every page matched."""
-    _finish(*guest.run_touch(_size(size), path, image=image, order=order, seed=seed, wait_run=wait_run,
+    _finish(guest.run_touch(_size(size), path, image=image, order=order, seed=seed, wait_run=wait_run,
                              connect_timeout=connect_timeout))
