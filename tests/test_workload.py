@@ -323,3 +323,45 @@ def test_missing_socket_is_one_line_exit_1(tmp_path):
 def test_bad_size_is_usage_error(tmp_path):
     code, _, err = _finish(_spawn("incoming", "--attach", str(tmp_path / "x"), "--mem", "5000"))
     assert code == 2 and "multiple of 4096" in err
+
+
+def _written_pages(pid: int, start: int, size: int, *, reprotect: bool) -> set[int]:
+    """Page indexes written since last protected (PAGEMAP_SCAN, PAGE_IS_WRITTEN), optionally re-protecting."""
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        vec = ffi.new("struct pc_page_region[]", size // PAGE)
+        arg = ffi.new("struct pc_pm_scan_arg *")
+        arg.size = ffi.sizeof("struct pc_pm_scan_arg")
+        arg.flags = lib.PC_PM_SCAN_WP_MATCHING | lib.PC_PM_SCAN_CHECK_WPASYNC if reprotect else 0
+        arg.start, arg.end = start, start + size
+        arg.vec, arg.vec_len = int(ffi.cast("uintptr_t", vec)), size // PAGE
+        arg.category_mask = arg.return_mask = lib.PC_PAGE_IS_WRITTEN
+        n = lib.pc_pagemap_scan(fd, arg)
+        assert n >= 0, os.strerror(-n)
+        return {p for r in vec[0:n] for p in range((r.start - start) // PAGE, (r.end - start) // PAGE)}
+    finally:
+        os.close(fd)
+
+
+@needs_uffd
+def test_run_memory_is_write_tracked_with_wp_async(server):
+    """The source's view: protect everything, let the loop run, PAGEMAP_SCAN finds what it dirtied."""
+    size = 64 * PAGE
+    proc = _spawn("run", "--attach", server.path, "--mem", str(size), "--step", str(8 * PAGE))
+    h = server.accept()
+    base = server.region.host_addr
+    server.channel.send({"cmd": "pause"})
+    assert server.channel.receive()["event"] == "paused"
+    server.uffd.writeprotect(base, size, True)
+    assert _written_pages(h.pid, base, size, reprotect=False) == set()
+    server.channel.send({"cmd": "resume"})
+    assert server.channel.receive() == {"event": "resumed"}
+    time.sleep(0.1)
+    server.channel.send({"cmd": "pause"})
+    assert server.channel.receive()["event"] == "paused"
+    dirty = _written_pages(h.pid, base, size, reprotect=True)
+    assert dirty == {0} | {p for p in range(1, 64) if (p - 1) % 8 == 0}  # state page + every 8th page
+    assert _written_pages(h.pid, base, size, reprotect=False) == set()  # re-protected
+    server.channel.send({"cmd": "quit"})
+    code, _, err = _finish(proc)
+    assert code == 0, err
