@@ -31,7 +31,7 @@ import threading
 import time
 
 from ._native import ffi, lib
-from .errors import PeerDisconnected, PostcopyError, ProtocolError
+from .errors import PostcopyError
 from .handshake import DEFAULT_BLOCK, ControlChannel, GuestRegion, HandshakeError, send_handover
 from .memory import MADV_DONTNEED, AnonymousMapping, madvise
 from .uffd import Feature, RegisterMode, UffdError, Userfaultfd
@@ -332,7 +332,7 @@ class _Reader:
         except queue.Empty:
             return None
         if isinstance(item, Exception):
-            raise ProtocolError(str(item), section="control channel")
+            raise WorkloadError(str(item))
         if item is self.CLOSED:
             self.open = False
         return item
@@ -347,8 +347,7 @@ class _Reader:
 def _kind(msg: dict) -> str:
     kind = msg.get("cmd", msg.get("event"))
     if not isinstance(kind, str):
-        raise ProtocolError(f"control message has neither a 'cmd' nor an 'event' string: {msg!r:.120}",
-                            section="control channel")
+        raise WorkloadError(f"control message has neither a 'cmd' nor an 'event' string: {msg!r:.120}")
     return kind
 
 
@@ -356,15 +355,15 @@ def _discard(ram: AnonymousMapping, msg: dict) -> None:
     """madvise(MADV_DONTNEED) the ranges of a discard command (our RAM is block 'mem' at offset 0)."""
     block, ranges = msg.get("block", DEFAULT_BLOCK), msg.get("ranges")
     if block != DEFAULT_BLOCK:
-        raise ProtocolError(f"discard for unknown block {block!r}", section="control channel")
+        raise WorkloadError(f"control message: discard for unknown block {block!r}")
     if not isinstance(ranges, list):
-        raise ProtocolError("discard without a 'ranges' list", section="control channel")
+        raise WorkloadError("control message: discard without a 'ranges' list")
     checked = []
     for r in ranges:
         ok = (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r))
         if not ok or r[0] < 0 or r[1] <= 0 or r[0] % PAGE or r[1] % PAGE or r[0] + r[1] > ram.size:
-            raise ProtocolError(f"discard range {r!r:.60} is not page-aligned inside the {ram.size}-byte block",
-                                section="control channel")
+            raise WorkloadError(f"control message: discard range {r!r:.60} is not page-aligned inside "
+                                f"the {ram.size}-byte block")
         checked.append(r)
     for start, length in checked:
         madvise(ram.addr + start, length, MADV_DONTNEED)
@@ -429,14 +428,14 @@ def _wait_run(reader: _Reader, ram: AnonymousMapping) -> None:
         while True:
             msg = reader.get(None)
             if msg is _Reader.CLOSED:
-                raise PeerDisconnected("the serving side closed the socket before RUN")
+                raise WorkloadError("the serving side closed the socket before RUN (hand-over refused?)")
             kind = _kind(msg)
             if kind == "run":
                 state = msg.get("state", "")
                 try:
                     base64.b64decode(state or "", validate=True)
                 except (ValueError, TypeError):
-                    raise ProtocolError("run event with a state that is not base64", section="control channel") \
+                    raise WorkloadError("control message: run event with a state that is not base64") \
                         from None
                 return
             if kind == "discard":

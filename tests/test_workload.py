@@ -262,7 +262,7 @@ def test_incoming_malformed_control_message_exits_1(server):
     server.accept()
     server.channel.sock.sendall(b"{not json\n")
     code, _, err = _finish(proc)
-    assert code != 0 and err.count("\n") == 1
+    assert code == 1 and err.count("\n") == 1
 
 
 def _read_mem(pid: int, addr: int, size: int) -> bytes:
@@ -365,3 +365,13 @@ def test_run_memory_is_write_tracked_with_wp_async(server):
     server.channel.send({"cmd": "quit"})
     code, _, err = _finish(proc)
     assert code == 0, err
+
+
+@needs_uffd
+def test_refused_handover_is_one_line_exit_1(server):
+    proc = _spawn("incoming", "--attach", server.path, "--mem", "64K")
+    server.accept()
+    server.uffd.close()
+    server.channel.sock.close()
+    code, out, err = _finish(proc)
+    assert code == 1 and out == "" and err.count("\n") == 1 and "before RUN" in err
