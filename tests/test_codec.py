@@ -549,3 +549,21 @@ def test_return_path_refuses(name, prelude, bad, section, offset, problem):
 
 def test_constants():
     assert MAGIC == 0x50435059 and Command.RECV_BITMAP == 10 and RamFlag.CONTINUE == 0x20
+
+
+def test_zero_fill_byte_is_kept():
+    dec = _stream_decoder(P)
+    dec.feed(h("02" "0000000000001002 06 7063 2e72 616d ff" "0000000000000010"))
+    assert _drain(dec) == [RamZero("pc.ram", 0x1000, 0xFF), RamEnd()]
+
+
+def test_blocks_section_arriving_in_small_pieces():
+    blocks = Blocks(tuple(BlockInfo(f"block-{i}", 4096 * (i + 1), 4096) for i in range(3000)))
+    data = HDR + encode(blocks)
+    dec = StreamDecoder()
+    got = []
+    for i in range(0, len(data), 7):
+        dec.feed(data[i:i + 7])
+        got += _drain(dec)
+    assert got == [Header(), blocks]
+    assert dec.blocks["block-2999"].length == 3000 * 4096

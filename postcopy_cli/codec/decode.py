@@ -183,7 +183,7 @@ def _check_name(raw: bytes, what: str, fail, offset: int) -> str:
 
 
 # Stream decoder phases
-_P_HEADER, _P_SECTION, _P_RAM, _P_DONE = range(4)
+_P_HEADER, _P_SECTION, _P_RAM, _P_DONE, _P_BLOCKS = range(5)
 
 
 class StreamDecoder(_Buffered):
@@ -257,6 +257,8 @@ class StreamDecoder(_Buffered):
             return self._section()
         if self._phase == _P_HEADER:
             return self._header()
+        if self._phase == _P_BLOCKS:
+            return self._block_entries()
         if self.buffered:
             self._fail("data after EOF", "stream", self.offset)
         return NEED_DATA
@@ -314,47 +316,49 @@ class StreamDecoder(_Buffered):
         (count,) = _unpack_h(self._buf, self._pos + 1)
         if count == 0:
             self._fail("block count is 0", sec, start)
+        self._pos += 3
+        self._blk_remaining = count
+        self._blk_list = []
+        self._blk_raw = {}
+        self._phase = _P_BLOCKS
+        return self._block_entries()
+
+    def _block_entries(self):
+        """Parse (and consume) block entries one by one, so a slowly arriving section is never re-joined."""
+        sec = "BLOCKS section"
         fail = lambda p, off: self._fail(p, sec, off)  # noqa: E731
-        while True:  # walk the entries, asking for more bytes as needed (restart after each refill)
-            buf, p0 = self._buf, self._pos
-            p = p0 + 3
-            end = len(buf)
-            blocks: list[BlockInfo] = []
-            by_raw: dict[bytes, BlockInfo] = {}
-            need = 0
-            for _ in range(count):
-                entry = self._base + p
-                if p + 1 > end:
-                    need = p + 1 - p0
-                    break
-                n = buf[p]
-                if n == 0:
-                    fail(f"block {len(blocks)}: name length is 0", entry)
-                if p + 1 + n + 16 > end:
-                    need = p + 1 + n + 16 - p0
-                    break
-                raw = bytes(buf[p + 1:p + 1 + n])
-                name = _check_name(raw, f"block {len(blocks)}: name", fail, entry)
-                if raw in by_raw:
-                    fail(f"block name {name!r} appears twice", entry)
-                length, page_size = _unpack_qq(buf, p + 1 + n)
-                if page_size < TARGET_PAGE_SIZE or page_size & (page_size - 1):
-                    fail(f"block {name!r}: page size {page_size} is not a power of two >= {TARGET_PAGE_SIZE}", entry)
-                if length == 0 or length % page_size:
-                    fail(f"block {name!r}: length {length} is not a positive multiple of its page size "
-                         f"{page_size}", entry)
-                info = BlockInfo(name, length, page_size)
-                blocks.append(info)
-                by_raw[raw] = info
-                p += 1 + n + 16
-            if need:
-                if not self._ensure(need):
-                    return NEED_DATA
-                continue
-            self._pos = p
-            self._by_raw = by_raw
-            self.blocks = {b.name: b for b in blocks}
-            return Blocks(tuple(blocks))
+        blocks = self._blk_list
+        by_raw = self._blk_raw
+        while self._blk_remaining:
+            entry = self.offset
+            if not self._ensure(1):
+                return NEED_DATA
+            n = self._buf[self._pos]
+            if n == 0:
+                fail(f"block {len(blocks)}: name length is 0", entry)
+            if not self._ensure(1 + n + 16):
+                return NEED_DATA
+            p = self._pos
+            raw = bytes(self._mv[p + 1:p + 1 + n])
+            name = _check_name(raw, f"block {len(blocks)}: name", fail, entry)
+            if raw in by_raw:
+                fail(f"block name {name!r} appears twice", entry)
+            length, page_size = _unpack_qq(self._buf, p + 1 + n)
+            if page_size < TARGET_PAGE_SIZE or page_size & (page_size - 1):
+                fail(f"block {name!r}: page size {page_size} is not a power of two >= {TARGET_PAGE_SIZE}", entry)
+            if length == 0 or length % page_size:
+                fail(f"block {name!r}: length {length} is not a positive multiple of its page size "
+                     f"{page_size}", entry)
+            info = BlockInfo(name, length, page_size)
+            blocks.append(info)
+            by_raw[raw] = info
+            self._pos = p + 1 + n + 16
+            self._blk_remaining -= 1
+        self._phase = _P_SECTION
+        self._by_raw = by_raw
+        self.blocks = {b.name: b for b in blocks}
+        self._blk_list = self._blk_raw = None
+        return Blocks(tuple(blocks))
 
     # -- RAM ---------------------------------------------------------------
     def _ram_record(self):
