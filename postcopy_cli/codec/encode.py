@@ -5,7 +5,7 @@ import struct
 from typing import Iterable
 
 from ..errors import LocalProtocolError
-from .constants import (MAGIC, MAX_NAME_LENGTH, MAX_STATE_LENGTH, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE, VERSION,
+from .constants import (MAGIC, MAX_NAME_LENGTH, MAX_STATE_LENGTH, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE,
                         Command, RamFlag, RpType, Section)
 from .messages import (Blocks, Eof, Header, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
                        PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero, RecvBitmap,
