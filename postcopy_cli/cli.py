@@ -38,8 +38,9 @@ def _fail(code: int, message: str) -> int:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (no sys.exit, for tests and embedding)."""
     try:
-        cli.main(args=argv, prog_name="postcopy", standalone_mode=False)
-        return errors.EXIT_OK
+        # without standalone mode, click returns ctx.exit()'s code instead of exiting
+        rv = cli.main(args=argv, prog_name="postcopy", standalone_mode=False)
+        return rv if isinstance(rv, int) else errors.EXIT_OK
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:

@@ -213,6 +213,33 @@ class StreamDecoder(_Buffered):
         """True once EOF has been decoded."""
         return self._phase == _P_DONE
 
+    # -- handing the bulk of a RAM section to a faster consumer --------------
+    def ram_block(self) -> str | None:
+        """The block a CONTINUE record would belong to here, or None.
+
+        Not None only inside a RAM section after its first (named) record: the
+        point where a caller may consume PAGE|CONTINUE / ZERO|CONTINUE records
+        itself (see :meth:`take_unconsumed` and :meth:`consumed_elsewhere`).
+        """
+        return self._cur_name if self._phase == _P_RAM and self._error is None else None
+
+    def take_unconsumed(self) -> bytes:
+        """Remove and return every byte fed but not consumed yet; the stream offset stays where it is."""
+        rest = b"".join([bytes(self._mv[self._pos:]), *self._chunks])
+        self._base += self._pos
+        self._buf = b""
+        self._mv = memoryview(b"")
+        self._pos = 0
+        self._chunks.clear()
+        self._pending = 0
+        return rest
+
+    def consumed_elsewhere(self, n: int) -> None:
+        """Account for ``n`` bytes of whole RAM records that the caller consumed itself."""
+        if self.buffered:
+            raise ValueError("bytes consumed elsewhere while the decoder holds unconsumed bytes")
+        self._base += n
+
     # -- dispatch ----------------------------------------------------------
     def events(self) -> Iterator:
         """Yield events until the decoder needs more data.

@@ -36,3 +36,38 @@ def emit_json(obj) -> None:
 
 def not_built(what: str):
     raise NotBuiltError(f"{what} is not built yet in this version")
+
+
+class progress_display:
+    """A rich progress bar on a terminal (stderr); nothing otherwise.
+
+    Used as a context manager; the object is a callable taking a progress dict
+    with ``received`` and ``total`` pages and optional counters.
+    """
+
+    def __init__(self, *, enabled: bool, title: str):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.title = title
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                      TextColumn("{task.percentage:>5.1f}%"), TransferSpeedColumn(),
+                                      TextColumn("{task.fields[detail]}"), console=Console(stderr=True),
+                                      transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(self.title, total=None, detail="")
+        return self if self.enabled else None
+
+    def __call__(self, p: dict) -> None:
+        detail = " ".join(f"{k}={v}" for k, v in p.items() if k not in ("received", "total"))
+        self._progress.update(self._task, completed=p["received"] * 4096, total=p["total"] * 4096, detail=detail)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()

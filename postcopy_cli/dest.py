@@ -1,0 +1,553 @@
+"""The destination engine: the seed's postcopy-ram.c destination, whole.
+
+State machine NONE -> ADVISE -> DISCARD -> LISTENING -> RUNNING -> END (the
+codec refuses commands out of order); discards dropped; userfaultfd
+registration at LISTEN; a :class:`FaultThread` (native, GIL released) that
+turns each fault into one request on the return path; pages placed atomically
+a whole host page at a time, in runs where they arrive in runs; a received
+bitmap; SHUT 0 when every page is in; cleanup that unregisters and closes
+every fd.
+
+The memory is either our own (``--ram``, library use) or an attached
+program's, handed over with its userfaultfd (:mod:`postcopy_cli.handshake`).
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import codec
+from ._native import ffi, lib
+from .errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
+from .handshake import ControlChannel, Handover
+from .memory import MADV_DONTNEED, RamBlock, madvise
+from .stats import dest_stats
+from .uffd import Feature, RegisterMode, UffdError, Userfaultfd
+
+log = logging.getLogger("postcopy.dest")
+
+TP = codec.TARGET_PAGE_SIZE
+RECV_CHUNK = 1 << 20
+RUN_PAGES = 256          # placement runs up to 1 MiB: UFFDIO_COPY is ~14x faster per byte at 64 KiB+ than at 4 KiB
+
+
+class ProgramGone(PostcopyError):
+    """The attached program exited or closed its socket (exit 1)."""
+
+
+def _raise_errno(r: int, what: str) -> None:
+    if r < 0:
+        raise UffdError(-r, what)
+
+
+class FaultThread:
+    """The fault thread: the native loop reading the uffd, run with the GIL released.
+
+    It stops when its eventfd is written (the seed's "quit" eventfd).
+    """
+
+    def __init__(self, native):
+        self._native = native
+        self.quit_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.result: int | None = None
+        self._thread = threading.Thread(target=self._run, name="postcopy/fault", daemon=True)
+
+    def _run(self):
+        self.result = lib.pc_dest_fault_loop(self._native)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        if self._thread.is_alive():
+            os.eventfd_write(self.quit_fd, 1)
+            self._thread.join()
+
+    def close(self):
+        self.stop()
+        if self.quit_fd >= 0:
+            os.close(self.quit_fd)
+            self.quit_fd = -1
+
+
+@dataclass
+class DestinationResult:
+    stats: dict
+    state: bytes
+    complete: bool
+
+
+@dataclass
+class _Run:
+    """Target pages arriving back to back for one block: assembled, then placed in one go."""
+
+    block: int = -1
+    offset: int = 0
+    pages: int = 0
+    buf: bytearray = field(default_factory=lambda: bytearray(RUN_PAGES * TP))
+
+
+class Destination:
+    """Receives one migration into ``blocks``.
+
+    ``uffd`` is the userfaultfd covering the blocks' memory.  ``program`` is the
+    attached program's hand-over (None for memory in this process, which is
+    registered at LISTEN and written with memcpy before that).
+    """
+
+    def __init__(self, blocks: list[RamBlock], uffd: Userfaultfd, *, program: Handover | None = None,
+                 timeout: float = 30.0):
+        self.blocks = blocks
+        self.uffd = uffd
+        self.program = program
+        self.timeout = timeout
+        self.index = {b.name: i for i, b in enumerate(blocks)}
+        self.total_pages = sum(b.pages for b in blocks)
+        self.state_bytes = b""
+        self._native = ffi.gc(lib.pc_dest_new(uffd.fileno(), -1, program.pid if program else 0), lib.pc_dest_free)
+        if self._native == ffi.NULL:
+            raise MemoryError("pc_dest_new")
+        for b in blocks:
+            bi = lib.pc_dest_add_block(self._native, b.name.encode(), b.length, b.page_size)
+            _raise_errno(bi, f"block {b.name!r}")
+            for s in b.segments:
+                _raise_errno(lib.pc_dest_add_segment(self._native, bi, s.offset, s.host_addr, s.size),
+                             f"segment of block {b.name!r}")
+            for off, length in b.unmapped_ranges():
+                lib.pc_dest_mark(self._native, bi, off, length, 1)
+        lib.pc_dest_set_registered(self._native, 1 if program else 0)
+        lib.pc_dest_set_overwrite(self._native, 1)
+        os.set_blocking(uffd.fileno(), False)
+        self.fault_thread = FaultThread(self._native)
+        lib.pc_dest_set_quit_fd(self._native, self.fault_thread.quit_fd)
+        self._registered: list[tuple[int, int]] = []
+        self._control = ControlChannel(program.sock) if program else None
+        self._control_msgs: queue.Queue = queue.Queue()
+        self._program_gone = threading.Event()
+        self._conn: socket.socket | None = None
+        self._run = _Run()
+        self._decoder: codec.StreamDecoder | None = None
+        self.t_start = time.monotonic()
+        self.t_run: float | None = None
+        self.t_complete: float | None = None
+        self._mlocked = False
+        if program:
+            self._register_all()
+            threading.Thread(target=self._watch_program, name="postcopy/program", daemon=True).start()
+        self.fault_thread.start()
+
+    # -- the attached program -----------------------------------------------------
+    def _watch_program(self):
+        """Read the program's socket: messages go to a queue; EOF means it is gone."""
+        try:
+            while True:
+                msg = self._control.receive()
+                if msg is None:
+                    break
+                self._control_msgs.put(msg)
+        except (OSError, PostcopyError):
+            pass
+        self._program_gone.set()
+        conn = self._conn
+        if conn is not None and self.t_complete is None and not self._all_received():
+            try:
+                conn.shutdown(socket.SHUT_RDWR)   # wake the stream loop
+            except OSError:
+                pass
+
+    def _tell_program(self, message: dict) -> None:
+        if self.program and self.program.notify and not self._program_gone.is_set():
+            try:
+                self._control.send(message)
+            except OSError:
+                pass
+
+    def _all_received(self) -> bool:
+        return lib.pc_dest_count_received(self._native, -1) >= self.total_pages
+
+    def _check_program(self):
+        # a program that leaves once every page is in has lost nothing
+        if self._program_gone.is_set() and not self._all_received():
+            raise ProgramGone(f"the attached program (pid {self.program.pid}) exited or closed its socket "
+                              f"during the migration")
+
+    # -- registration ---------------------------------------------------------------
+    def _register_all(self):
+        for b in self.blocks:
+            for s in b.segments:
+                try:
+                    self.uffd.register(s.host_addr, s.size, RegisterMode.MISSING)
+                except UffdError as e:
+                    raise PostcopyError(f"cannot register block {b.name!r} at {s.host_addr:#x}+{s.size:#x} with "
+                                        f"userfaultfd: {e.strerror}") from e
+                self._registered.append((s.host_addr, s.size))
+        lib.pc_dest_set_registered(self._native, 1)
+
+    def _unregister_all(self):
+        for addr, size in self._registered:
+            try:
+                self.uffd.unregister(addr, size)
+            except UffdError as e:
+                # the program may have exited or unmapped the range already
+                log.debug("unregister %#x+%#x: %s", addr, size, e)
+        self._registered.clear()
+
+    # -- commands -------------------------------------------------------------------
+    def _check_blocks(self, msg: codec.Blocks, offset: int):
+        theirs = {b.name: b for b in msg.blocks}
+        for b in self.blocks:
+            t = theirs.get(b.name)
+            if t is None:
+                raise ProtocolError(f"the source has no block {b.name!r}", section="BLOCKS section", offset=offset)
+            if (t.length, t.page_size) != (b.length, b.page_size):
+                raise ProtocolError(f"block {b.name!r}: the source has {t.length} bytes in pages of {t.page_size}, "
+                                    f"this side {b.length} bytes in pages of {b.page_size}",
+                                    section="BLOCKS section", offset=offset)
+        extra = sorted(set(theirs) - set(self.index))
+        if extra:
+            raise ProtocolError(f"the source sends block(s) this side does not have: {', '.join(extra)}",
+                                section="BLOCKS section", offset=offset)
+
+    def _advise(self, msg: codec.PostcopyAdvise, offset: int):
+        summary = 0
+        for b in self.blocks:
+            summary |= b.page_size
+        if msg.target_page_size != TP or msg.page_size_summary != summary:
+            raise ProtocolError(f"page sizes differ: source page-size summary {msg.page_size_summary:#x} and target "
+                                f"page {msg.target_page_size}, this side {summary:#x} and {TP}",
+                                section="COMMAND POSTCOPY_ADVISE", offset=offset)
+        if not self.program:
+            self._munlock()
+
+    def _munlock(self):
+        # postcopy and mlock don't mix: a locked range is populated up front,
+        # so it never faults; QEMU munlocks for postcopy and locks again after.
+        try:
+            with open("/proc/self/status") as f:
+                locked = any(line.startswith("VmLck:") and line.split()[1] != "0" for line in f)
+        except OSError:
+            locked = False
+        if locked:
+            import ctypes
+            ctypes.CDLL(None).munlockall()
+            self._mlocked = True
+
+    def _discard(self, msg: codec.PostcopyRamDiscard):
+        bi = self.index[msg.block]
+        block = self.blocks[bi]
+        self._flush()
+        if self.program:
+            if not self.program.notify:
+                raise PostcopyError(f"the source discards pages of block {msg.block!r}, but the attached program "
+                                    f"did not ask to be told (no \"notify\" in its hand-over), so they cannot be dropped")
+            self._tell_program({"cmd": "discard", "block": msg.block, "ranges": [list(r) for r in msg.ranges]})
+            self._await_program("discarded")
+        else:
+            for start, length in msg.ranges:
+                pos = start
+                while pos < start + length:
+                    addr = block.host_address(pos)
+                    step = min(block.page_size, start + length - pos)
+                    if addr is not None:
+                        madvise(addr, step, MADV_DONTNEED)
+                    pos += step
+        for start, length in msg.ranges:
+            lib.pc_dest_mark(self._native, bi, start, length, 0)
+
+    def _await_program(self, event: str):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self._check_program()
+            try:
+                msg = self._control_msgs.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise PostcopyError(f"the attached program did not answer {event!r} within {self.timeout:g} s")
+                continue
+            if msg.get("event") == event:
+                return msg
+
+    def _listen(self):
+        self._flush()
+        if not self.program:
+            self._register_all()
+        lib.pc_dest_set_return_path(self._native, self._conn.fileno())
+        _raise_errno(lib.pc_dest_enable_requests(self._native), "sending page requests")
+
+    def _run_cmd(self):
+        self._flush()
+        lib.pc_dest_set_overwrite(self._native, 0)
+        self.t_run = time.monotonic()
+        self._tell_program({"event": "run", "state": base64.b64encode(self.state_bytes).decode()})
+
+    def _send_rp(self, data: bytes):
+        _raise_errno(lib.pc_dest_rp_send(self._native, data, len(data)), "writing the return path")
+
+    def _recv_bitmap(self, msg: codec.RecvBitmapRequest):
+        bi = self.index[msg.block]
+        nbytes = (self.blocks[bi].pages + 7) // 8
+        out = ffi.new("uint8_t[]", max(nbytes, 1))
+        lib.pc_dest_bitmap_le(self._native, bi, out, nbytes)
+        self._send_rp(codec.encode_rp(codec.RecvBitmap(msg.block, bytes(ffi.buffer(out, nbytes)))))
+
+    # -- pages ----------------------------------------------------------------------
+    def _flush(self):
+        """Place the whole host pages assembled so far; a partial huge page stays."""
+        run = self._run
+        if not run.pages:
+            return
+        hp_pages = self.blocks[run.block].page_size // TP
+        whole = run.pages - run.pages % hp_pages
+        if whole:
+            r = lib.pc_dest_place(self._native, run.block, run.offset, ffi.from_buffer(run.buf), whole * TP)
+            if r < 0:
+                run.pages = 0
+                self._placement_failed(r, run.block, run.offset)
+            rest = run.pages - whole
+            if rest:
+                run.buf[:rest * TP] = run.buf[whole * TP:run.pages * TP]
+            run.offset += whole * TP
+            run.pages = rest
+
+    def _placement_failed(self, r: int, block: int, offset: int):
+        self._check_program()
+        raise PostcopyError(f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}: "
+                            f"{os.strerror(-r)}")
+
+    def _page(self, bi: int, offset: int, data):
+        run = self._run
+        if run.pages:
+            contiguous = run.block == bi and offset == run.offset + run.pages * TP
+            at_host_page = (run.pages * TP) % self.blocks[run.block].page_size == 0
+            if not at_host_page and not contiguous:
+                # the seed refuses this too: a huge page is placed whole, so its
+                # target pages must arrive together and in order
+                raise ProtocolError(f"block {self.blocks[run.block].name!r}: host page at "
+                                    f"{run.offset + run.pages * TP - run.pages * TP % self.blocks[run.block].page_size:#x}"
+                                    f" interrupted by page {offset:#x} of block {self.blocks[bi].name!r}",
+                                    section="RAM section", offset=self._decoder.offset)
+            if at_host_page and (not contiguous or run.pages * TP >= len(run.buf)):
+                self._flush()
+        if not run.pages:
+            hp = self.blocks[bi].page_size
+            if offset % hp:
+                raise ProtocolError(f"block {self.blocks[bi].name!r}: page {offset:#x} is not the first target "
+                                    f"page of its {hp}-byte host page", section="RAM section",
+                                    offset=self._decoder.offset)
+            run.block, run.offset = bi, offset
+            if len(run.buf) < hp:
+                run.buf = bytearray(hp)
+        start = run.pages * TP
+        run.buf[start:start + TP] = data
+        run.pages += 1
+
+    def _zero(self, bi: int, offset: int, fill: int):
+        block = self.blocks[bi]
+        if fill:
+            self._page(bi, offset, bytes([fill]) * TP)
+            return
+        if block.page_size > TP:
+            self._page(bi, offset, bytes(TP))
+            return
+        self._flush()
+        r = lib.pc_dest_place_zero(self._native, bi, offset, TP)
+        if r < 0:
+            self._placement_failed(r, bi, offset)
+
+    # -- the stream -------------------------------------------------------------------
+    def run(self, conn: socket.socket) -> DestinationResult:
+        """Receive the whole migration from ``conn``; returns when every page is in."""
+        self._conn = conn
+        lib.pc_dest_set_return_path(self._native, conn.fileno())
+        self._decoder = codec.StreamDecoder()
+        conn.settimeout(self.timeout)
+        try:
+            self._receive_loop(conn)
+            return self._finish(self._decoder)
+        except PostcopyError:
+            self._fail_shut()
+            raise
+        finally:
+            self.close()
+
+    def _recv_into(self, conn: socket.socket, view: memoryview) -> int:
+        decoder = self._decoder
+        try:
+            n = conn.recv_into(view)
+        except socket.timeout:
+            self._check_program()
+            raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s "
+                              f"(stream offset {decoder.offset})") from None
+        except OSError as e:
+            self._check_program()
+            raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: "
+                                   f"{e.strerror or e}") from None
+        if not n:
+            self._check_program()
+            raise PeerDisconnected(f"the source disconnected before the end of the migration "
+                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
+        return n
+
+    def _receive_loop(self, conn: socket.socket) -> None:
+        """Bytes in; the bulk of each RAM section goes to the native fast path, the rest to the codec.
+
+        Inside a RAM section, after its first (named) record, runs of
+        PAGE|CONTINUE and ZERO|CONTINUE records are parsed and placed in native
+        code straight from the receive buffer; anything else (and anything the
+        fast path does not take) goes through the validating sans-IO decoder.
+        """
+        decoder = self._decoder
+        index = self.index
+        fast = ffi.new("struct pc_ram_fast *")
+        small_pages = [b.page_size == TP for b in self.blocks]
+        rb = bytearray(RECV_CHUNK + (64 << 10))
+        view = memoryview(rb)
+        start = end = 0
+        eof = False
+        while not eof:
+            if start == end:
+                start = end = 0
+            elif len(rb) - end < (64 << 10):
+                rb[:end - start] = rb[start:end]
+                end -= start
+                start = 0
+            end += self._recv_into(conn, view[end:])
+            while start < end and not eof:
+                name = decoder.ram_block()
+                if name is not None and small_pages[index[name]] and not decoder.buffered:
+                    self._flush()
+                    lib.pc_dest_ram_fast(self._native, index[name], ffi.from_buffer(rb) + start, end - start, fast)
+                    start += fast.consumed
+                    decoder.consumed_elsewhere(fast.consumed)
+                    if fast.error:
+                        self._placement_failed(fast.error, index[name], fast.error_offset)
+                    if not fast.stop:
+                        break   # a partial record: wait for more bytes
+                decoder.feed(bytes(view[start:end]))
+                start = end
+                eof = self._decode_events(decoder)
+                if not eof and decoder.ram_block() is not None and decoder.buffered:
+                    rest = decoder.take_unconsumed()
+                    if len(rest) > len(rb):
+                        rb.extend(bytes(len(rest) - len(rb)))
+                        view = memoryview(rb)
+                    rb[:len(rest)] = rest
+                    start, end = 0, len(rest)
+            self._flush()
+            self._check_fault_thread()
+
+    def _decode_events(self, decoder) -> bool:
+        """Handle decoded events until the decoder needs data or can hand over to the fast path."""
+        index = self.index
+        RamPage, RamZero = codec.RamPage, codec.RamZero
+        for ev in decoder.events():
+            t = type(ev)
+            if t is RamPage:
+                self._page(index[ev.block], ev.offset, ev.data)
+                if self.blocks[index[ev.block]].page_size == TP:
+                    return False   # the rest of this section can go the fast way
+            elif t is RamZero:
+                self._zero(index[ev.block], ev.offset, ev.fill)
+            elif t is codec.RamEnd:
+                self._flush()
+            elif self._command(ev, decoder):
+                return True
+        return False
+
+    def _command(self, ev, decoder) -> bool:
+        off = decoder.offset
+        t = type(ev)
+        if t is codec.Blocks:
+            self._check_blocks(ev, off)
+        elif t is codec.Ping:
+            self._send_rp(codec.encode_rp(codec.Pong(ev.value)))
+        elif t is codec.PostcopyAdvise:
+            self._advise(ev, off)
+        elif t is codec.PostcopyRamDiscard:
+            self._discard(ev)
+        elif t is codec.State:
+            self.state_bytes = ev.data
+        elif t is codec.PostcopyListen:
+            self._listen()
+        elif t is codec.PostcopyRun:
+            self._run_cmd()
+        elif t is codec.RecvBitmapRequest:
+            self._recv_bitmap(ev)
+        elif t is codec.PostcopyResume:
+            raise ProtocolError("POSTCOPY_RESUME: this destination has no paused migration to resume",
+                                section="COMMAND POSTCOPY_RESUME", offset=off)
+        elif t is codec.Eof:
+            return True
+        return False
+
+    def _check_fault_thread(self):
+        raw = ffi.new("struct pc_dest_stats *")
+        lib.pc_dest_get_stats(self._native, raw)
+        if raw.first_error:
+            self._check_program()
+            raise PostcopyError(f"the fault thread failed: {os.strerror(raw.first_error)}")
+
+    def _finish(self, decoder) -> DestinationResult:
+        received = lib.pc_dest_count_received(self._native, -1)
+        if decoder.state != codec.PostcopyState.RUNNING and decoder.state != codec.PostcopyState.END:
+            if self.t_run is None:
+                # a precopy-only stream: the program may run now
+                self._run_cmd()
+        if received < self.total_pages:
+            raise ProtocolError(f"EOF with {self.total_pages - received} of {self.total_pages} pages never sent",
+                                section="EOF", offset=decoder.offset)
+        self.t_complete = time.monotonic()
+        self._send_rp(codec.encode_rp(codec.Shut(0)))
+        self.fault_thread.stop()
+        self._unregister_all()
+        self._tell_program({"event": "complete"})
+        return DestinationResult(self.stats(), self.state_bytes, True)
+
+    def _fail_shut(self):
+        try:
+            self._send_rp(codec.encode_rp(codec.Shut(1)))
+        except (OSError, PostcopyError):
+            pass
+        self._tell_program({"event": "failed", "reason": "migration failed on the destination"})
+
+    def stats(self) -> dict:
+        raw = ffi.new("struct pc_dest_stats *")
+        lib.pc_dest_get_stats(self._native, raw)
+        end = self.t_complete or time.monotonic()
+        return dest_stats(raw, total_pages=self.total_pages, elapsed_s=end - self.t_start,
+                          run_to_complete_s=(end - self.t_run) if self.t_run else None)
+
+    def progress(self) -> dict:
+        raw = ffi.new("struct pc_dest_stats *")
+        lib.pc_dest_get_stats(self._native, raw)
+        return {"received": int(raw.received_pages), "total": self.total_pages, "demand": int(raw.demand_pages),
+                "background": int(raw.background_pages), "faults": int(raw.faults), "requests": int(raw.requests)}
+
+    def close(self):
+        """Stop the fault thread, unregister, restore mlock; the uffd itself is closed by its owner."""
+        self.fault_thread.close()
+        if self.t_complete is None:
+            self._unregister_all()
+        lib.pc_dest_set_return_path(self._native, -1)
+        if self._mlocked:
+            import ctypes
+            ctypes.CDLL(None).mlockall(3)  # MCL_CURRENT | MCL_FUTURE
+            self._mlocked = False
+
+
+def own_memory_uffd() -> Userfaultfd:
+    """A uffd for memory in this process, with the features the destination uses."""
+    u = Userfaultfd(nonblocking=True)
+    probe = Userfaultfd(nonblocking=True)
+    try:
+        offered = probe.api(0).features
+    finally:
+        probe.close()
+    u.api(offered & (Feature.THREAD_ID | Feature.EVENT_REMOVE))
+    return u

@@ -1,0 +1,92 @@
+#ifndef POSTCOPY_DEST_H
+#define POSTCOPY_DEST_H
+#include "compat.h"
+#include <pthread.h>
+
+#define PC_HIST_BUCKETS 32
+#define PC_MAX_BLOCKS 256
+
+struct pc_dest_block {
+    uint64_t length;      /* bytes */
+    uint64_t page_size;   /* host page size of the block */
+    uint64_t *received;   /* one bit per 4096-byte target page */
+    uint64_t *requested;  /* one bit per 4096-byte target page */
+    uint8_t name_len;
+    char name[256];
+};
+
+/* one mapped piece of a block: host [addr, addr+size) is block offset [offset, ...) */
+struct pc_dest_seg {
+    uint64_t addr;
+    uint64_t size;
+    uint64_t offset;
+    int block;
+};
+
+struct pc_dest_stats {
+    uint64_t faults;            /* pagefault messages read */
+    uint64_t requests;          /* page requests sent to the source */
+    uint64_t duplicate_faults;  /* faults on pages already requested */
+    uint64_t late_faults;       /* faults on pages already placed (woken) */
+    uint64_t demand_pages;      /* requested pages placed */
+    uint64_t background_pages;  /* unrequested pages placed */
+    uint64_t zero_pages;
+    uint64_t skipped_pages;     /* arrived but already present */
+    uint64_t removed_pages;     /* dropped by the program (UFFD_EVENT_REMOVE) */
+    uint64_t events_other;      /* fork/remap/unmap */
+    uint64_t unknown_faults;    /* fault outside every handed-over region */
+    uint64_t blocktime_ns;      /* sum over demand requests of fault read -> placed */
+    uint64_t latency_samples;
+    uint64_t hist[PC_HIST_BUCKETS]; /* bucket i: latency < 2^i us (i=0: < 1us) */
+    uint64_t received_pages;    /* target pages marked received */
+    int64_t first_error;        /* first errno the fault thread met (0: none) */
+};
+
+struct pc_inflight {
+    uint64_t key;     /* (block << 48 | target page) + 1; 0 = empty */
+    uint64_t t_ns;
+};
+
+struct pc_dest {
+    int uffd;
+    int quit_fd;          /* eventfd: written to stop the fault thread */
+    int rp_fd;            /* return path socket; -1 until the source connects */
+    int requests_enabled; /* set at POSTCOPY_LISTEN */
+    int last_rp_block;    /* block named by the last request (-1: none) */
+    pthread_mutex_t rp_lock;
+    pthread_mutex_t state_lock;
+    int nblocks;
+    struct pc_dest_block blocks[PC_MAX_BLOCKS];
+    int nsegs;
+    struct pc_dest_seg *segs;   /* sorted by addr */
+    /* faults read before requests were enabled: (block, byte offset) */
+    uint64_t *pending;
+    size_t npending, cap_pending;
+    struct pc_inflight *inflight;
+    size_t inflight_cap;        /* power of two */
+    struct pc_dest_stats st;
+    uint64_t total_pages;
+    int pid;                    /* attached program (process_vm_writev before RUN), 0 = own memory */
+    int overwrite_ok;           /* before RUN: a present page may be overwritten */
+    int registered;             /* 0: own memory not registered yet -> plain memcpy */
+};
+
+struct pc_dest *pc_dest_new(int uffd, int quit_fd, int pid);
+void pc_dest_free(struct pc_dest *d);
+int pc_dest_add_block(struct pc_dest *d, const char *name, uint64_t length, uint64_t page_size);
+int pc_dest_add_segment(struct pc_dest *d, int block, uint64_t offset, uint64_t addr, uint64_t size);
+void pc_dest_set_registered(struct pc_dest *d, int registered);
+void pc_dest_set_quit_fd(struct pc_dest *d, int quit_fd);
+void pc_dest_set_overwrite(struct pc_dest *d, int overwrite_ok);
+void pc_dest_set_return_path(struct pc_dest *d, int rp_fd);
+int pc_dest_enable_requests(struct pc_dest *d);
+int pc_dest_rp_send(struct pc_dest *d, const uint8_t *buf, size_t len);
+int pc_dest_fault_loop(struct pc_dest *d);
+int pc_dest_place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *data, uint64_t len);
+int pc_dest_place_zero(struct pc_dest *d, int block, uint64_t offset, uint64_t len);
+void pc_dest_mark(struct pc_dest *d, int block, uint64_t offset, uint64_t len, int received);
+int pc_dest_test(struct pc_dest *d, int block, uint64_t offset);
+uint64_t pc_dest_count_received(struct pc_dest *d, int block);
+void pc_dest_bitmap_le(struct pc_dest *d, int block, uint8_t *out, size_t out_len);
+void pc_dest_get_stats(struct pc_dest *d, struct pc_dest_stats *out);
+#endif

@@ -1,0 +1,183 @@
+/* RAM-section fast paths. Record layout (QEMU's ram_save_page): be64
+ * offset|flags, flags in the low bits (ZERO 0x02, PAGE 0x08, CONTINUE 0x20);
+ * PAGE carries 4096 bytes, ZERO one fill byte. */
+#include "stream.h"
+#include <poll.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#define TP 4096ULL
+#define F_ZERO 0x02
+#define F_PAGE 0x08
+#define F_CONT 0x20
+#define RUN_MAX 256   /* pages per placement: UFFDIO_COPY of 64 KiB+ is ~14x faster per byte */
+
+static uint64_t get_be64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return __builtin_bswap64(v);
+}
+
+/* defined in dest.c */
+int pc_dest_place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *data, uint64_t len);
+
+static __thread uint8_t *staging;
+
+void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t len, struct pc_ram_fast *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!staging && !(staging = aligned_alloc(4096, RUN_MAX * TP))) {
+        out->error = -ENOMEM;
+        return;
+    }
+    uint64_t blen = d->blocks[block].length, pos = 0;
+    uint64_t run_off = 0, run_n = 0;   /* PAGE run being assembled in staging */
+    uint64_t zero_off = 0, zero_n = 0; /* ZERO run */
+    int r = 0;
+#define FLUSH_PAGES() do { if (run_n) { r = pc_dest_place(d, block, run_off, staging, run_n * TP); \
+        if (r) { out->error = r; out->error_offset = run_off; } run_n = 0; } } while (0)
+#define FLUSH_ZEROS() do { if (zero_n) { r = pc_dest_place_zero(d, block, zero_off, zero_n * TP); \
+        if (r) { out->error = r; out->error_offset = zero_off; } zero_n = 0; } } while (0)
+    while (!out->error) {
+        if (len - pos < 8) {
+            break;
+        }
+        uint64_t v = get_be64(buf + pos), flags = v & 0xFFF, off = v & ~0xFFFULL;
+        if (off >= blen) {
+            out->stop = 1;
+            break;
+        }
+        if (flags == (F_PAGE | F_CONT)) {
+            if (len - pos < 8 + TP)
+                break;
+            FLUSH_ZEROS();
+            if (run_n && (off != run_off + run_n * TP || run_n == RUN_MAX))
+                FLUSH_PAGES();
+            if (out->error)
+                break;
+            if (!run_n)
+                run_off = off;
+            memcpy(staging + run_n * TP, buf + pos + 8, TP);
+            run_n++;
+            pos += 8 + TP;
+        } else if (flags == (F_ZERO | F_CONT)) {
+            if (len - pos < 9)
+                break;
+            if (buf[pos + 8] != 0) {   /* a non-zero fill byte: the slow path handles it */
+                out->stop = 1;
+                break;
+            }
+            FLUSH_PAGES();
+            if (zero_n && (off != zero_off + zero_n * TP || zero_n == RUN_MAX))
+                FLUSH_ZEROS();
+            if (out->error)
+                break;
+            if (!zero_n)
+                zero_off = off;
+            zero_n++;
+            pos += 9;
+        } else {
+            out->stop = 1;
+            break;
+        }
+        out->records++;
+        out->consumed = pos;
+    }
+    if (!out->error)
+        FLUSH_PAGES();
+    if (!out->error)
+        FLUSH_ZEROS();
+#undef FLUSH_PAGES
+#undef FLUSH_ZEROS
+}
+
+static int page_is_zero(const uint8_t *p)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    for (size_t i = 0; i < TP / 8; i += 4)
+        if (w[i] | w[i + 1] | w[i + 2] | w[i + 3])
+            return 0;
+    return 1;
+}
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+    v = __builtin_bswap64(v);
+    memcpy(p, &v, 8);
+}
+
+static int64_t writev_all(int fd, struct iovec *iov, int n)
+{
+    int64_t total = 0;
+    while (n > 0) {
+        ssize_t w = writev(fd, iov, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN) {
+                struct pollfd p = { fd, POLLOUT, 0 };
+                if (poll(&p, 1, 30000) == 0)
+                    return -ETIMEDOUT;
+                continue;
+            }
+            return -errno;
+        }
+        total += w;
+        while (n > 0 && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
+    }
+    return total;
+}
+
+int64_t pc_src_send_pages(int fd, const uint8_t *data, uint64_t offset, uint64_t npages,
+                          const char *name, uint64_t *zero_pages)
+{
+    enum { BATCH = 256 };
+    static const uint8_t zero_byte = 0;
+    uint8_t hdr[BATCH][8 + 1 + 255];
+    struct iovec iov[2 * BATCH];
+    int64_t total = 0;
+    *zero_pages = 0;
+    for (uint64_t i = 0; i < npages;) {
+        int n = 0;
+        for (int k = 0; k < BATCH && i < npages; k++, i++) {
+            const uint8_t *page = data + i * TP;
+            int zero = page_is_zero(page);
+            uint64_t flags = zero ? F_ZERO : F_PAGE;
+            size_t hl = 8;
+            if (name && i == 0) {
+                size_t nl = strlen(name);
+                put_be64(hdr[k], (offset + i * TP) | flags);
+                hdr[k][8] = (uint8_t)nl;
+                memcpy(hdr[k] + 9, name, nl);
+                hl = 9 + nl;
+            } else {
+                put_be64(hdr[k], (offset + i * TP) | flags | F_CONT);
+            }
+            iov[n].iov_base = hdr[k];
+            iov[n++].iov_len = hl;
+            if (zero) {
+                iov[n].iov_base = (void *)&zero_byte;
+                iov[n++].iov_len = 1;
+                (*zero_pages)++;
+            } else {
+                iov[n].iov_base = (void *)page;
+                iov[n++].iov_len = TP;
+            }
+        }
+        int64_t w = writev_all(fd, iov, n);
+        if (w < 0)
+            return w;
+        total += w;
+    }
+    return total;
+}

@@ -1,0 +1,23 @@
+#ifndef POSTCOPY_STREAM_H
+#define POSTCOPY_STREAM_H
+#include "compat.h"
+#include "dest.h"
+
+/* Fast paths for the bulk of a RAM section: runs of PAGE|CONTINUE and
+ * ZERO|CONTINUE records (the codec in Python handles every other item). */
+struct pc_ram_fast {
+    uint64_t consumed;   /* bytes of whole records consumed */
+    uint64_t records;
+    int stop;            /* 0: ran out of data, 1: a record the fast path does not take */
+    int error;           /* -errno from placement (0: none) */
+    uint64_t error_offset;
+};
+void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t len, struct pc_ram_fast *out);
+
+/* Source: send `npages` target pages of block memory at `data` (block offset
+ * `offset`) as RAM records, zero pages as ZERO records; the first record names
+ * the block when `name` is non-NULL, the rest carry CONTINUE. Returns bytes
+ * written or -errno; *zero_pages counts ZERO records. */
+int64_t pc_src_send_pages(int fd, const uint8_t *data, uint64_t offset, uint64_t npages,
+                          const char *name, uint64_t *zero_pages);
+#endif

@@ -1,0 +1,117 @@
+"""serve-dest as a library call: wait for the memory's owner, then for one migration, and receive it."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import transport
+from .dest import Destination, DestinationResult, own_memory_uffd
+from .errors import PostcopyError
+from .handshake import Handover, receive_handover
+from .memory import AnonymousMapping, RamBlock, Segment, blocks_from_regions
+from .uffd import Userfaultfd
+
+log = logging.getLogger("postcopy.serve")
+
+
+@dataclass
+class ServeOptions:
+    listen: str
+    uffd_socket: str | None = None
+    ram: list[tuple[str, int]] = field(default_factory=list)
+    timeout: float = 30.0
+    accept_timeout: float | None = None
+    insecure: bool = False
+
+
+class ServeDest:
+    """One destination: the listening sockets, the memory (attached or our own), the engine."""
+
+    def __init__(self, opts: ServeOptions, *, on_listening=None):
+        if not opts.uffd_socket and not opts.ram:
+            raise PostcopyError("serve-dest needs memory: --uffd-socket PATH or --ram NAME=SIZE")
+        self.opts = opts
+        self.address = transport.parse_address(opts.listen)
+        self.listener = transport.listen(self.address, insecure=opts.insecure)
+        self.bound = transport.bound_address(self.listener, self.address)
+        self.uffd_listener: socket.socket | None = None
+        if opts.uffd_socket:
+            self.uffd_listener = transport.listen(transport.Address("unix", path=opts.uffd_socket))
+            os.chmod(opts.uffd_socket, 0o600)
+        self.mappings: list[AnonymousMapping] = []
+        self.program: Handover | None = None
+        self.dest: Destination | None = None
+        self.uffd: Userfaultfd | None = None
+        if on_listening:
+            on_listening(self)
+
+    def _attach(self) -> list[RamBlock]:
+        conn = transport.accept(self.uffd_listener, self.opts.accept_timeout)
+        conn.settimeout(self.opts.timeout)
+        try:
+            self.program = receive_handover(conn)
+        except BaseException:
+            conn.close()
+            raise
+        conn.settimeout(None)
+        self.uffd = Userfaultfd.adopt(self.program.uffd)
+        log.info("program pid %d handed over %d region(s)", self.program.pid, len(self.program.regions))
+        return blocks_from_regions(self.program.regions)
+
+    def _own_memory(self) -> list[RamBlock]:
+        blocks = []
+        for name, size in self.opts.ram:
+            m = AnonymousMapping(size)
+            self.mappings.append(m)
+            blocks.append(RamBlock(name, size, 4096, [Segment(0, m.addr, size)]))
+        self.uffd = own_memory_uffd()
+        return blocks
+
+    def _accept_source(self) -> socket.socket:
+        """Wait for the source; give up if the attached program goes away meanwhile."""
+        deadline = None if self.opts.accept_timeout is None else time.monotonic() + self.opts.accept_timeout
+        while True:
+            try:
+                return transport.accept(self.listener, 0.2)
+            except PostcopyError:
+                self.dest._check_program()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise PostcopyError(f"no source connected to {self.bound} within "
+                                        f"{self.opts.accept_timeout:g} s") from None
+
+    def run(self, *, progress=None) -> DestinationResult:
+        blocks = self._attach() if self.uffd_listener else self._own_memory()
+        self.dest = Destination(blocks, self.uffd, program=self.program, timeout=self.opts.timeout)
+        conn = self._accept_source()
+        stop = threading.Event()
+        if progress:
+            threading.Thread(target=self._report, args=(progress, stop), daemon=True).start()
+        try:
+            return self.dest.run(conn)
+        finally:
+            stop.set()
+            conn.close()
+
+    def _report(self, progress, stop: threading.Event):
+        while not stop.wait(0.25):
+            progress(self.dest.progress())
+
+    def close(self):
+        for s in (self.listener, self.uffd_listener):
+            if s is not None:
+                s.close()
+        if self.opts.uffd_socket:
+            try:
+                os.unlink(self.opts.uffd_socket)
+            except OSError:
+                pass
+        if self.uffd is not None:
+            self.uffd.close()
+        if self.program is not None:
+            self.program.sock.close()
+        for m in self.mappings:
+            m.close()

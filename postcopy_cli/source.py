@@ -1,0 +1,294 @@
+"""The source engine: streams RAM blocks to a destination and answers its page requests first.
+
+One connection carries both directions (DESIGN.md section 4).  The
+:class:`PageStreamer` is the post-copy phase: requested pages jump the queue —
+the socket's unsent queue is kept under one background chunk (SIOCOUTQNSD), so
+a requested page never waits behind more than one chunk — and the rest is
+streamed in runs, zero pages as ZERO records.  :class:`ImageMemory` serves a
+memory image file (lazy restore); the live-process source reuses the streamer.
+"""
+from __future__ import annotations
+
+import array
+import fcntl
+import logging
+import mmap
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass
+
+from . import codec
+from ._native import ffi, lib
+from .errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError, UsageError
+
+log = logging.getLogger("postcopy.source")
+
+TP = codec.TARGET_PAGE_SIZE
+CHUNK_PAGES = 64                 # one background chunk: 256 KiB
+SIOCOUTQNSD = 0x894B             # linux/sockios.h: TCP bytes in the send queue not yet sent
+TIOCOUTQ = 0x5411                # asm-generic/ioctls.h (SIOCOUTQ): AF_UNIX bytes queued
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    buf = array.array("i", [0])
+    request = TIOCOUTQ if sock.family == socket.AF_UNIX else SIOCOUTQNSD
+    try:
+        fcntl.ioctl(sock.fileno(), request, buf, True)
+    except OSError:
+        return 0
+    return buf[0]
+
+
+class ImageMemory:
+    """A memory image file served as one block (Firecracker's memory-file layout: block ``mem``)."""
+
+    def __init__(self, path: str, *, block: str = "mem", page_size: int = TP):
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise UsageError(f"cannot open image {path!r}: {e.strerror}") from None
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            os.close(self._fd)
+            raise UsageError(f"image {path!r} is empty")
+        length = -(-size // page_size) * page_size
+        self.size = size
+        self.path = path
+        self.blocks = [codec.BlockInfo(block, length, page_size)]
+        # mapped a page longer than the file where it ends mid-page: reads past
+        # the end of the file within the last page see zeros (mmap(2))
+        self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ)
+        self._view = memoryview(self._map)
+        self._base = ffi.from_buffer(self._view)
+        self._tail = None
+        if size % TP:
+            self._tail = ffi.new("uint8_t[]", TP)
+            ffi.memmove(self._tail, self._view[size - size % TP:], size % TP)
+
+    def pages(self, block: int, offset: int, count: int):
+        """Pointer to ``count`` contiguous target pages from ``offset`` (valid until the next call)."""
+        if self._tail is not None and offset + count * TP > self.size:
+            if count > 1:
+                raise ValueError("the partial last page of an image must be read alone")
+            return self._tail
+        return self._base + offset
+
+    def close(self):
+        del self._base
+        self._view.release()
+        self._map.close()
+        os.close(self._fd)
+
+
+@dataclass
+class SourceResult:
+    stats: dict
+
+
+class PageStreamer:
+    """Sends every page of ``memory``'s blocks, requested pages first, then waits for SHUT.
+
+    ``memory`` has ``blocks`` (list of codec.BlockInfo) and ``pages(block, offset, count)``.
+    ``to_send`` (one bytearray per block, 1 = still to send) says which pages go;
+    by default all of them.
+    """
+
+    def __init__(self, conn: socket.socket, memory, *, to_send: list[bytearray] | None = None,
+                 max_bandwidth: float = 0.0, timeout: float = 30.0, decoder: codec.ReturnPathDecoder | None = None):
+        self.conn = conn
+        self.memory = memory
+        self.blocks = memory.blocks
+        self.to_send = to_send if to_send is not None else [bytearray(b"\x01") * (b.length // TP) for b in self.blocks]
+        self.remaining = sum(t.count(1) for t in self.to_send)
+        self.decoder = decoder or codec.ReturnPathDecoder(self.blocks)
+        self.max_bandwidth = max_bandwidth
+        self.timeout = timeout
+        self.enc = codec.RamSectionEncoder()
+        self.index = {b.name: i for i, b in enumerate(self.blocks)}
+        self._cursor = [0] * len(self.blocks)
+        self._block = 0
+        self.requests: list[tuple[int, int, int]] = []   # (block, offset, length) queued
+        self.stats = {"requests": 0, "requested_pages": 0, "requests_already_sent": 0, "background_pages": 0,
+                      "zero_pages": 0, "bytes": 0, "pongs": 0}
+        self.shut: int | None = None
+        self._t0 = time.monotonic()
+        self._sent_bytes_budget = 0.0
+
+    # -- sending ---------------------------------------------------------------------
+    def _send(self, parts: list) -> None:
+        total = sum(len(p) for p in parts)
+        try:
+            while parts:
+                n = self.conn.sendmsg(parts[:1024])
+                while n:
+                    if n >= len(parts[0]):
+                        n -= len(parts[0])
+                        parts.pop(0)
+                    else:
+                        parts[0] = memoryview(parts[0])[n:]
+                        n = 0
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise PeerDisconnected(f"the destination disconnected: {e.strerror}") from None
+        self.stats["bytes"] += total
+
+    def _send_pages(self, bi: int, offset: int, count: int) -> None:
+        """Send ``count`` pages from ``offset`` as PAGE/ZERO records (native: headers, zero check, writev)."""
+        memory = self.memory
+        if count > 1 and getattr(memory, "size", None) is not None and offset + count * TP > memory.size:
+            # the image's partial last page goes alone
+            self._send_pages(bi, offset, count - 1)
+            self._send_pages(bi, offset + (count - 1) * TP, 1)
+            return
+        name = None if self._named == bi else self.blocks[bi].name.encode()
+        zeros = ffi.new("uint64_t *")
+        w = lib.pc_src_send_pages(self.conn.fileno(), memory.pages(bi, offset, count), offset, count,
+                                  name or ffi.NULL, zeros)
+        if w < 0:
+            raise PeerDisconnected(f"the destination connection failed: {os.strerror(-w)}")
+        self._named = bi
+        self.stats["bytes"] += w
+        self.stats["zero_pages"] += zeros[0]
+
+    def _send_requested(self) -> None:
+        for bi, offset, length in self.requests:
+            pending = self.to_send[bi]
+            first = offset // TP
+            n = length // TP
+            if not any(pending[first:first + n]):
+                self.stats["requests_already_sent"] += 1
+                continue
+            pending[first:first + n] = bytes(n)
+            self.remaining -= n
+            self.stats["requested_pages"] += n
+            self._send_pages(bi, offset, n)
+        self.requests.clear()
+
+    def _next_chunk(self) -> tuple[int, int, int] | None:
+        """The next run of unsent pages (block, first page, count), at most one chunk."""
+        while self._block < len(self.blocks):
+            bi = self._block
+            pending = self.to_send[bi]
+            first = pending.find(1, self._cursor[bi])
+            if first < 0:
+                self._block += 1
+                continue
+            hp = self.blocks[bi].page_size // TP
+            first -= first % hp
+            stop = pending.find(0, first, first + max(CHUNK_PAGES, hp))
+            if stop < 0:
+                stop = min(len(pending), first + max(CHUNK_PAGES, hp))
+            stop = first + max(hp, (stop - first) // hp * hp)
+            self._cursor[bi] = stop
+            return bi, first, stop - first
+        return None
+
+    def _send_background(self) -> bool:
+        chunk = self._next_chunk()
+        if chunk is None:
+            return False
+        bi, first, count = chunk
+        pending = self.to_send[bi]
+        pending[first:first + count] = bytes(count)
+        self.remaining -= count
+        self.stats["background_pages"] += count
+        self._send_pages(bi, first * TP, count)
+        return True
+
+    # -- receiving ---------------------------------------------------------------------
+    def _receive(self) -> None:
+        try:
+            data = self.conn.recv(65536)
+        except (ConnectionResetError, OSError) as e:
+            raise PeerDisconnected(f"the destination connection failed: {e.strerror or e}") from None
+        if not data:
+            raise PeerDisconnected("the destination disconnected before answering SHUT")
+        self.decoder.feed(data)
+        for ev in self.decoder.events():
+            t = type(ev)
+            if t is codec.ReqPagesId:
+                self.stats["requests"] += 1
+                self.requests.append((self.index[ev.block], ev.start, ev.length))
+            elif t is codec.Shut:
+                self.shut = ev.status
+            elif t is codec.Pong:
+                self.stats["pongs"] += 1
+            else:
+                self.on_return_path(ev)
+
+    def on_return_path(self, ev) -> None:
+        raise ProtocolError(f"unexpected {type(ev).__name__} message", section="return path",
+                            offset=self.decoder.offset)
+
+    def _bandwidth_wait(self) -> float:
+        """Seconds to wait before the next background chunk under --max-bandwidth (0: go)."""
+        if not self.max_bandwidth:
+            return 0.0
+        elapsed = time.monotonic() - self._t0
+        ahead = self.stats["bytes"] / self.max_bandwidth - elapsed
+        return max(0.0, ahead)
+
+    def run(self) -> dict:
+        """Stream until every page is sent (then EOS and EOF) and SHUT arrives."""
+        poller = select.poll()
+        fd = self.conn.fileno()
+        self.conn.setblocking(True)
+        self._send([self.enc.begin()])
+        self._named = -1     # block named by the last record of this RAM section
+        eof_sent = False
+        last_heard = time.monotonic()
+        while self.shut is None:
+            wait_bw = self._bandwidth_wait() if self.remaining else 0.0
+            want_out = self.remaining and not wait_bw
+            poller.register(fd, select.POLLIN | (select.POLLOUT if want_out else 0))
+            timeout_ms = 1000 if not want_out else 0
+            if wait_bw:
+                timeout_ms = max(1, int(wait_bw * 1000))
+            events = poller.poll(timeout_ms)
+            now = time.monotonic()
+            readable = any(e & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, e in events)
+            if readable:
+                self._receive()
+                last_heard = now
+            if self.requests:
+                self._send_requested()
+            if self.remaining and not self._bandwidth_wait() and unsent_bytes(self.conn) < TP * CHUNK_PAGES:
+                self._send_background()
+            elif not self.remaining and not eof_sent:
+                self._send([self.enc.end(), codec.encode(codec.Eof())])
+                eof_sent = True
+                last_heard = now
+            elif eof_sent and not readable and now - last_heard > self.timeout:
+                raise PeerTimeout(f"the destination did not answer SHUT within {self.timeout:g} s of EOF")
+        if self.shut != 0:
+            raise PostcopyError(f"the destination reported failure (SHUT {self.shut})")
+        self.stats["seconds"] = round(time.monotonic() - self._t0, 3)
+        return self.stats
+
+
+def send_preamble(conn: socket.socket, blocks: list) -> None:
+    """Header, BLOCKS, OPEN_RETURN_PATH and POSTCOPY_ADVISE."""
+    summary = 0
+    for b in blocks:
+        summary |= b.page_size
+    conn.sendall(b"".join([
+        codec.encode(codec.Header()),
+        codec.encode(codec.Blocks(tuple(blocks))),
+        codec.encode(codec.OpenReturnPath()),
+        codec.encode(codec.PostcopyAdvise(summary, TP)),
+    ]))
+
+
+def migrate_image(conn: socket.socket, image: ImageMemory, *, state: bytes = b"", max_bandwidth: float = 0.0,
+                  timeout: float = 30.0) -> dict:
+    """Lazy restore: preamble, STATE, LISTEN, RUN, then every page (requested ones first), EOF, SHUT."""
+    t0 = time.monotonic()
+    send_preamble(conn, image.blocks)
+    conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
+                 codec.encode(codec.PostcopyRun()))
+    streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout)
+    stats = streamer.run()
+    stats["total_seconds"] = round(time.monotonic() - t0, 3)
+    stats["pages"] = sum(b.length // TP for b in image.blocks)
+    return stats
