@@ -53,3 +53,110 @@ def no_hugepages(sysctl):
 
     if hostmem.free_hugepages() > 0:
         pytest.skip("huge pages remain reserved (surplus or in use)")
+
+
+# ---------------------------------------------------------------------------
+# helpers for the migration tests (serve-dest / migrate / workload touch as
+# real subprocesses over loopback)
+
+import random as _random
+import re as _re
+import subprocess as _subprocess
+import sys as _sys
+
+PROC_TIMEOUT = 60
+_LISTEN_RE = _re.compile(r"postcopy: listening on (\S+?)(?:,|$)")
+
+
+def postcopy_cmd(*args: str) -> list[str]:
+    """argv running the ``postcopy`` CLI with this interpreter."""
+    return [_sys.executable, "-m", "postcopy_cli", *args]
+
+
+def run_postcopy(*args: str, timeout: float = PROC_TIMEOUT) -> _subprocess.CompletedProcess:
+    return _subprocess.run(postcopy_cmd(*args), capture_output=True, text=True, timeout=timeout)
+
+
+class ServeDestProc:
+    """A ``postcopy serve-dest`` subprocess; ``address`` is parsed from its 'listening on' line."""
+
+    def __init__(self, *args: str):
+        self.proc = _subprocess.Popen(postcopy_cmd("serve-dest", *args), stdout=_subprocess.PIPE,
+                                      stderr=_subprocess.PIPE, text=True)
+        self.early_stderr = []
+        self.address = None
+        while True:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.early_stderr.append(line)
+            m = _LISTEN_RE.search(line)
+            if m:
+                self.address = m.group(1)
+                break
+        if self.address is None:
+            out, err = self.proc.communicate(timeout=PROC_TIMEOUT)
+            raise AssertionError(f"serve-dest did not start (rc {self.proc.returncode}): "
+                                 f"{''.join(self.early_stderr)}{err}")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def wait(self, timeout: float = PROC_TIMEOUT) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr after the 'listening' line)."""
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=PROC_TIMEOUT)
+
+
+@pytest.fixture
+def serve_dest():
+    """``serve_dest(*args)`` starts serve-dest (killed at teardown if still running)."""
+    started: list[ServeDestProc] = []
+
+    def start(*args: str) -> ServeDestProc:
+        s = ServeDestProc(*args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()
+
+
+def write_image(path, size: int, *, seed: int = 1, zero_runs=((16, 40), (100, 1))) -> bytes:
+    """A random image of ``size`` bytes with runs of zero pages (first page, count); returns its bytes."""
+    rnd = _random.Random(seed)
+    data = bytearray(rnd.randbytes(size))
+    for first, count in zero_runs:
+        start = first * 4096
+        if start < size:
+            end = min(size, start + count * 4096)
+            data[start:end] = bytes(end - start)
+    with open(path, "wb") as f:
+        f.write(data)
+    return bytes(data)
+
+
+def zero_pages_of(data: bytes) -> int:
+    """Target pages (the last one padded with zeros) that are all zero."""
+    z = bytes(4096)
+    n = 0
+    for off in range(0, len(data), 4096):
+        page = data[off:off + 4096]
+        if page == z[:len(page)]:
+            n += 1
+    return n
+
+
+def single_stderr_line(err: str) -> str:
+    """The one non-empty stderr line (asserts there is exactly one and no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
