@@ -1,0 +1,527 @@
+#!/usr/bin/env python3
+"""Lazy restore of a 1 GiB image over loopback TCP, measured against the C floor.
+
+One run on this machine does:
+
+1. the C floor (``shared/anchors/uffd_floor.c``), modes ``tcp 256 random`` and
+   ``local 256 random``: a userfaultfd fault served by C over loopback TCP /
+   in-process, p50/p99 of the faulting touch;
+2. ``--runs N`` restores of a random image (~10 % zero pages) into an attached
+   toucher that touches every page in random order:
+
+     postcopy serve-dest --listen tcp:127.0.0.1:0 --uffd-socket S --json --stats F
+     postcopy workload touch --size 1G --attach S --image IMG --order random --json
+     postcopy migrate --to tcp:127.0.0.1:PORT --image IMG --json
+
+and prints each run, the median, the goals of DESIGN.md section 7 and the
+ratio of our figure to the goal (<= 1.0 meets it), then one JSON line.
+
+usage: restore_bench.py [--size 1G] [--runs 3] [--image-dir /tmp] [--keep-image]
+                        [--floor-mib 256] [--wait-run] [--json-only]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+PAGE = 4096
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GOAL_TOTAL_S = 1.5          # whole 1 GiB restored (scaled linearly for other sizes)
+GOAL_MEM_MIB = 64.0         # serve-dest's own memory (RAM lives in the toucher)
+GOAL_P50_X_FLOOR = 1.5      # p50 request latency <= 1.5x the C floor (tcp) p50
+
+
+# --------------------------------------------------------------------------- helpers
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGkmg]?)(i?[Bb]?)?", s.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {s!r} (e.g. 1G, 256M)")
+    return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+
+
+def find_shared() -> str:
+    cands = [os.environ.get("POSTCOPY_SHARED"), os.path.join(REPO, "..", "shared"), "/work/shared"]
+    for c in cands:
+        if c and os.path.isfile(os.path.join(c, "anchors", "uffd_floor.c")):
+            return os.path.abspath(c)
+    sys.exit("restore_bench: cannot find shared/anchors/uffd_floor.c; set POSTCOPY_SHARED")
+
+
+def postcopy_cmd() -> list[str]:
+    """How to run `postcopy`: $POSTCOPY_CMD, else this interpreter with -m postcopy_cli
+    (avoids pyenv shims, and keeps the child's PID the PID we wait on)."""
+    if os.environ.get("POSTCOPY_CMD"):
+        return os.environ["POSTCOPY_CMD"].split()
+    return [sys.executable, "-m", "postcopy_cli"]
+
+
+def pct(sorted_vals, q):
+    if not sorted_vals:
+        return None
+    return sorted_vals[min(len(sorted_vals) - 1, int(q * len(sorted_vals)))]
+
+
+def hist_top_percentiles(hist: dict[str, int], k: int, qs=(0.5, 0.99)) -> dict:
+    """Percentiles over the k slowest samples of a power-of-two histogram
+    (keys: bucket upper bound in µs, e.g. "1024" or "<1024").  Returns for each
+    q the bucket's upper bound and a linear interpolation inside the bucket
+    [ub/2, ub)."""
+    buckets = []
+    for key, n in hist.items():
+        ub = float(re.sub(r"[^0-9.]", "", key))
+        if key.startswith(">="):
+            ub *= 2
+        buckets.append((ub, int(n)))
+    buckets.sort()
+    total = sum(n for _, n in buckets)
+    k = max(0, min(k, total))
+    if k == 0:
+        return {}
+    # drop the (total - k) fastest samples
+    drop = total - k
+    kept = []
+    for ub, n in buckets:
+        d = min(drop, n)
+        drop -= d
+        if n - d:
+            kept.append((ub, n - d))
+    out = {}
+    for q in qs:
+        want = q * k
+        seen = 0
+        for ub, n in kept:
+            if seen + n >= want:
+                frac = (want - seen) / n if n else 1.0
+                lo = ub / 2 if ub > 1 else 0.0
+                out[q] = {"bucket_ub": ub, "interp": round(lo + frac * (ub - lo), 1)}
+                break
+            seen += n
+    return out
+
+
+def hist_percentiles(hist: dict[str, int], qs=(0.5, 0.99)) -> dict:
+    return hist_top_percentiles(hist, sum(int(v) for v in hist.values()), qs)
+
+
+def kill_proc(p: subprocess.Popen | None):
+    if p is None or p.poll() is not None:
+        return
+    try:
+        p.send_signal(signal.SIGTERM)
+        p.wait(3)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        try:
+            p.wait(3)
+        except subprocess.TimeoutExpired:
+            pass
+    except ProcessLookupError:
+        pass
+
+
+class StatusSampler(threading.Thread):
+    """Samples VmHWM / VmRSS of a PID from /proc every `interval` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.hwm_kib = 0
+        self.rss_max_kib = 0
+        self.rss_last_kib = 0
+        self.samples = 0
+        self._stop = threading.Event()
+
+    def sample(self):
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                txt = f.read()
+        except OSError:
+            return False
+        for line in txt.splitlines():
+            if line.startswith("VmHWM:"):
+                self.hwm_kib = max(self.hwm_kib, int(line.split()[1]))
+            elif line.startswith("VmRSS:"):
+                v = int(line.split()[1])
+                self.rss_last_kib = v
+                self.rss_max_kib = max(self.rss_max_kib, v)
+        self.samples += 1
+        return True
+
+    def run(self):
+        while not self._stop.is_set():
+            if not self.sample():
+                break
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+
+
+def wait4(p: subprocess.Popen, timeout: float) -> tuple[int | None, int]:
+    """Wait for a child, returning (exit code, ru_maxrss KiB).  None on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid == p.pid:
+            rc = os.waitstatus_to_exitcode(status)
+            p.returncode = rc
+            return rc, ru.ru_maxrss
+        if time.monotonic() > deadline:
+            return None, 0
+        time.sleep(0.002)
+
+
+# --------------------------------------------------------------------------- C floor
+
+FLOOR_RE = re.compile(r"mode=(\w+) pages=(\d+) faults/s=([\d.]+) MiB/s=([\d.]+) "
+                      r"lat_us p50=([\d.]+) p99=([\d.]+) max=([\d.]+)")
+
+
+def run_floor(shared: str, mib: int, timeout: float) -> dict:
+    exe = os.path.join(tempfile.gettempdir(), "uffd_floor")
+    src = os.path.join(shared, "anchors", "uffd_floor.c")
+    r = subprocess.run(["gcc", "-O2", "-pthread", "-o", exe, src], capture_output=True, text=True)
+    if r.returncode:
+        return {"error": f"gcc failed: {r.stderr.strip()[:500]}"}
+    out = {}
+    for mode in ("tcp", "local"):
+        try:
+            r = subprocess.run([exe, mode, str(mib), "random"], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out[mode] = {"error": f"timed out after {timeout} s"}
+            continue
+        m = FLOOR_RE.search(r.stdout)
+        if r.returncode or not m:
+            out[mode] = {"error": f"exit {r.returncode}: {(r.stdout + r.stderr).strip()[:300]}"}
+            continue
+        out[mode] = {"pages": int(m.group(2)), "faults_per_s": float(m.group(3)), "mib_per_s": float(m.group(4)),
+                     "p50_us": float(m.group(5)), "p99_us": float(m.group(6)), "max_us": float(m.group(7))}
+    return out
+
+
+# --------------------------------------------------------------------------- image
+
+def make_image(path: str, size: int, zero_frac: float = 0.10, seed: int = 1) -> dict:
+    rnd = random.Random(seed)
+    chunk_pages = 4096   # 16 MiB
+    zero_pages = 0
+    zero = bytes(PAGE)
+    with open(path, "wb") as f:
+        left = size // PAGE
+        while left:
+            n = min(chunk_pages, left)
+            buf = bytearray(os.urandom(n * PAGE))
+            mv = memoryview(buf)
+            for i in range(n):
+                if rnd.random() < zero_frac:
+                    mv[i * PAGE:(i + 1) * PAGE] = zero
+                    zero_pages += 1
+            f.write(buf)
+            left -= n
+    return {"path": path, "bytes": size, "zero_pages": zero_pages}
+
+
+# --------------------------------------------------------------------------- one restore
+
+def one_restore(args, img: str, run_no: int) -> dict:
+    pc = postcopy_cmd()
+    work = tempfile.mkdtemp(prefix="pcbench-", dir=args.image_dir)
+    sock = os.path.join(work, "uffd.sock")
+    stats_file = os.path.join(work, "stats.json")
+    procs: dict[str, subprocess.Popen] = {}
+    files = {}
+    res: dict = {"run": run_no}
+    size_arg = f"{args.size // (1 << 20)}M"
+    try:
+        def spawn(name, argv):
+            files[name] = (open(os.path.join(work, name + ".out"), "w+"), open(os.path.join(work, name + ".err"), "w+"))
+            procs[name] = subprocess.Popen(argv, stdout=files[name][0], stderr=files[name][1], cwd=work)
+            return procs[name]
+
+        def text(name, which):
+            f = files[name][0 if which == "out" else 1]
+            f.flush()
+            f.seek(0)
+            return f.read()
+
+        t_sd = time.monotonic()
+        sd = spawn("serve-dest", pc + ["serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket", sock,
+                                       "--json", "--stats", stats_file, "--timeout", str(args.timeout)])
+        sampler = StatusSampler(sd.pid)
+        sampler.start()
+        port = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and port is None:
+            m = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", text("serve-dest", "err"))
+            if m:
+                port = int(m.group(1))
+                break
+            if sd.poll() is not None:
+                break
+            time.sleep(0.01)
+        if port is None:
+            raise RuntimeError(f"serve-dest did not announce its port: exit={sd.poll()} "
+                               f"stderr={text('serve-dest', 'err')[-500:]!r}")
+        res["serve_dest_startup_s"] = round(time.monotonic() - t_sd, 3)
+
+        touch_argv = pc + ["workload", "touch", "--size", size_arg, "--attach", sock, "--image", img,
+                           "--order", "random", "--json"]
+        if args.wait_run:
+            touch_argv.append("--wait-run")
+        tc = spawn("touch", touch_argv)
+        if args.wait_run:
+            # let the toucher hand its memory over before the source starts
+            time.sleep(args.handover_wait)
+        t0 = time.monotonic()
+        mg = spawn("migrate", pc + ["migrate", "--to", f"tcp:127.0.0.1:{port}", "--image", img, "--json",
+                                    "--timeout", str(args.timeout)])
+        rc_sd, maxrss_sd = wait4(sd, args.timeout + 30)
+        t_end = time.monotonic()
+        sampler.stop()
+        if rc_sd is None:
+            raise RuntimeError(f"serve-dest did not exit within {args.timeout + 30:.0f} s")
+        res["total_s"] = round(t_end - t0, 3)
+        rc_mg = mg.wait(30)
+        rc_tc = tc.wait(60)
+        res["exit"] = {"serve-dest": rc_sd, "migrate": rc_mg, "touch": rc_tc}
+
+        def js(name):
+            t = text(name, "out").strip().splitlines()
+            try:
+                return json.loads(t[-1]) if t else None
+            except json.JSONDecodeError:
+                return None
+        sd_stats = None
+        if os.path.exists(stats_file):
+            try:
+                with open(stats_file) as f:
+                    sd_stats = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                pass
+        sd_stats = sd_stats or js("serve-dest")
+        mg_out, tc_out = js("migrate"), js("touch")
+        errs = {n: text(n, "err").strip()[-400:] for n in procs if text(n, "err").strip()}
+        errs.pop("serve-dest", None) if errs.get("serve-dest", "").startswith("postcopy: listening") and \
+            errs["serve-dest"].count("\n") == 0 else None
+        if errs:
+            res["stderr"] = errs
+        res["ok"] = rc_sd == 0 and rc_mg == 0 and rc_tc == 0 and bool(tc_out) and tc_out.get("mismatches") == 0
+        res["serve_dest"] = sd_stats
+        res["migrate"] = mg_out
+        res["touch"] = tc_out
+        res["mem"] = {"ru_maxrss_mib": round(maxrss_sd / 1024, 1),
+                      "vmhwm_mib": round(sampler.hwm_kib / 1024, 1),
+                      "vmrss_max_mib": round(sampler.rss_max_kib / 1024, 1),
+                      "vmrss_last_mib": round(sampler.rss_last_kib / 1024, 1),
+                      "samples": sampler.samples}
+        if sd_stats:
+            lat = sd_stats.get("latency-us") or {}
+            res["requests"] = sd_stats.get("postcopy-requests")
+            res["faults"] = sd_stats.get("faults")
+            res["sd_p50_us"] = lat.get("p50")
+            res["sd_p99_us"] = lat.get("p99")
+            hp = hist_percentiles(lat.get("histogram") or {})
+            res["sd_p50_interp_us"] = hp.get(0.5, {}).get("interp")
+            res["sd_p99_interp_us"] = hp.get(0.99, {}).get("interp")
+            res["sd_mean_us"] = lat.get("mean")
+            res["sd_total_ms"] = sd_stats.get("total-time-ms")
+            res["sd_postcopy_ms"] = sd_stats.get("postcopy-time-ms")
+            res["blocktime_ms"] = sd_stats.get("postcopy-blocktime")
+            pages = sd_stats.get("pages") or {}
+            res["pages_demand"] = pages.get("demand")
+            res["pages_background"] = pages.get("background")
+        if tc_out:
+            res["touch_s"] = tc_out.get("seconds")
+            k = (sd_stats or {}).get("faults") or 0
+            tp = hist_top_percentiles(tc_out.get("histogram_us") or {}, k)
+            # the k slowest touches are the ones that faulted (k = serve-dest's fault count)
+            res["touch_fault_p50_us"] = tp.get(0.5, {}).get("bucket_ub")
+            res["touch_fault_p99_us"] = tp.get(0.99, {}).get("bucket_ub")
+            res["touch_fault_p50_interp_us"] = tp.get(0.5, {}).get("interp")
+            res["touch_fault_p99_interp_us"] = tp.get(0.99, {}).get("interp")
+            res["touch_max_us"] = tc_out.get("max_us")
+        if mg_out:
+            res["migrate_s"] = mg_out.get("total_seconds", mg_out.get("seconds"))
+        return res
+    except Exception as e:  # noqa: BLE001 — a benchmark reports, it does not crash
+        res["ok"] = False
+        res["error"] = f"{type(e).__name__}: {e}"
+        return res
+    finally:
+        for p in procs.values():
+            kill_proc(p)
+        for fo, fe in files.values():
+            fo.close()
+            fe.close()
+        if args.keep_work:
+            res["workdir"] = work
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- report
+
+def fmt(v, nd=1):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def median_of(runs, key):
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=parse_size, default=1 << 30, help="image / RAM size (default 1G)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--image-dir", default=tempfile.gettempdir())
+    ap.add_argument("--keep-image", action="store_true", help="keep (and reuse) the generated image")
+    ap.add_argument("--keep-work", action="store_true", help="keep each run's directory (logs, stats)")
+    ap.add_argument("--floor-mib", type=int, default=256, help="C floor size in MiB (default 256)")
+    ap.add_argument("--no-floor", action="store_true")
+    ap.add_argument("--wait-run", action="store_true",
+                    help="toucher waits for RUN before touching (default: touches as soon as attached)")
+    ap.add_argument("--handover-wait", type=float, default=1.0, help="with --wait-run: seconds before migrate starts")
+    ap.add_argument("--timeout", type=float, default=60.0, help="per-process timeout, seconds")
+    ap.add_argument("--json-only", action="store_true", help="print only the JSON line")
+    args = ap.parse_args()
+    if args.size % PAGE or args.size <= 0:
+        ap.error("--size must be a positive multiple of 4 KiB")
+
+    shared = find_shared()
+    machine = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "kernel": platform.release(), "nproc": os.cpu_count(), "python": platform.python_version()}
+    log = (lambda *a: None) if args.json_only else (lambda *a: print(*a, flush=True))
+    log(f"# restore_bench  {machine['date']}  kernel {machine['kernel']}  nproc {machine['nproc']}")
+
+    floor = {}
+    if not args.no_floor:
+        log(f"C floor: {shared}/anchors/uffd_floor.c, {args.floor_mib} MiB random ...")
+        floor = run_floor(shared, args.floor_mib, timeout=120)
+        for mode, f in floor.items():
+            if isinstance(f, dict) and "p50_us" in f:
+                log(f"  {mode:5s}: p50 {f['p50_us']:.1f} us  p99 {f['p99_us']:.1f} us  "
+                    f"{f['faults_per_s']:.0f} faults/s  {f['mib_per_s']:.1f} MiB/s")
+            else:
+                log(f"  {mode}: {f}")
+
+    os.makedirs(args.image_dir, exist_ok=True)
+    img = os.path.join(args.image_dir, f"postcopy-bench-{args.size >> 20}M.img")
+    created = False
+    if not (args.keep_image and os.path.exists(img) and os.path.getsize(img) == args.size):
+        log(f"image: writing {args.size >> 20} MiB random (~10% zero pages) to {img} ...")
+        t = time.monotonic()
+        info = make_image(img, args.size)
+        created = True
+        log(f"  {info['zero_pages']} zero pages of {args.size // PAGE}, {time.monotonic() - t:.1f} s")
+    runs = []
+    try:
+        for i in range(1, args.runs + 1):
+            r = one_restore(args, img, i)
+            runs.append(r)
+            if r.get("error") or not r.get("ok"):
+                log(f"run {i}: FAILED {r.get('error', '')} exit={r.get('exit')} {r.get('stderr', '')}")
+            else:
+                log(f"run {i}: total {r['total_s']:.3f} s, {r.get('requests')} requests, "
+                    f"sd p50/p99 {fmt(r.get('sd_p50_us'), 0)}/{fmt(r.get('sd_p99_us'), 0)} us, "
+                    f"touch-fault p50/p99 {fmt(r.get('touch_fault_p50_interp_us'))}/"
+                    f"{fmt(r.get('touch_fault_p99_interp_us'))} us, VmHWM {r['mem']['vmhwm_mib']} MiB")
+    finally:
+        if created and not args.keep_image:
+            try:
+                os.unlink(img)
+            except OSError:
+                pass
+
+    ok_runs = [r for r in runs if r.get("ok")]
+    keys = ["total_s", "requests", "faults", "sd_p50_us", "sd_p99_us", "sd_p50_interp_us", "sd_p99_interp_us",
+            "sd_mean_us", "touch_fault_p50_us", "touch_fault_p99_us", "touch_fault_p50_interp_us",
+            "touch_fault_p99_interp_us", "touch_s", "migrate_s", "sd_total_ms", "sd_postcopy_ms", "blocktime_ms",
+            "pages_demand", "pages_background", "serve_dest_startup_s"]
+    med = {k: median_of(ok_runs, k) for k in keys}
+    for k in ("vmhwm_mib", "vmrss_max_mib", "vmrss_last_mib", "ru_maxrss_mib"):
+        vals = [r["mem"][k] for r in ok_runs if r.get("mem")]
+        med[k] = statistics.median(vals) if vals else None
+    max_hwm = max((r["mem"]["vmhwm_mib"] for r in ok_runs if r.get("mem")), default=None)
+
+    floor_tcp = (floor.get("tcp") or {}).get("p50_us")
+    goal_total = GOAL_TOTAL_S * args.size / (1 << 30)
+    goal_p50 = GOAL_P50_X_FLOOR * floor_tcp if floor_tcp else None
+
+    def ratio(ours, goal):
+        return round(ours / goal, 2) if ours is not None and goal else None
+
+    rows = [
+        ("whole image restored (s)", med["total_s"], f"<= {goal_total:.2f}", ratio(med["total_s"], goal_total)),
+        ("serve-dest VmHWM (MiB)", med["vmhwm_mib"], f"<= {GOAL_MEM_MIB:.0f}", ratio(med["vmhwm_mib"], GOAL_MEM_MIB)),
+        ("serve-dest VmRSS at end (MiB)", med["vmrss_last_mib"], f"<= {GOAL_MEM_MIB:.0f}",
+         ratio(med["vmrss_last_mib"], GOAL_MEM_MIB)),
+        ("p50 request, serve-dest (us, bucket<=)", med["sd_p50_us"], f"<= {fmt(goal_p50)}", ratio(med["sd_p50_us"], goal_p50)),
+        ("p50 request, serve-dest (us, interp)", med["sd_p50_interp_us"], f"<= {fmt(goal_p50)}",
+         ratio(med["sd_p50_interp_us"], goal_p50)),
+        ("p50 faulting touch, program (us, interp)", med["touch_fault_p50_interp_us"], f"<= {fmt(goal_p50)}",
+         ratio(med["touch_fault_p50_interp_us"], goal_p50)),
+        ("p99 request, serve-dest (us, bucket<=)", med["sd_p99_us"], "—", None),
+        ("p99 faulting touch, program (us, interp)", med["touch_fault_p99_interp_us"], "—", None),
+        ("demand requests", med["requests"], "—", None),
+    ]
+    if not args.json_only:
+        print()
+        print(f"runs ok: {len(ok_runs)}/{len(runs)}   size {args.size >> 20} MiB   "
+              f"C floor tcp p50 {fmt(floor_tcp)} us, p99 {fmt((floor.get('tcp') or {}).get('p99_us'))} us; "
+              f"local p50 {fmt((floor.get('local') or {}).get('p50_us'))} us")
+        hdr = ["run", "total s", "requests", "sd p50", "sd p99", "touch p50", "touch p99", "VmHWM", "VmRSS", "maxrss",
+               "migrate s", "touch s"]
+        print("  ".join(f"{h:>9s}" for h in hdr))
+        for r in runs:
+            if not r.get("ok"):
+                print(f"{r['run']:>9}  FAILED: {r.get('error') or r.get('exit')}")
+                continue
+            vals = [r["run"], r["total_s"], r.get("requests"), r.get("sd_p50_us"), r.get("sd_p99_us"),
+                    r.get("touch_fault_p50_interp_us"), r.get("touch_fault_p99_interp_us"), r["mem"]["vmhwm_mib"],
+                    r["mem"]["vmrss_last_mib"], r["mem"]["ru_maxrss_mib"], r.get("migrate_s"), r.get("touch_s")]
+            print("  ".join(f"{fmt(v, 3 if isinstance(v, float) and v < 10 else 1):>9s}" for v in vals))
+        print()
+        print(f"{'figure (median of ok runs)':42s} {'ours':>10s} {'goal':>12s} {'ours/goal':>10s}")
+        for name, ours, goal, rt in rows:
+            flag = "" if rt is None else ("  ok" if rt <= 1.0 else "  MISSED")
+            print(f"{name:42s} {fmt(ours, 3 if isinstance(ours, float) and ours < 10 else 1):>10s} {goal:>12s} "
+                  f"{fmt(rt, 2):>10s}{flag}")
+        print()
+    summary = {
+        "bench": "restore", "machine": machine, "size_bytes": args.size, "runs_ok": len(ok_runs),
+        "runs_total": len(runs), "floor": floor, "median": med, "max_vmhwm_mib": max_hwm,
+        "goals": {"total_s": goal_total, "serve_dest_mem_mib": GOAL_MEM_MIB, "p50_us": goal_p50},
+        "ratios": {"total": ratio(med["total_s"], goal_total), "mem_vmhwm": ratio(med["vmhwm_mib"], GOAL_MEM_MIB),
+                   "p50_serve_dest": ratio(med["sd_p50_us"], goal_p50),
+                   "p50_serve_dest_interp": ratio(med["sd_p50_interp_us"], goal_p50),
+                   "p50_touch_fault_interp": ratio(med["touch_fault_p50_interp_us"], goal_p50)},
+        "runs": [{k: v for k, v in r.items() if k not in ("serve_dest", "migrate", "touch")} |
+                 {"serve_dest_stats": r.get("serve_dest"), "migrate_json": r.get("migrate"),
+                  "touch_json": r.get("touch")} for r in runs],
+    }
+    print(json.dumps(summary, separators=(",", ":")))
+    return 0 if ok_runs and len(ok_runs) == len(runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
