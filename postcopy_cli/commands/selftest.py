@@ -21,22 +21,27 @@ def _render(report: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"postcopy selftest: {report['size'] >> 20} MiB per case, {report['seconds']:.1f} s")
-    table.add_column("case")
-    table.add_column("result")
-    table.add_column("MiB/s", justify="right")
-    table.add_column("requests", justify="right")
-    table.add_column("latency p50/p99 µs", justify="right")
-    table.add_column("blocktime ms", justify="right")
-    table.add_column("detail", overflow="fold")
+    table.add_column("case", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("MiB/s", justify="right", no_wrap=True)
+    table.add_column("reqs", justify="right", no_wrap=True)
+    table.add_column("p50/p99 µs", justify="right", no_wrap=True)
+    table.add_column("blocktime ms", justify="right", no_wrap=True)
     for r in report["cases"]:
         m = r.get("metrics") or {}
         lat = "-" if m.get("latency_p50_us") is None else \
-            f"≤{_fmt(m.get('latency_p50_us'), '.0f')} / ≤{_fmt(m.get('latency_p99_us'), '.0f')}"
+            f"{_fmt(m.get('latency_p50_us'), '.0f')}/{_fmt(m.get('latency_p99_us'), '.0f')}"
         table.add_row(r["name"], "[green]pass[/]" if r["passed"] else "[red]FAIL[/]",
                       _fmt(m.get("throughput_mib_s"), ".0f"), _fmt(m.get("requests")), lat,
-                      _fmt(m.get("blocktime_ms"), ".1f"), r["detail"])
+                      _fmt(m.get("blocktime_ms"), ".1f"))
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 110))   # a log file: don't squeeze to 80 columns
     console.print(table)
+    for r in report["cases"]:
+        console.print(f"  {r['name']}: {r['detail']}", markup=False, highlight=False)
+    console.print("  (latency: demand-request service time, upper bound of its power-of-two bucket)",
+                  style="dim")
     failed = [r["name"] for r in report["cases"] if not r["passed"]]
     console.print("[green]all cases passed[/]" if not failed else f"[red]failed: {', '.join(failed)}[/]")
 
