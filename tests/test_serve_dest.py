@@ -1,0 +1,323 @@
+"""serve-dest against a fake source written here with the codec, over real loopback TCP.
+
+Malformed streams end with exit 3 and one stderr line naming the section and the
+byte offset; a source that goes away or stalls ends with exit 4; PING, RECV_BITMAP
+and usage errors.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+import socket
+import struct
+import subprocess
+import threading
+
+import pytest
+
+from conftest import PROC_TIMEOUT, postcopy_cmd, single_stderr_line
+from postcopy_cli import codec
+from postcopy_cli.cli import run as cli_run
+from postcopy_cli.errors import PeerDisconnected, ProtocolError
+from postcopy_cli.serve import ServeDest, ServeOptions
+
+PAGE = 4096
+SIZE = 1 << 20
+BLOCK = codec.BlockInfo("mem", SIZE, PAGE)
+
+
+def page_data(p: int) -> bytes:
+    return bytes([(p * 7 + 1) & 0xFF or 1]) * PAGE
+
+
+def preamble(blocks=(BLOCK,)) -> bytes:
+    return (codec.encode(codec.Header()) + codec.encode(codec.Blocks(tuple(blocks))) +
+            codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(PAGE, PAGE)))
+
+
+LISTEN_RUN = codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun())
+
+
+def ram(pages, block="mem") -> bytes:
+    enc = codec.RamSectionEncoder()
+    return enc.begin() + b"".join(enc.page(block, p * PAGE, page_data(p)) for p in pages) + enc.end()
+
+
+def connect(sd) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+
+
+def start_own(serve_dest, *extra):
+    return serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={SIZE}", "--json", "--timeout", "20", *extra)
+
+
+def feed_and_wait(sd, data: bytes):
+    """Send ``data`` and keep the connection open: serve-dest must end by itself."""
+    conn = connect(sd)
+    try:
+        conn.sendall(data)
+        rc, out, err = sd.wait()
+    finally:
+        conn.close()
+    return rc, out, err
+
+
+def protocol_line(err: str) -> tuple[str, int]:
+    line = single_stderr_line(err)
+    m = re.search(r"protocol error in (.+?) at byte (\d+): (.+)", line)
+    assert m, line
+    return m.group(1), int(m.group(2))
+
+
+# ---------------------------------------------------------------------------
+# 4. malformed streams -> exit 3, one line naming section and offset, no traceback
+
+def _ram_offset_beyond() -> bytes:
+    enc = codec.RamSectionEncoder()
+    return preamble() + LISTEN_RUN + enc.begin() + enc.page("mem", 0, page_data(0)) + \
+        enc.page("mem", SIZE, page_data(1)) + enc.end()
+
+
+def _discard(ranges) -> bytes:
+    return preamble() + codec.encode(codec.PostcopyRamDiscard("mem", tuple(ranges)))
+
+
+MALFORMED = {
+    "bad-magic": (b"XXXX" + struct.pack(">I", 1), "header", 0),
+    "bad-version": (struct.pack(">II", codec.MAGIC, 99), "header", 4),
+    # BLOCKS mismatches are reported at a byte inside the BLOCKS section (8 .. its end)
+    "block-wrong-size": (preamble([codec.BlockInfo("mem", 2 * SIZE, PAGE)]), "BLOCKS", (8, 31)),
+    "block-unknown-name": (preamble([codec.BlockInfo("pc.ram", SIZE, PAGE)]), "BLOCKS", (8, 34)),
+    "block-extra": (preamble([BLOCK, codec.BlockInfo("extra", SIZE, PAGE)]), "BLOCKS", (8, 53)),
+    "ram-offset-beyond-block": (_ram_offset_beyond(), "RAM", None),
+    "unknown-command": (preamble() + b"\x08" + struct.pack(">HH", 99, 0), "COMMAND", len(preamble())),
+    "discard-outside-block": (_discard([(SIZE - PAGE, 2 * PAGE)]), "DISCARD", len(preamble())),
+    "discard-start-beyond": (_discard([(SIZE, PAGE)]), "DISCARD", len(preamble())),
+    "run-before-listen": (preamble() + codec.encode(codec.PostcopyRun()), "RUN", len(preamble())),
+    "listen-before-advise": (codec.encode(codec.Header()) + codec.encode(codec.Blocks((BLOCK,))) +
+                             codec.encode(codec.PostcopyListen()), "LISTEN", None),
+    "ram-before-blocks": (codec.encode(codec.Header()) + ram([0]), None, 8),
+    "unknown-section": (preamble() + b"\x77" + bytes(16), None, len(preamble())),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_stream_exit_3(serve_dest, case):
+    data, section, offset = MALFORMED[case]
+    sd = start_own(serve_dest)
+    rc, out, err = feed_and_wait(sd, data)
+    assert rc == 3, err
+    where, at = protocol_line(err)
+    if section:
+        assert section.lower() in where.lower(), err
+    if isinstance(offset, tuple):
+        assert offset[0] <= at <= offset[1], err
+    elif offset is not None:
+        assert at == offset, err
+    assert out == ""
+
+
+def test_garbage_mid_ram_section_own_memory_library():
+    """Pages validly received are in; the bad record's page and everything after stay untouched."""
+    server = ServeDest(ServeOptions(listen="tcp:127.0.0.1:0", ram=[("mem", SIZE)], timeout=20))
+    conn = socket.create_connection((server.bound.host, server.bound.port), timeout=PROC_TIMEOUT)
+    try:
+        enc = codec.RamSectionEncoder()
+        good = preamble() + LISTEN_RUN + enc.begin() + b"".join(enc.page("mem", p * PAGE, page_data(p))
+                                                                  for p in range(10))
+        bad_record = struct.pack(">Q", 10 * PAGE | 0x20 | 0x08 | 0x40) + page_data(10)   # unknown flag 0x40
+        after = enc.page("mem", 11 * PAGE, page_data(11)) + enc.end()
+        conn.sendall(good + bad_record + after)
+        with pytest.raises(ProtocolError) as ei:
+            server.run()
+        assert ei.value.section and "RAM" in ei.value.section
+        assert ei.value.offset == len(good)
+        # the engine unregistered on failure: the mapping can be read
+        got = ctypes.string_at(server.mappings[0].addr, SIZE)
+        for p in range(10):
+            assert got[p * PAGE:(p + 1) * PAGE] == page_data(p), p
+        assert got[10 * PAGE:] == bytes(SIZE - 10 * PAGE)
+        # the source is told: SHUT 1 on the return path
+        rp = codec.ReturnPathDecoder([BLOCK])
+        conn.settimeout(PROC_TIMEOUT)
+        events = []
+        while not any(isinstance(e, codec.Shut) for e in events):
+            chunk = conn.recv(65536)
+            assert chunk, events
+            rp.feed(chunk)
+            events.extend(rp.events())
+        assert [e.status for e in events if isinstance(e, codec.Shut)] == [1]
+    finally:
+        conn.close()
+        server.close()
+
+
+def test_garbage_mid_ram_section_attached_toucher(tmp_path, serve_dest):
+    """The attached program is told (it sees missing data and fails) and serve-dest exits 3."""
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "u.sock"), "--json",
+                    "--timeout", "20")
+    image = tmp_path / "img"
+    image.write_bytes(b"".join(page_data(p) for p in range(SIZE // PAGE)))
+    toucher = subprocess.Popen(postcopy_cmd("workload", "touch", "--size", str(SIZE), "--attach",
+                                            str(tmp_path / "u.sock"), "--image", str(image), "--json"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        enc = codec.RamSectionEncoder()
+        good = preamble() + LISTEN_RUN + enc.begin() + b"".join(enc.page("mem", p * PAGE, page_data(p))
+                                                                  for p in range(10))
+        garbage = b"\xff" * 64
+        rc, out, err = feed_and_wait(sd, good + garbage)
+        t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
+    finally:
+        if toucher.poll() is None:
+            toucher.kill()
+            toucher.communicate()
+    assert rc == 3, err
+    where, at = protocol_line(err)
+    assert "RAM" in where and at == len(good), err
+    assert toucher.returncode != 0
+    assert "Traceback" not in t_err
+
+
+# ---------------------------------------------------------------------------
+# 5. the source goes away or stalls -> exit 4
+
+def test_source_disconnects_mid_stream(serve_dest):
+    sd = start_own(serve_dest)
+    conn = connect(sd)
+    conn.sendall(preamble() + LISTEN_RUN + ram(range(20)))
+    conn.close()
+    rc, out, err = sd.wait()
+    assert rc == 4, err
+    line = single_stderr_line(err)
+    assert "disconnected" in line
+
+
+def test_source_disconnects_mid_record(serve_dest):
+    sd = start_own(serve_dest)
+    conn = connect(sd)
+    full = preamble() + LISTEN_RUN + ram(range(5))
+    conn.sendall(full[:-2000])
+    conn.close()
+    rc, out, err = sd.wait()
+    assert rc == 4, err
+    single_stderr_line(err)
+
+
+def test_stalled_source_times_out(serve_dest):
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={SIZE}", "--json", "--timeout", "1")
+    conn = connect(sd)
+    try:
+        conn.sendall(codec.encode(codec.Header()))
+        rc, out, err = sd.wait()
+    finally:
+        conn.close()
+    assert rc == 4, err
+    line = single_stderr_line(err)
+    assert "nothing for 1 s" in line, line
+
+
+def test_eof_before_all_pages(serve_dest):
+    sd = start_own(serve_dest)
+    rc, out, err = feed_and_wait(sd, preamble() + LISTEN_RUN + ram(range(3)) + codec.encode(codec.Eof()))
+    assert rc == 3, err
+    where, _ = protocol_line(err)
+    assert "EOF" in where
+
+
+# ---------------------------------------------------------------------------
+# 7. PING -> PONG, RECV_BITMAP, then a complete migration
+
+def _read_rp(conn, rp, until):
+    events = []
+    while not until(events):
+        chunk = conn.recv(65536)
+        assert chunk, events
+        rp.feed(chunk)
+        events.extend(rp.events())
+    return events
+
+
+def test_ping_recv_bitmap_and_complete(serve_dest):
+    sd = start_own(serve_dest)
+    conn = connect(sd)
+    rp = codec.ReturnPathDecoder([BLOCK])
+    try:
+        conn.sendall(preamble() + codec.encode(codec.Ping(0x12345678)))
+        ev = _read_rp(conn, rp, lambda e: len(e) >= 1)
+        assert ev == [codec.Pong(0x12345678)]
+
+        got = [0, 2, 5, 64, 255]
+        conn.sendall(ram(got) + codec.encode(codec.RecvBitmapRequest("mem")))
+        ev = _read_rp(conn, rp, lambda e: len(e) >= 1)
+        assert len(ev) == 1 and isinstance(ev[0], codec.RecvBitmap) and ev[0].block == "mem"
+        bitmap = bytearray(SIZE // PAGE // 8)
+        for p in got:
+            bitmap[p // 8] |= 1 << (p % 8)
+        assert bytes(ev[0].bitmap) == bytes(bitmap)
+
+        rest = [p for p in range(SIZE // PAGE) if p not in got]
+        conn.sendall(LISTEN_RUN + codec.encode(codec.Ping(7)) + ram(rest) + codec.encode(codec.Eof()))
+        ev = _read_rp(conn, rp, lambda e: any(isinstance(x, codec.Shut) for x in e))
+        assert codec.Pong(7) in ev
+        assert ev[-1] == codec.Shut(0)
+    finally:
+        conn.close()
+    rc, out, err = sd.wait()
+    assert rc == 0, err
+    stats = json.loads(out)
+    assert stats["pages"]["received"] == stats["pages"]["total"] == SIZE // PAGE
+    assert stats["postcopy-requests"] == 0
+
+
+def test_recv_bitmap_raw_bytes(serve_dest):
+    """The RECV_BITMAP message byte for byte: type 5, name, be64 size rounded to 8, bitmap LE, trailer."""
+    sd = start_own(serve_dest)
+    conn = connect(sd)
+    try:
+        conn.sendall(preamble() + ram([1, 9]) + codec.encode(codec.RecvBitmapRequest("mem")))
+        nbytes = SIZE // PAGE // 8
+        want = struct.pack(">HHB", 5, 4, 3) + b"mem" + struct.pack(">Q", nbytes)
+        bitmap = bytearray(nbytes)
+        bitmap[0] = 0b10
+        bitmap[1] = 0b10
+        want += bytes(bitmap) + struct.pack(">Q", 0x0123456789ABCDEF)
+        buf = b""
+        while len(buf) < len(want):
+            chunk = conn.recv(65536)
+            assert chunk
+            buf += chunk
+        assert buf == want
+    finally:
+        conn.close()
+    rc, _, err = sd.wait()
+    assert rc == 4, err
+
+
+# ---------------------------------------------------------------------------
+# 9. usage errors -> exit 2
+
+@pytest.mark.parametrize("args", [
+    ["--listen", "tcp:127.0.0.1:0"],                                                   # neither
+    ["--listen", "tcp:127.0.0.1:0", "--ram", "mem=1M", "--uffd-socket", "/tmp/x.sock"],  # both
+    ["--listen", "tcp:127.0.0.1:0", "--ram", "mem=lots"],
+    ["--listen", "tcp:127.0.0.1:0", "--ram", "mem=1000"],                              # not a page multiple
+    ["--listen", "tcp:127.0.0.1:0", "--ram", "=1M"],
+    ["--listen", "tcp:127.0.0.1:0", "--ram", "mem=-4096"],
+    ["--listen", "carrier-pigeon:home", "--ram", "mem=1M"],
+    ["--listen", "tcp:127.0.0.1", "--ram", "mem=1M"],
+    ["--listen", "tcp:127.0.0.1:99999", "--ram", "mem=1M"],
+    ["--listen", "tcp:0.0.0.0:0", "--ram", "mem=1M"],                                 # no --insecure
+])
+def test_usage_errors(capsys, args):
+    assert cli_run(["serve-dest", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip()
+
+
+def test_usage_errors_subprocess():
+    p = subprocess.run(postcopy_cmd("serve-dest", "--listen", "tcp:0.0.0.0:0", "--ram", "mem=1M"),
+                       capture_output=True, text=True, timeout=PROC_TIMEOUT)
+    assert p.returncode == 2
+    assert "--insecure" in single_stderr_line(p.stderr)
