@@ -39,7 +39,7 @@ def _render(report: dict) -> None:
         console = Console(width=max(console.width, 110))   # a log file: don't squeeze to 80 columns
     console.print(table)
     for r in report["cases"]:
-        console.print(f"  {r['name']}: {r['detail']}", markup=False, highlight=False)
+        console.print(f"  {r['name']}: {r['detail']}", markup=False, highlight=False, soft_wrap=True)
     console.print("  (latency: demand-request service time, upper bound of its power-of-two bucket)",
                   style="dim")
     failed = [r["name"] for r in report["cases"] if not r["passed"]]
