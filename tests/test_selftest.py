@@ -17,28 +17,32 @@ EXPECTED_CASES = ["restore-random-tcp", "restore-sequential-unix", "restore-in-p
                   "malformed-stream"]
 
 
-def _no_leftover_children(before: set[int]) -> list[str]:
-    """postcopy_cli processes started since ``before`` that are still alive."""
-    left = []
+def _processes_with_marker(marker: str) -> list[str]:
+    """Live processes whose environment carries ``marker`` (inherited from the selftest run)."""
+    found = []
+    needle = f"POSTCOPY_SELFTEST_MARK={marker}".encode()
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) in before:
+        if not pid.isdigit():
             continue
         try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "postcopy_cli" in cmd and ("serve-dest" in cmd or "workload touch" in cmd or "migrate" in cmd):
-            left.append(f"{pid}: {cmd}")
-    return left
+        if needle in env:
+            found.append(f"{pid}: {cmd}")
+    return found
 
 
 @needs_root
 def test_selftest_json_all_cases_pass():
-    before = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "postcopy_cli", "selftest", "--json", "--size", "16M"],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "POSTCOPY_SELFTEST_MARK": marker})
     elapsed = time.monotonic() - t0
     assert p.returncode == 0, p.stderr + p.stdout
     assert "Traceback" not in p.stderr
@@ -69,7 +73,7 @@ def test_selftest_json_all_cases_pass():
     assert m["exit_code"] == 3
     assert "RAM section" in m["message"] and f"byte {m['expected_offset']}" in m["message"]
     assert elapsed < 30
-    assert _no_leftover_children(before) == []
+    assert _processes_with_marker(marker) == [], "selftest left processes behind"
 
 
 def _only(monkeypatch, *cases):
