@@ -133,6 +133,7 @@ class Destination:
         self._conn: socket.socket | None = None
         self._run = _Run()
         self._decoder: codec.StreamDecoder | None = None
+        self._pending_discards: dict[str, list] = {}
         self.t_start = time.monotonic()
         self.t_run: float | None = None
         self.t_complete: float | None = None
@@ -239,6 +240,7 @@ class Destination:
             self._mlocked = True
 
     def _discard(self, msg: codec.PostcopyRamDiscard):
+        """Drop the ranges (stale since the source sent them); an attached program's drops are batched."""
         bi = self.index[msg.block]
         block = self.blocks[bi]
         self._flush()
@@ -246,19 +248,33 @@ class Destination:
             if not self.program.notify:
                 raise PostcopyError(f"the source discards pages of block {msg.block!r}, but the attached program "
                                     f"did not ask to be told (no \"notify\" in its hand-over), so they cannot be dropped")
-            self._tell_program({"cmd": "discard", "block": msg.block, "ranges": [list(r) for r in msg.ranges]})
-            self._await_program("discarded")
-        else:
-            for start, length in msg.ranges:
-                pos = start
-                while pos < start + length:
-                    addr = block.host_address(pos)
-                    step = min(block.page_size, start + length - pos)
-                    if addr is not None:
-                        madvise(addr, step, MADV_DONTNEED)
-                    pos += step
+            self._pending_discards.setdefault(msg.block, []).extend(msg.ranges)
+            return
         for start, length in msg.ranges:
+            pos = start
+            while pos < start + length:
+                addr = block.host_address(pos)
+                step = min(block.page_size, start + length - pos)
+                if addr is not None:
+                    madvise(addr, step, MADV_DONTNEED)
+                pos += step
             lib.pc_dest_mark(self._native, bi, start, length, 0)
+
+    def _apply_discards(self):
+        """One round trip to the attached program for all discards received so far."""
+        pending, self._pending_discards = self._pending_discards, {}
+        # the program's madvise raises UFFD_EVENT_REMOVE, which the fault
+        # thread reads (the madvise waits for that); those are not drops
+        lib.pc_dest_set_discarding(self._native, 1)
+        try:
+            self._tell_program({"cmd": "discard", "ranges": {name: [list(r) for r in ranges]
+                                                              for name, ranges in pending.items()}})
+            self._await_program("discarded")
+        finally:
+            lib.pc_dest_set_discarding(self._native, 0)
+        for name, ranges in pending.items():
+            for start, length in ranges:
+                lib.pc_dest_mark(self._native, self.index[name], start, length, 0)
 
     def _await_program(self, event: str):
         deadline = time.monotonic() + self.timeout
@@ -449,10 +465,14 @@ class Destination:
         for ev in decoder.events():
             t = type(ev)
             if t is RamPage:
+                if self._pending_discards:
+                    self._apply_discards()
                 self._page(index[ev.block], ev.offset, ev.data)
                 if self.blocks[index[ev.block]].page_size == TP:
                     return False   # the rest of this section can go the fast way
             elif t is RamZero:
+                if self._pending_discards:
+                    self._apply_discards()
                 self._zero(index[ev.block], ev.offset, ev.fill)
             elif t is codec.RamEnd:
                 self._flush()
@@ -463,6 +483,8 @@ class Destination:
     def _command(self, ev, decoder) -> bool:
         off = decoder.offset
         t = type(ev)
+        if self._pending_discards and t is not codec.PostcopyRamDiscard:
+            self._apply_discards()
         if t is codec.Blocks:
             self._check_blocks(ev, off)
         elif t is codec.Ping:

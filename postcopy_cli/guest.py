@@ -352,14 +352,18 @@ def _kind(msg: dict) -> str:
 
 
 def _discard(ram: AnonymousMapping, msg: dict) -> None:
-    """madvise(MADV_DONTNEED) the ranges of a discard command (our RAM is block 'mem' at offset 0)."""
-    block, ranges = msg.get("block", DEFAULT_BLOCK), msg.get("ranges")
-    if block != DEFAULT_BLOCK:
-        raise WorkloadError(f"control message: discard for unknown block {block!r}")
-    if not isinstance(ranges, list):
-        raise WorkloadError("control message: discard without a 'ranges' list")
+    """madvise(MADV_DONTNEED) the ranges of a discard command (our RAM is block 'mem' at offset 0).
+
+    ``{"cmd": "discard", "ranges": {"mem": [[start, length], ...]}}``.
+    """
+    ranges = msg.get("ranges")
+    if not isinstance(ranges, dict):
+        raise WorkloadError("control message: discard without a 'ranges' object of block -> ranges")
+    unknown = sorted(set(ranges) - {DEFAULT_BLOCK})
+    if unknown:
+        raise WorkloadError(f"control message: discard for unknown block {unknown[0]!r}")
     checked = []
-    for r in ranges:
+    for r in ranges.get(DEFAULT_BLOCK) or []:
         ok = (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r))
         if not ok or r[0] < 0 or r[1] <= 0 or r[0] % PAGE or r[1] % PAGE or r[0] + r[1] > ram.size:
             raise WorkloadError(f"control message: discard range {r!r:.60} is not page-aligned inside "
@@ -452,6 +456,7 @@ def _wait_run(reader: _Reader, ram: AnonymousMapping) -> None:
 def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_after: float | None,
              t0: float, passes_before: int | None, *, source: bool) -> dict | None:
     _install_signals()
+    migrated = False
     deadline = t0 + report_after if report_after is not None else None
     try:
         while True:
@@ -470,6 +475,8 @@ def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_af
             if msg is None:
                 continue
             if msg is _Reader.CLOSED:
+                if migrated:
+                    continue
                 _note("the control socket closed without quit; still running with memory intact")
                 continue
             kind = _kind(msg)
@@ -487,6 +494,11 @@ def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_af
                 _note(f"migration failed: {msg.get('reason', 'no reason given')}")
             elif kind == "complete":
                 log.info("migration complete: every page is in")
+            elif kind == "migrated" and source:
+                # the program now runs on the destination; this copy stays
+                # paused (QEMU's postmigrate) until it is ended
+                migrated = True
+                _note("migrated: this copy stays paused until it is ended")
             else:
                 log.info("control message ignored: %s", kind)
     except _Terminate:

@@ -190,8 +190,15 @@ class ControlChannel:
       ``{"event": "run", "state": "<base64 STATE bytes>"}`` at POSTCOPY_RUN,
       ``{"event": "complete"}`` once every page is in,
       ``{"event": "failed", "reason": "..."}`` when the migration failed.
+    Serving side -> program, before RUN, when the source discards pages it
+      sent and that were dirtied since: ``{"cmd": "discard", "ranges":
+      {"<block>": [[start, length], ...]}}`` (bytes within the block); the
+      program drops them (madvise MADV_DONTNEED) and answers
+      ``{"event": "discarded"}``.
     Source side -> program (live migration): ``{"cmd": "pause"}``,
-      ``{"cmd": "resume"}``, ``{"cmd": "quit"}``; the program answers
+      ``{"cmd": "resume"}``, ``{"cmd": "quit"}`` (after a successful migration
+      with --kill-source), ``{"event": "migrated"}`` (success without it: the
+      program stays paused, as QEMU leaves a migrated source); the program answers
       ``{"event": "paused"}`` / ``{"event": "resumed"}``.
     """
 

@@ -1,16 +1,14 @@
 """The source engine: streams RAM blocks to a destination and answers its page requests first.
 
 One connection carries both directions (DESIGN.md section 4).  The
-:class:`PageStreamer` is the post-copy phase: requested pages jump the queue —
-the socket's unsent queue is kept under one background chunk (SIOCOUTQNSD), so
-a requested page never waits behind more than one chunk — and the rest is
-streamed in runs, zero pages as ZERO records.  :class:`ImageMemory` serves a
-memory image file (lazy restore); the live-process source reuses the streamer.
+:class:`PageStreamer` runs the post-copy phase (and a live source's pre-copy
+passes): requested pages jump the queue — background chunks go only when the
+small socket buffers have room, so a requested page waits behind little more
+than one chunk — and the rest streams in runs, zero pages as ZERO records.
+:class:`ImageMemory` serves a memory image file (lazy restore).
 """
 from __future__ import annotations
 
-import array
-import fcntl
 import logging
 import mmap
 import os
@@ -27,18 +25,6 @@ log = logging.getLogger("postcopy.source")
 
 TP = codec.TARGET_PAGE_SIZE
 CHUNK_PAGES = 64                 # one background chunk: 256 KiB
-SIOCOUTQNSD = 0x894B             # linux/sockios.h: TCP bytes in the send queue not yet sent
-TIOCOUTQ = 0x5411                # asm-generic/ioctls.h (SIOCOUTQ): AF_UNIX bytes queued
-
-
-def unsent_bytes(sock: socket.socket) -> int:
-    buf = array.array("i", [0])
-    request = TIOCOUTQ if sock.family == socket.AF_UNIX else SIOCOUTQNSD
-    try:
-        fcntl.ioctl(sock.fileno(), request, buf, True)
-    except OSError:
-        return 0
-    return buf[0]
 
 
 class ImageMemory:
@@ -96,12 +82,15 @@ class PageStreamer:
     """
 
     def __init__(self, conn: socket.socket, memory, *, to_send: list[bytearray] | None = None,
-                 max_bandwidth: float = 0.0, timeout: float = 30.0, decoder: codec.ReturnPathDecoder | None = None):
+                 max_bandwidth: float = 0.0, timeout: float = 30.0, decoder: codec.ReturnPathDecoder | None = None,
+                 track_sent: bool = False):
         self.conn = conn
         self.memory = memory
         self.blocks = memory.blocks
         self.to_send = to_send if to_send is not None else [bytearray(b"\x01") * (b.length // TP) for b in self.blocks]
         self.remaining = sum(t.count(1) for t in self.to_send)
+        # with track_sent: 1 = sent at least once (a live source's discards need it)
+        self.sent = [bytearray(len(t)) for t in self.to_send] if track_sent else None
         self.decoder = decoder or codec.ReturnPathDecoder(self.blocks)
         self.max_bandwidth = max_bandwidth
         self.timeout = timeout
@@ -114,7 +103,11 @@ class PageStreamer:
                       "zero_pages": 0, "bytes": 0, "pongs": 0}
         self.shut: int | None = None
         self._t0 = time.monotonic()
-        self._sent_bytes_budget = 0.0
+        self._poller = select.poll()
+        self._fd = conn.fileno()
+        self._last_heard = self._t0
+        self._named = -1
+        conn.setblocking(True)
 
     # -- sending ---------------------------------------------------------------------
     def _send(self, parts: list) -> None:
@@ -160,6 +153,8 @@ class PageStreamer:
                 self.stats["requests_already_sent"] += 1
                 continue
             pending[first:first + n] = bytes(n)
+            if self.sent is not None:
+                self.sent[bi][first:first + n] = b"\x01" * n
             self.remaining -= n
             self.stats["requested_pages"] += n
             self._send_pages(bi, offset, n)
@@ -191,6 +186,8 @@ class PageStreamer:
         bi, first, count = chunk
         pending = self.to_send[bi]
         pending[first:first + count] = bytes(count)
+        if self.sent is not None:
+            self.sent[bi][first:first + count] = b"\x01" * count
         self.remaining -= count
         self.stats["background_pages"] += count
         self._send_pages(bi, first * TP, count)
@@ -229,37 +226,81 @@ class PageStreamer:
         ahead = self.stats["bytes"] / self.max_bandwidth - elapsed
         return max(0.0, ahead)
 
-    def run(self) -> dict:
-        """Stream until every page is sent (then EOS and EOF) and SHUT arrives."""
-        poller = select.poll()
-        fd = self.conn.fileno()
-        self.conn.setblocking(True)
+    def _begin_section(self) -> None:
         self._send([self.enc.begin()])
         self._named = -1     # block named by the last record of this RAM section
+
+    def _pump(self, *, until: float | None = None, on_empty=None) -> bool:
+        """One step: take requests, answer them, then one background chunk if the socket has room.
+
+        The socket buffers are small (transport.STREAM_BUFFER), so POLLOUT
+        means little background data is queued: a request arriving now waits
+        behind at most that much.  Returns False when there was nothing to do
+        before ``until``.
+        """
+        wait_bw = self._bandwidth_wait() if self.remaining else 0.0
+        mask = select.POLLIN | (select.POLLOUT if self.remaining and not wait_bw else 0)
+        self._poller.register(self._fd, mask)
+        timeout = 1.0 if not self.remaining else (wait_bw or 1.0)
+        if until is not None:
+            timeout = max(0.0, min(timeout, until - time.monotonic()))
+        events = self._poller.poll(int(timeout * 1000) + (1 if timeout else 0))
+        got = 0
+        for _, ev in events:
+            got |= ev
+        if got & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            self._receive()
+            self._last_heard = time.monotonic()
+        if self.requests:
+            self._send_requested()
+        if got & select.POLLOUT and self.remaining and not self._bandwidth_wait():
+            self._send_background()
+            if not self.remaining and on_empty is not None:
+                on_empty()
+        return bool(got)
+
+    def precopy(self, deadline: float, on_pass_end, *, max_passes: int | None = None, stop=None) -> int:
+        """Pre-copy: stream passes until ``deadline``, ``max_passes`` or ``stop`` is set.
+
+        At the end of each pass ``on_pass_end()`` refills ``to_send`` with what
+        was dirtied meanwhile (and returns nothing).  Returns the number of
+        complete passes.
+        """
+        self._begin_section()
+        passes = 0
+
+        def pass_done():
+            nonlocal passes
+            passes += 1
+            self._block = 0
+            self._cursor = [0] * len(self.blocks)
+            if max_passes is None or passes < max_passes:
+                on_pass_end()
+                self.remaining = sum(t.count(1) for t in self.to_send)
+
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            if max_passes is not None and passes >= max_passes:
+                break
+            self._pump(until=deadline, on_empty=pass_done)
+            if not self.remaining:
+                pass_done()
+        self._send([self.enc.end()])
+        self._block = 0
+        self._cursor = [0] * len(self.blocks)
+        return passes
+
+    def run(self) -> dict:
+        """Post-copy: stream until every page is sent (then EOS and EOF) and SHUT arrives."""
+        self._begin_section()
         eof_sent = False
-        last_heard = time.monotonic()
+        self._last_heard = time.monotonic()
         while self.shut is None:
-            wait_bw = self._bandwidth_wait() if self.remaining else 0.0
-            want_out = self.remaining and not wait_bw
-            poller.register(fd, select.POLLIN | (select.POLLOUT if want_out else 0))
-            timeout_ms = 1000 if not want_out else 0
-            if wait_bw:
-                timeout_ms = max(1, int(wait_bw * 1000))
-            events = poller.poll(timeout_ms)
-            now = time.monotonic()
-            readable = any(e & (select.POLLIN | select.POLLHUP | select.POLLERR) for _, e in events)
-            if readable:
-                self._receive()
-                last_heard = now
-            if self.requests:
-                self._send_requested()
-            if self.remaining and not self._bandwidth_wait() and unsent_bytes(self.conn) < TP * CHUNK_PAGES:
-                self._send_background()
-            elif not self.remaining and not eof_sent:
+            self._pump()
+            if not self.remaining and not eof_sent and self.shut is None:
                 self._send([self.enc.end(), codec.encode(codec.Eof())])
                 eof_sent = True
-                last_heard = now
-            elif eof_sent and not readable and now - last_heard > self.timeout:
+                self._last_heard = time.monotonic()
+            elif eof_sent and time.monotonic() - self._last_heard > self.timeout:
                 raise PeerTimeout(f"the destination did not answer SHUT within {self.timeout:g} s of EOF")
         if self.shut != 0:
             raise PostcopyError(f"the destination reported failure (SHUT {self.shut})")

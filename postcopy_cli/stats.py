@@ -43,6 +43,7 @@ def dest_stats(raw, *, total_pages: int, elapsed_s: float, downtime_ms: float | 
             "background": int(raw.background_pages),
             "zero": int(raw.zero_pages),
             "skipped": int(raw.skipped_pages),
+            "overwritten-in-precopy": int(raw.overwritten_pages),
             "removed-by-program": int(raw.removed_pages),
         },
         "bytes": int(raw.demand_pages + raw.background_pages) * 4096,

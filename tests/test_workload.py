@@ -233,7 +233,7 @@ def test_incoming_continues_from_state_page_and_reports(server):
     server.accept()
     server.serve(lambda i: guest.layout_page(i, size, passes, pos))
     # a discard before RUN is applied and acknowledged
-    server.channel.send({"cmd": "discard", "block": "mem", "ranges": [[4 * PAGE, 2 * PAGE]]})
+    server.channel.send({"cmd": "discard", "ranges": {"mem": [[4 * PAGE, 2 * PAGE]]}})
     assert server.channel.receive() == {"event": "discarded"}
     server.channel.send({"event": "run", "state": base64.b64encode(b"dev").decode()})
     code, out, err = _finish(proc)

@@ -7,7 +7,7 @@ import click
 
 from ..errors import UsageError
 from ..memory import parse_size
-from ._common import common_options, emit_json, not_built
+from ._common import common_options, emit_json
 
 
 def _rate(text: str | None) -> float:
@@ -26,29 +26,43 @@ def _rate(text: str | None) -> float:
 @click.option("--state-file", type=click.Path(exists=True, dir_okay=False),
               help="Bytes handed to the destination program at RUN (the device state).")
 @click.option("--max-bandwidth", metavar="RATE", help="Cap on the stream, bytes per second (K/M/G suffixes).")
+@click.option("--postcopy-after", type=click.FloatRange(min=0), default=None,
+              help="--attach: seconds of pre-copy before switching to post-copy (default 1; SIGUSR1 switches "
+                   "at once).")
+@click.option("--precopy-passes", type=click.IntRange(min=0), default=None,
+              help="--attach: switch to post-copy after this many complete pre-copy passes.")
+@click.option("--kill-source", is_flag=True, help="--attach: end the source program once the migration succeeded.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds to wait for the destination before giving up.")
 @common_options
-def migrate(as_json, to, image, attach, state_file, max_bandwidth, timeout):
+def migrate(as_json, to, image, attach, state_file, max_bandwidth, timeout, postcopy_after, precopy_passes,
+            kill_source):
     """Migrate memory to a serve-dest: an image file (lazy restore) or a live program.
 
     With --image, the destination's requested pages are sent first and the rest
-    streams in background; zero pages go as ZERO records. Exit 0 when the
-    destination answers SHUT 0; 1 on failure; 3 on a malformed return path;
-    4 if the destination disconnected.
+    streams in background; zero pages go as ZERO records. With --attach, a
+    program on this host connects to PATH and hands over its memory and a
+    userfaultfd registered for write-protect tracking (WP_ASYNC): pre-copy
+    passes while it runs, then it is paused, stale pages are discarded, and the
+    rest moves in post-copy. Exit 0 when the destination answers SHUT 0; 1 on
+    failure (the source program is resumed if that happens before RUN); 3 on a
+    malformed return path; 4 if the destination disconnected.
     """
     from .. import transport
     from ..source import ImageMemory, migrate_image
 
     if bool(image) == bool(attach):
         raise UsageError("give exactly one of --image FILE or --attach PATH")
-    if attach:
-        not_built("postcopy migrate --attach (live migration)")
+    if image and (postcopy_after is not None or precopy_passes is not None or kill_source):
+        raise UsageError("--postcopy-after, --precopy-passes and --kill-source go with --attach")
     rate = _rate(max_bandwidth)
     state = b""
     if state_file:
         with open(state_file, "rb") as f:
             state = f.read()
+    if attach:
+        _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source)
+        return
     address = transport.parse_address(to)
     memory = ImageMemory(image)
     try:
@@ -64,3 +78,32 @@ def migrate(as_json, to, image, attach, state_file, max_bandwidth, timeout):
     else:
         print(f"postcopy: migrated {stats['pages']} pages in {stats['total_seconds']} s "
               f"({stats['requests']} requests answered first)", file=sys.stderr)
+
+
+def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source):
+    import signal
+    import threading
+
+    from .. import transport
+    from ..live import LiveOptions, migrate_live
+
+    transport.parse_address(to)
+    if postcopy_after is None and precopy_passes is None:
+        postcopy_after = 1.0
+    switchover = threading.Event()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: switchover.set())
+    opts = LiveOptions(postcopy_after=postcopy_after, precopy_passes=precopy_passes, max_bandwidth=rate,
+                       timeout=timeout, state=state, kill_source=kill_source)
+    try:
+        stats = migrate_live(attach, to, opts, switchover=switchover,
+                             on_ready=lambda: print(f"postcopy: waiting for the program on unix:{attach}",
+                                                    file=sys.stderr, flush=True))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    if as_json:
+        emit_json(stats)
+    else:
+        print(f"postcopy: migrated live in {stats['total_seconds']} s: {stats['precopy_passes']} pre-copy "
+              f"pass(es), downtime {stats['downtime_ms']} ms, {stats['discarded_pages']} pages discarded, "
+              f"post-copy {stats['postcopy_seconds']} s with {stats['postcopy_requests']} requests",
+              file=sys.stderr)

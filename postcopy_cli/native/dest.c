@@ -119,7 +119,8 @@ int pc_dest_add_segment(struct pc_dest *d, int block, uint64_t offset, uint64_t 
 
 void pc_dest_set_registered(struct pc_dest *d, int registered) { d->registered = registered; }
 void pc_dest_set_quit_fd(struct pc_dest *d, int quit_fd) { d->quit_fd = quit_fd; }
-void pc_dest_set_overwrite(struct pc_dest *d, int overwrite_ok) { d->overwrite_ok = overwrite_ok; }
+void pc_dest_set_discarding(struct pc_dest *d, int discarding) { __atomic_store_n(&d->discarding, discarding, __ATOMIC_RELEASE); }
+void pc_dest_set_overwrite(struct pc_dest *d, int overwrite_ok) { __atomic_store_n(&d->overwrite_ok, overwrite_ok, __ATOMIC_RELEASE); }
 
 static const struct pc_dest_seg *seg_by_addr(const struct pc_dest *d, uint64_t addr)
 {
@@ -331,6 +332,9 @@ static void serve_late_fault(struct pc_dest *d, const struct pc_dest_block *b, u
 
 static void drop_range(struct pc_dest *d, uint64_t start, uint64_t end)
 {
+    /* a discard the source asked for: those pages are about to be sent again */
+    if (__atomic_load_n(&d->discarding, __ATOMIC_ACQUIRE))
+        return;
     /* the program dropped [start, end): those pages now read as zeros and
      * the source's copy of them must not be placed */
     for (uint64_t a = start; a < end;) {
@@ -541,9 +545,11 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
     if (offset % b->page_size || len % b->page_size || offset + len > b->length || offset + len < offset)
         return -EINVAL;
     uint64_t o = offset, end = offset + len;
+    int overwrite_ok = __atomic_load_n(&d->overwrite_ok, __ATOMIC_ACQUIRE);
     while (o < end) {
-        /* skip pages already received (placed, or dropped by the program) */
-        if (bit_test(b->received, o >> TP_SHIFT)) {
+        int have = bit_test(b->received, o >> TP_SHIFT);
+        if (have && !overwrite_ok) {
+            /* received already (placed, or dropped by the program since RUN) */
             __atomic_fetch_add(&d->st.skipped_pages, b->page_size / TP, __ATOMIC_RELAXED);
             /* requested, then dropped by the program before it came: the
              * faulting thread still waits; it gets the zeros it dropped */
@@ -553,19 +559,37 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
             o += b->page_size;
             continue;
         }
+        /* a run of pages all missing, or (before RUN) all present */
         uint64_t room, run = 0;
         uint64_t addr = host_addr(d, block, o, &room);
-        while (o + run < end && run < room && !bit_test(b->received, (o + run) >> TP_SHIFT))
+        while (o + run < end && run < room && bit_test(b->received, (o + run) >> TP_SHIFT) == have)
             run += b->page_size;
         if (!addr) {   /* a hole no region maps: nothing to place */
             account(d, block, o, b->page_size, 0, 0);
             o += b->page_size;
             continue;
         }
-        int r = place_run(d, b->page_size, addr, data ? data + (o - offset) : NULL, run);
+        const uint8_t *src = data ? data + (o - offset) : NULL;
+        int r;
+        if (have) {
+            /* pre-copy sent this page again (dirtied since): before RUN the
+             * program is stopped, so its present copy is simply overwritten */
+            if (src) {
+                r = overwrite(d, addr, src, run);
+            } else {
+                uint8_t *zero = calloc(1, run);
+                r = zero ? overwrite(d, addr, zero, run) : -ENOMEM;
+                free(zero);
+            }
+            if (!r)
+                __atomic_fetch_add(&d->st.overwritten_pages, run / TP, __ATOMIC_RELAXED);
+        } else {
+            r = place_run(d, b->page_size, addr, src, run);
+            if (!r)
+                account(d, block, o, run, now_ns(), data == NULL);
+        }
         if (r)
             return r;
-        account(d, block, o, run, now_ns(), data == NULL);
         o += run;
     }
     return 0;

@@ -32,6 +32,7 @@ struct pc_dest_stats {
     uint64_t background_pages;  /* unrequested pages placed */
     uint64_t zero_pages;
     uint64_t skipped_pages;     /* arrived but already present */
+    uint64_t overwritten_pages; /* sent again in pre-copy: overwritten before RUN */
     uint64_t removed_pages;     /* dropped by the program (UFFD_EVENT_REMOVE) */
     uint64_t events_other;      /* fork/remap/unmap */
     uint64_t unknown_faults;    /* fault outside every handed-over region */
@@ -69,6 +70,7 @@ struct pc_dest {
     int pid;                    /* attached program (process_vm_writev before RUN), 0 = own memory */
     int overwrite_ok;           /* before RUN: a present page may be overwritten */
     int registered;             /* 0: own memory not registered yet -> plain memcpy */
+    int discarding;             /* the program is dropping discarded ranges itself */
 };
 
 struct pc_dest *pc_dest_new(int uffd, int quit_fd, int pid);
@@ -77,6 +79,7 @@ int pc_dest_add_block(struct pc_dest *d, const char *name, uint64_t length, uint
 int pc_dest_add_segment(struct pc_dest *d, int block, uint64_t offset, uint64_t addr, uint64_t size);
 void pc_dest_set_registered(struct pc_dest *d, int registered);
 void pc_dest_set_quit_fd(struct pc_dest *d, int quit_fd);
+void pc_dest_set_discarding(struct pc_dest *d, int discarding);
 void pc_dest_set_overwrite(struct pc_dest *d, int overwrite_ok);
 void pc_dest_set_return_path(struct pc_dest *d, int rp_fd);
 int pc_dest_enable_requests(struct pc_dest *d);

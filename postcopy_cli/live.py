@@ -1,0 +1,362 @@
+"""The live source: migrate a running program (DESIGN.md section 6, ``migrate --attach``).
+
+The program connects to our Unix socket and hands over its memory mappings and
+a userfaultfd registered in write-protect mode with UFFD_FEATURE_WP_ASYNC
+(:mod:`postcopy_cli.handshake`; ``postcopy workload run`` does this).  We read
+its memory with /proc/PID/mem (the pid comes from SO_PEERCRED), find dirtied
+pages with PAGEMAP_SCAN (:mod:`postcopy_cli.dirty`), run pre-copy passes, then
+pause it, send discards for pages dirtied since they were sent, STATE, LISTEN
+and RUN, and post-copy the rest with requested pages first.
+
+If the migration fails before RUN the program is resumed where it was: nothing
+is lost.  After RUN the destination owns the program's state; the source stays
+paused (QEMU's postmigrate) and is ended only on success with ``kill_source``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from . import codec, transport
+from ._native import ffi
+from .dirty import PagemapScanner
+from .discards import DiscardEncoder
+from .errors import PeerDisconnected, PostcopyError
+from .handshake import ControlChannel, Handover, HandshakeError, receive_handover
+from .memory import RamBlock, blocks_from_regions
+from .source import TP, PageStreamer, send_preamble
+from .uffd import Userfaultfd
+
+log = logging.getLogger("postcopy.live")
+
+PAUSE_TIMEOUT = 2.0
+READ_CHUNK_PAGES = 256
+
+
+class ProcessMemory:
+    """The attached program's RAM blocks, read through /proc/PID/mem (GIL released in the read)."""
+
+    def __init__(self, pid: int, blocks: list[RamBlock]):
+        self.pid = pid
+        self.ram_blocks = blocks
+        self.blocks = [codec.BlockInfo(b.name, b.length, b.page_size) for b in blocks]
+        try:
+            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise PostcopyError(f"cannot read the memory of pid {pid}: {e.strerror}") from None
+        self._buf = ffi.new("uint8_t[]", READ_CHUNK_PAGES * TP)
+        self._view = memoryview(ffi.buffer(self._buf))
+
+    def pages(self, block: int, offset: int, count: int):
+        """Pointer to ``count`` target pages read from the program (valid until the next call)."""
+        if count > READ_CHUNK_PAGES:
+            raise ValueError(f"read at most {READ_CHUNK_PAGES} pages at a time")
+        b = self.ram_blocks[block]
+        done = 0
+        while done < count * TP:
+            addr = b.host_address(offset + done)
+            want = count * TP - done
+            if addr is None:   # a hole no region maps: zeros
+                self._view[done:done + TP] = bytes(TP)
+                done += TP
+                continue
+            try:
+                n = os.preadv(self._fd, [self._view[done:done + want]], addr)
+            except OSError as e:
+                raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: {e.strerror}") from None
+            if n <= 0:
+                raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: short read")
+            done += n
+        return self._buf
+
+    def close(self):
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class AttachedSource:
+    """The program on this host that is being migrated, and how to pause and resume it."""
+
+    def __init__(self, handover: Handover):
+        self.handover = handover
+        self.pid = handover.pid
+        self.uffd = Userfaultfd.adopt(handover.uffd)   # keeps the WP registration alive
+        self.control = ControlChannel(handover.sock)
+        self.messages: queue.Queue = queue.Queue()
+        self.gone = threading.Event()
+        self.stopped_by_signal = False
+        self.paused = False
+        threading.Thread(target=self._read, name="postcopy/source-program", daemon=True).start()
+
+    def _read(self):
+        try:
+            while True:
+                msg = self.control.receive()
+                if msg is None:
+                    break
+                self.messages.put(msg)
+        except (OSError, PostcopyError):
+            pass
+        self.gone.set()
+        self.messages.put(None)
+
+    def _await(self, event: str, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                msg = self.messages.get(timeout=left)
+            except queue.Empty:
+                return None
+            if msg is None:
+                raise PostcopyError(f"the program being migrated (pid {self.pid}) exited or closed its socket")
+            if msg.get("event") == event:
+                return msg
+
+    def pause(self) -> str:
+        """Pause the program: a pause request, acknowledged; SIGSTOP if it does not answer."""
+        if self.gone.is_set():
+            raise PostcopyError(f"the program being migrated (pid {self.pid}) exited or closed its socket")
+        try:
+            self.control.send({"cmd": "pause"})
+            if self._await("paused", PAUSE_TIMEOUT) is not None:
+                self.paused = True
+                return "request"
+        except OSError:
+            pass
+        log.warning("pid %d did not acknowledge the pause request; stopping it with SIGSTOP", self.pid)
+        os.kill(self.pid, signal.SIGSTOP)
+        self.stopped_by_signal = self.paused = True
+        return "SIGSTOP"
+
+    def resume(self) -> None:
+        """Let the program go on where it was (a failed migration loses nothing)."""
+        if not self.paused:
+            return
+        if self.stopped_by_signal:
+            os.kill(self.pid, signal.SIGCONT)
+        else:
+            try:
+                self.control.send({"cmd": "resume"})
+                self._await("resumed", PAUSE_TIMEOUT)
+            except (OSError, PostcopyError):
+                pass
+        self.paused = False
+
+    def migrated(self) -> None:
+        """Tell the program it now runs on the destination (it stays paused here)."""
+        try:
+            self.control.send({"event": "migrated"})
+        except OSError:
+            pass
+
+    def quit(self) -> None:
+        try:
+            self.control.send({"cmd": "quit"})
+        except OSError:
+            pass
+        if self.stopped_by_signal:
+            os.kill(self.pid, signal.SIGCONT)
+
+    def close(self):
+        self.uffd.close()
+        self.handover.sock.close()
+
+
+@dataclass
+class LiveOptions:
+    postcopy_after: float | None = 1.0
+    precopy_passes: int | None = None
+    max_bandwidth: float = 0.0
+    timeout: float = 30.0
+    state: bytes = b""
+    kill_source: bool = False
+
+
+def accept_program(listener: socket.socket, timeout: float | None) -> AttachedSource:
+    conn = transport.accept(listener, timeout)
+    conn.settimeout(10.0)
+    try:
+        handover = receive_handover(conn)
+    except BaseException:
+        conn.close()
+        raise
+    conn.settimeout(None)
+    return AttachedSource(handover)
+
+
+def _pages_in(block: RamBlock, start: int, end: int) -> list[tuple[int, int]]:
+    """Host range [start, end) as (first target page, count) runs of the block."""
+    out = []
+    for s in block.segments:
+        a, b = max(start, s.host_addr), min(end, s.host_addr + s.size)
+        if a < b:
+            out.append(((s.offset + a - s.host_addr) // TP, (b - a) // TP))
+    return out
+
+
+def _stale_runs(to_send: bytearray, sent: bytearray) -> list[tuple[int, int]]:
+    """Runs of pages both still to send and sent before: the destination's copy is stale."""
+    runs = []
+    pos, n = 0, len(to_send)
+    while pos < n:
+        a = to_send.find(1, pos)
+        if a < 0:
+            break
+        e = to_send.find(0, a)
+        e = n if e < 0 else e
+        p = a
+        while p < e:
+            s = sent.find(1, p, e)
+            if s < 0:
+                break
+            t = sent.find(0, s, e)
+            t = e if t < 0 else t
+            runs.append((s, t - s))
+            p = t
+        pos = e
+    return runs
+
+
+class LiveMigration:
+    """One live migration of an attached program to a destination connection."""
+
+    def __init__(self, program: AttachedSource, conn: socket.socket, opts: LiveOptions, *, switchover=None):
+        self.program = program
+        self.conn = conn
+        self.opts = opts
+        self.switchover = switchover or threading.Event()
+        self.ram_blocks = blocks_from_regions(program.handover.regions)
+        self.memory = ProcessMemory(program.pid, self.ram_blocks)
+        self.scanner = PagemapScanner(program.pid)
+        self.streamer = PageStreamer(conn, self.memory, max_bandwidth=opts.max_bandwidth, timeout=opts.timeout,
+                                     track_sent=True)
+        self.stats: dict = {}
+
+    def _written(self) -> list[list[tuple[int, int]]]:
+        """Per block, the page runs written since the last scan (and protect them again)."""
+        out = []
+        for b in self.ram_blocks:
+            runs = []
+            for s in b.segments:
+                for a, e in self.scanner.written(s.host_addr, s.host_addr + s.size):
+                    runs.extend(_pages_in(b, a, e))
+            out.append(runs)
+        return out
+
+    def _refill(self) -> None:
+        """End of a pre-copy pass: what was dirtied meanwhile goes again."""
+        for bi, runs in enumerate(self._written()):
+            ts = self.streamer.to_send[bi]
+            for first, count in runs:
+                ts[first:first + count] = b"\x01" * count
+        self.stats["dirty_syncs"] = self.stats.get("dirty_syncs", 0) + 1
+
+    def run(self) -> dict:
+        opts, streamer = self.opts, self.streamer
+        t0 = time.monotonic()
+        send_preamble(self.conn, self.memory.blocks)
+        # protect everything now: from here on, writes are tracked
+        self._written()
+        deadline = float("inf") if opts.postcopy_after is None else t0 + opts.postcopy_after
+        if opts.postcopy_after is None and opts.precopy_passes is None:
+            deadline = t0   # no pre-copy at all
+        passes = streamer.precopy(deadline, self._refill, max_passes=opts.precopy_passes, stop=self.switchover)
+        # every page not marked to send has been sent at least once by now,
+        # except pages never reached when pass 1 was cut short
+        t_switch = time.monotonic()
+        how = self.program.pause()
+        t_paused = time.monotonic()
+        # everything dirtied since the last scan goes again in post-copy; of what
+        # goes again, whatever the destination already has a version of is stale
+        self._refill()
+        discards = 0
+        commands: list[bytes] = []
+        for bi, b in enumerate(self.ram_blocks):
+            runs = _stale_runs(streamer.to_send[bi], streamer.sent[bi])
+            if runs:
+                commands.extend(DiscardEncoder(b.name).encoded(runs))
+                discards += sum(n for _, n in runs)
+        self.conn.sendall(b"".join(commands) + codec.encode(codec.State(opts.state)) +
+                          codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
+        t_run = time.monotonic()
+        streamer.remaining = sum(t.count(1) for t in streamer.to_send)
+        postcopy_pages = streamer.remaining
+        precopy_bytes = streamer.stats["bytes"]
+        streamer.stats["background_pages"] = 0
+        streamer.run()
+        t_done = time.monotonic()
+        st = dict(streamer.stats)
+        self.stats.update({
+            "precopy_passes": passes,
+            "precopy_seconds": round(t_switch - t0, 3),
+            "precopy_bytes": precopy_bytes,
+            "pause": how,
+            "downtime_ms": round((t_run - t_switch) * 1000, 3),
+            "pause_ms": round((t_paused - t_switch) * 1000, 3),
+            "discarded_pages": discards,
+            "discard_commands": len(commands),
+            "postcopy_pages": postcopy_pages,
+            "postcopy_seconds": round(t_done - t_run, 3),
+            "postcopy_requests": st["requests"],
+            "requested_pages": st["requested_pages"],
+            "bytes": st["bytes"],
+            "zero_pages": st["zero_pages"],
+            "total_seconds": round(t_done - t0, 3),
+        })
+        return self.stats
+
+    def close(self):
+        self.memory.close()
+        self.scanner.close()
+
+
+def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None, switchover=None,
+                 accept_timeout: float | None = 60.0) -> dict:
+    """``migrate --attach``: wait for the program on ``attach_path``, then migrate it to ``to``."""
+    listener = transport.listen(transport.Address("unix", path=attach_path))
+    os.chmod(attach_path, 0o600)
+    program = None
+    try:
+        if on_ready:
+            on_ready()
+        program = accept_program(listener, accept_timeout)
+        conn = transport.connect(transport.parse_address(to), timeout=opts.timeout)
+        mig = None
+        try:
+            mig = LiveMigration(program, conn, opts, switchover=switchover)
+            stats = mig.run()
+        except BaseException as e:
+            ran = mig is not None and "downtime_ms" in mig.stats
+            if not ran:
+                # before RUN the program is still the only copy: let it go on
+                program.resume()
+                if isinstance(e, PostcopyError):
+                    e.args = (f"{e.args[0] if e.args else e} (the program was resumed on the source)",)
+            raise
+        finally:
+            if mig is not None:
+                mig.close()
+            conn.close()
+        if opts.kill_source:
+            program.quit()
+        else:
+            program.migrated()
+        return stats
+    finally:
+        if program is not None:
+            program.close()
+        listener.close()
+        try:
+            os.unlink(attach_path)
+        except OSError:
+            pass
