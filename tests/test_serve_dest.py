@@ -99,6 +99,20 @@ MALFORMED = {
                              codec.encode(codec.PostcopyListen()), "LISTEN", None),
     "ram-before-blocks": (codec.encode(codec.Header()) + ram([0]), None, 8),
     "unknown-section": (preamble() + b"\x77" + bytes(16), None, len(preamble())),
+    "continue-first-record": (preamble() + b"\x02" + struct.pack(">Q", 0x28) + bytes(PAGE), "RAM",
+                              len(preamble()) + 1),
+    "page-and-zero-flags": (preamble() + b"\x02" + struct.pack(">QB", 0x0A, 3) + b"mem" + bytes(PAGE), "RAM",
+                            len(preamble()) + 1),
+    "ram-unknown-block": (preamble() + ram([0], block="nope"), "RAM", len(preamble()) + 1),
+    "ram-unknown-flag": (preamble() + b"\x02" + struct.pack(">QB", 0x1108, 3) + b"mem" + bytes(PAGE), "RAM",
+                         len(preamble()) + 1),
+    "discard-after-listen": (preamble() + codec.encode(codec.PostcopyListen()) +
+                             codec.encode(codec.PostcopyRamDiscard("mem", ((0, PAGE),))), "DISCARD",
+                             len(preamble()) + 5),
+    "advise-wrong-page-size": (codec.encode(codec.Header()) + codec.encode(codec.Blocks((BLOCK,))) +
+                               codec.encode(codec.PostcopyAdvise(PAGE, 2 * PAGE)), "ADVISE", None),
+    "blocks-twice": (preamble() + codec.encode(codec.Blocks((BLOCK,))), "BLOCKS", None),
+    "name-length-zero": (preamble() + b"\x02" + struct.pack(">QB", 0x08, 0) + bytes(PAGE), "RAM", None),
 }
 
 
@@ -283,6 +297,27 @@ def test_recv_bitmap_raw_bytes(serve_dest):
         bitmap[0] = 0b10
         bitmap[1] = 0b10
         want += bytes(bitmap) + struct.pack(">Q", 0x0123456789ABCDEF)
+        buf = b""
+        while len(buf) < len(want):
+            chunk = conn.recv(65536)
+            assert chunk
+            buf += chunk
+        assert buf == want
+    finally:
+        conn.close()
+    rc, _, err = sd.wait()
+    assert rc == 4, err
+
+
+def test_recv_bitmap_small_block_padded(serve_dest):
+    """A 10-page block: 2 bitmap bytes, sent as 8 (size rounded up to 8) with the trailer."""
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", "mem=40K", "--json", "--timeout", "20")
+    small = codec.BlockInfo("mem", 10 * PAGE, PAGE)
+    conn = connect(sd)
+    try:
+        conn.sendall(preamble([small]) + ram([0, 9]) + codec.encode(codec.RecvBitmapRequest("mem")))
+        want = (struct.pack(">HHB", 5, 4, 3) + b"mem" + struct.pack(">Q", 8) + b"\x01\x02" + bytes(6) +
+                struct.pack(">Q", 0x0123456789ABCDEF))
         buf = b""
         while len(buf) < len(want):
             chunk = conn.recv(65536)
