@@ -172,10 +172,15 @@ class StatusSampler(threading.Thread):
         self._stop.set()
 
 
-def wait4(p: subprocess.Popen, timeout: float) -> tuple[int | None, int]:
-    """Wait for a child, returning (exit code, ru_maxrss KiB).  None on timeout."""
+def wait4(p: subprocess.Popen, timeout: float, watch=(), grace: float = 5.0) -> tuple[int | None, int]:
+    """Wait for a child, returning (exit code, ru_maxrss KiB).  None on timeout.
+
+    If a process in `watch` exits non-zero first, give `p` only `grace` more seconds."""
     deadline = time.monotonic() + timeout
     while True:
+        for w in watch:
+            if w.poll() not in (None, 0):
+                deadline = min(deadline, time.monotonic() + grace)
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
         if pid == p.pid:
             rc = os.waitstatus_to_exitcode(status)
@@ -290,11 +295,13 @@ def one_restore(args, img: str, run_no: int) -> dict:
         t0 = time.monotonic()
         mg = spawn("migrate", pc + ["migrate", "--to", f"tcp:127.0.0.1:{port}", "--image", img, "--json",
                                     "--timeout", str(args.timeout)])
-        rc_sd, maxrss_sd = wait4(sd, args.timeout + 30)
+        rc_sd, maxrss_sd = wait4(sd, args.timeout + 30, watch=(mg, tc))
         t_end = time.monotonic()
         sampler.stop()
         if rc_sd is None:
-            raise RuntimeError(f"serve-dest did not exit within {args.timeout + 30:.0f} s")
+            raise RuntimeError(f"serve-dest did not exit (timeout, or a peer failed): exits migrate={mg.poll()} "
+                               f"touch={tc.poll()}; stderr: " +
+                               "; ".join(f"{n}: {text(n, 'err').strip()[-300:]}" for n in procs))
         res["total_s"] = round(t_end - t0, 3)
         rc_mg = mg.wait(30)
         rc_tc = tc.wait(60)
@@ -315,9 +322,11 @@ def one_restore(args, img: str, run_no: int) -> dict:
                 pass
         sd_stats = sd_stats or js("serve-dest")
         mg_out, tc_out = js("migrate"), js("touch")
-        errs = {n: text(n, "err").strip()[-400:] for n in procs if text(n, "err").strip()}
-        errs.pop("serve-dest", None) if errs.get("serve-dest", "").startswith("postcopy: listening") and \
-            errs["serve-dest"].count("\n") == 0 else None
+        errs = {}
+        for n in procs:
+            lines = [ln for ln in text(n, "err").splitlines() if ln.strip() and "listening on" not in ln]
+            if lines:
+                errs[n] = "\n".join(lines)[-400:]
         if errs:
             res["stderr"] = errs
         res["ok"] = rc_sd == 0 and rc_mg == 0 and rc_tc == 0 and bool(tc_out) and tc_out.get("mismatches") == 0

@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""Live post-copy migration of 1 GiB, ours and QEMU 7.2 side by side (issue 4 section 4).
+
+Two scenarios, each side gets 1 s of pre-copy, then post-copy to completion:
+  nocap   no bandwidth cap     goal: our post-copy phase <= 0.2x QEMU's
+  bw100   100 MiB/s cap        goal: our average demand-request latency <= 0.5x QEMU's
+  both                         goal: downtime <= QEMU's; serve-dest memory <= 64 MiB
+
+QEMU side: shared/anchors/qemu/postcopy_run.py --mem 1024 --precopy-s 1 [--bw 100]
+(needs Debian's qemu-system-x86 and nasm; uses KVM).
+Our side:
+  postcopy serve-dest --listen tcp:127.0.0.1:0 --uffd-socket DST --json --stats F
+  postcopy workload incoming --mem 1G --attach DST --report-after 2 --json
+  postcopy migrate --attach SRC --to tcp:127.0.0.1:PORT --postcopy-after 1 [--max-bandwidth 100M] --json
+  postcopy workload run --mem 1G --attach SRC
+
+usage: qemu_compare.py [--mem-mib 1024] [--scenarios nocap,bw100] [--runs 1] [--skip-qemu] [--skip-ours]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from restore_bench import StatusSampler, find_shared, kill_proc, postcopy_cmd, wait4  # noqa: E402
+
+GOAL_POSTCOPY_X = 0.2
+GOAL_LATENCY_X = 0.5
+GOAL_MEM_MIB = 64.0
+SCENARIOS = {"nocap": 0, "bw100": 100}
+
+
+def find_key(d, *names):
+    """First value found under any of `names`, searching nested dicts breadth-first."""
+    if not isinstance(d, dict):
+        return None
+    todo = [d]
+    while todo:
+        cur = todo.pop(0)
+        for n in names:
+            if n in cur and cur[n] is not None and not isinstance(cur[n], dict):
+                return cur[n]
+        todo.extend(v for v in cur.values() if isinstance(v, dict))
+    return None
+
+
+def last_json(text: str):
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+# --------------------------------------------------------------------------- QEMU side
+
+def qemu_missing() -> str | None:
+    miss = [t for t in ("qemu-system-x86_64", "nasm") if not shutil.which(t)]
+    if miss:
+        return (f"missing {', '.join(miss)}: install with `apt-get update && apt-get install -y "
+                f"qemu-system-x86 nasm` (this script does not install anything)")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not usable (postcopy_run.py runs QEMU with -enable-kvm)"
+    return None
+
+
+def run_qemu(shared: str, mem_mib: int, bw: int, precopy_s: float, timeout: float) -> dict:
+    why = qemu_missing()
+    if why:
+        return {"available": False, "error": why}
+    argv = [sys.executable, os.path.join(shared, "anchors", "qemu", "postcopy_run.py"), "--mem", str(mem_mib),
+            "--precopy-s", str(precopy_s)]
+    if bw:
+        argv += ["--bw", str(bw)]
+    t = time.monotonic()
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"available": False, "error": f"postcopy_run.py timed out after {timeout:.0f} s"}
+    out = last_json(r.stdout)
+    if r.returncode or not out:
+        return {"available": False, "error": f"exit {r.returncode}: {(r.stdout + r.stderr).strip()[-500:]}"}
+    if out.get("status") != "completed":
+        return {"available": False, "error": f"QEMU migration status {out.get('status')!r}", "raw": out}
+    req = out.get("postcopy_requests") or 0
+    bt = out.get("dest_postcopy_blocktime_ms")
+    tot = (out.get("total_time_ms") or 0) / 1000
+    return {
+        "available": True, "wall_s": round(time.monotonic() - t, 1), "raw": out,
+        "total_s": tot,
+        "precopy_s": round(tot - out["postcopy_phase_s"], 3) if tot else precopy_s,
+        "postcopy_s": out.get("postcopy_phase_s"),
+        "requests": req,
+        "blocktime_ms": bt,
+        "latency_us": round(1000 * bt / req, 1) if bt is not None and req else None,
+        "latency_note": "vCPU blocktime / post-copy requests",
+        "downtime_ms": out.get("downtime_ms"),
+        "sent_mib": out.get("transferred_mib"),
+        "passes_per_s": out.get("guest_passes_after_1s_on_dest"),
+        "passes_note": "guest passes in the 1 s after completion (serial bytes)",
+        "mem_mib": None,
+    }
+
+
+# --------------------------------------------------------------------------- our side
+
+def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_after: float, keep: bool) -> dict:
+    pc = postcopy_cmd()
+    work = tempfile.mkdtemp(prefix="pcqemu-")
+    dst_sock, src_sock = os.path.join(work, "dst.sock"), os.path.join(work, "src.sock")
+    stats_file = os.path.join(work, "stats.json")
+    procs: dict[str, subprocess.Popen] = {}
+    files: dict = {}
+    mem = f"{mem_mib}M"
+
+    def spawn(name, argv):
+        files[name] = (open(os.path.join(work, name + ".out"), "w+"), open(os.path.join(work, name + ".err"), "w+"))
+        procs[name] = subprocess.Popen(argv, stdout=files[name][0], stderr=files[name][1], cwd=work)
+        return procs[name]
+
+    def text(name, which="out"):
+        f = files[name][0 if which == "out" else 1]
+        f.flush()
+        f.seek(0)
+        return f.read()
+
+    def tail_errs():
+        return {n: text(n, "err").strip()[-300:] for n in procs if text(n, "err").strip()}
+
+    try:
+        sd = spawn("serve-dest", pc + ["serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket", dst_sock,
+                                       "--json", "--stats", stats_file, "--timeout", str(timeout)])
+        sampler = StatusSampler(sd.pid)
+        sampler.start()
+        port = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", text("serve-dest", "err"))
+            if m:
+                port = int(m.group(1))
+                break
+            if sd.poll() is not None:
+                break
+            time.sleep(0.01)
+        if port is None:
+            return {"available": False, "error": f"serve-dest did not start: {tail_errs()}"}
+        inc = spawn("incoming", pc + ["workload", "incoming", "--mem", mem, "--attach", dst_sock,
+                                      "--report-after", str(report_after), "--json", "--connect-timeout", "20"])
+        margv = pc + ["migrate", "--attach", src_sock, "--to", f"tcp:127.0.0.1:{port}",
+                      "--postcopy-after", str(precopy_s), "--json", "--timeout", str(timeout)]
+        if bw:
+            margv += ["--max-bandwidth", f"{bw}M"]
+        t0 = time.monotonic()
+        mg = spawn("migrate", margv)
+        src = spawn("source", pc + ["workload", "run", "--mem", mem, "--attach", src_sock, "--connect-timeout", "20"])
+        limit = timeout + 60
+        rc_sd, _ = wait4(sd, limit, watch=(mg, src, inc))
+        t_end = time.monotonic()
+        sampler.stop()
+        if rc_sd is None:
+            return {"available": False, "error": f"serve-dest did not finish (timeout {limit:.0f} s, or a peer failed): "
+                                                       f"{tail_errs()}"}
+        try:
+            rc_mg = mg.wait(30)
+        except subprocess.TimeoutExpired:
+            rc_mg = None
+        try:
+            rc_inc = inc.wait(report_after + 30)
+        except subprocess.TimeoutExpired:
+            rc_inc = None
+        exits = {"serve-dest": rc_sd, "migrate": rc_mg, "incoming": rc_inc, "source": src.poll()}
+        sd_stats = None
+        try:
+            with open(stats_file) as f:
+                sd_stats = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            sd_stats = last_json(text("serve-dest"))
+        mg_out, inc_out = last_json(text("migrate")), last_json(text("incoming"))
+        if rc_sd != 0 or rc_mg != 0 or not sd_stats:
+            return {"available": False, "exits": exits,
+                    "error": f"exits {exits}; " + "; ".join(f"{k}: {v}" for k, v in tail_errs().items())}
+        req = sd_stats.get("postcopy-requests") or 0
+        bt = sd_stats.get("postcopy-blocktime")
+        lat = sd_stats.get("latency-us") or {}
+        down = sd_stats.get("downtime-ms")
+        down_src = "serve-dest"
+        if down is None:
+            down, down_src = find_key(mg_out, "downtime_ms", "downtime-ms"), "migrate (source pause -> RUN sent)"
+        pc_ms = find_key(mg_out, "postcopy_seconds", "postcopy-time-s")
+        pc_s = pc_ms if pc_ms is not None else None
+        if pc_s is None and sd_stats.get("postcopy-time-ms") is not None:
+            # serve-dest's post-copy time; add downtime so it runs from switch-over like QEMU's figure
+            pc_s = (sd_stats["postcopy-time-ms"] + (down or 0)) / 1000
+        pre_s = find_key(mg_out, "precopy_seconds", "precopy-time-s", "precopy_s")
+        total_s = round(t_end - t0, 3)
+        sent = find_key(mg_out, "bytes", "bytes_sent", "transferred")
+        return {
+            "available": True, "exits": exits, "raw": {"serve_dest": sd_stats, "migrate": mg_out, "incoming": inc_out},
+            "total_s": total_s,
+            "total_note": "wall: migrate start (incl. its startup and the source's hand-over) to serve-dest exit",
+            "precopy_s": pre_s if pre_s is not None else precopy_s,
+            "postcopy_s": round(pc_s, 3) if pc_s is not None else None,
+            "requests": req,
+            "blocktime_ms": bt,
+            "latency_us": lat.get("mean"),
+            "latency_note": "serve-dest mean of fault read -> page placed",
+            "blocktime_per_request_us": round(1000 * bt / req, 1) if bt is not None and req else None,
+            "latency_p50_us": lat.get("p50"), "latency_p99_us": lat.get("p99"),
+            "downtime_ms": down,
+            "downtime_note": f"downtime from {down_src}",
+            "sent_mib": round(sent / 2 ** 20, 1) if isinstance(sent, (int, float)) else None,
+            "passes_per_s": find_key(inc_out, "passes_per_second"),
+            "passes_note": f"incoming workload, first {report_after:g} s after RUN (spans post-copy)",
+            "check_ok": find_key(inc_out, "check_ok", "ok", "check"),
+            "mem_mib": round(sampler.hwm_kib / 1024, 1),
+            "mem_rss_last_mib": round(sampler.rss_last_kib / 1024, 1),
+        }
+    except Exception as e:  # noqa: BLE001
+        return {"available": False, "error": f"{type(e).__name__}: {e}"}
+    finally:
+        for p in procs.values():
+            kill_proc(p)
+        for fo, fe in files.values():
+            fo.close()
+            fe.close()
+        if keep:
+            print(f"  (kept {work})", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- report
+
+ROWS = [
+    ("total time (s)", "total_s", 2),
+    ("pre-copy (s)", "precopy_s", 2),
+    ("post-copy phase: switch-over -> done (s)", "postcopy_s", 3),
+    ("post-copy requests", "requests", 0),
+    ("blocktime (ms)", "blocktime_ms", 1),
+    ("avg demand latency (us)", "latency_us", 1),
+    ("downtime (ms)", "downtime_ms", 1),
+    ("sent (MiB)", "sent_mib", 1),
+    ("passes/s on destination", "passes_per_s", 2),
+    ("serve-dest memory VmHWM (MiB)", "mem_mib", 1),
+]
+
+
+def fmt(v, nd):
+    if v is None:
+        return "—"
+    if isinstance(v, (int, float)):
+        return f"{v:.{nd}f}" if nd else f"{v:.0f}"
+    return str(v)
+
+
+def median_side(results: list[dict]) -> dict:
+    ok = [r for r in results if r.get("available")]
+    if not ok:
+        return results[-1] if results else {"available": False, "error": "not run"}
+    out = {"available": True, "runs": len(ok)}
+    for _, key, _ in ROWS + [("", "blocktime_per_request_us", 1), ("", "latency_p50_us", 0), ("", "latency_p99_us", 0)]:
+        vals = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+        out[key] = statistics.median(vals) if vals else None
+    for k in ("latency_note", "passes_note", "total_note", "downtime_note"):
+        if ok[0].get(k):
+            out[k] = ok[0][k]
+    return out
+
+
+def ratio(a, b):
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return round(a / b, 3)
+    return None
+
+
+def print_scenario(name, bw, ours, qemu, mem_mib):
+    print(f"\n== {name}: {mem_mib} MiB live, {'no cap' if not bw else f'{bw} MiB/s cap'}, 1 s pre-copy ==")
+    if not qemu.get("available"):
+        print(f"  QEMU: not available: {qemu.get('error')}")
+    if not ours.get("available"):
+        print(f"  ours: not available: {ours.get('error')}")
+    print(f"  {'figure':42s} {'ours':>10s} {'QEMU 7.2':>10s} {'ours/QEMU':>10s}")
+    for label, key, nd in ROWS:
+        print(f"  {label:42s} {fmt(ours.get(key), nd):>10s} {fmt(qemu.get(key), nd):>10s} "
+              f"{fmt(ratio(ours.get(key), qemu.get(key)), 3):>10s}")
+    goals = []
+    if not bw:
+        goals.append(("post-copy phase <= 0.2x QEMU", ratio(ours.get("postcopy_s"), qemu.get("postcopy_s")), GOAL_POSTCOPY_X))
+    else:
+        goals.append(("avg demand latency <= 0.5x QEMU", ratio(ours.get("latency_us"), qemu.get("latency_us")), GOAL_LATENCY_X))
+    goals.append(("downtime <= QEMU", ratio(ours.get("downtime_ms"), qemu.get("downtime_ms")), 1.0))
+    goals.append(("serve-dest memory <= 64 MiB", ratio(ours.get("mem_mib"), GOAL_MEM_MIB), 1.0))
+    for label, r, lim in goals:
+        verdict = "—" if r is None else ("ok" if r <= lim else "MISSED")
+        print(f"  goal: {label:34s} ratio {fmt(r, 3):>7s} (limit {lim:g})  {verdict}")
+    for side, d in (("ours", ours), ("QEMU", qemu)):
+        notes = [d.get(k) for k in ("latency_note", "passes_note", "total_note", "downtime_note") if d.get(k)]
+        if notes:
+            print(f"  {side}: " + "; ".join(notes))
+    return {label: {"ratio": r, "limit": lim, "met": None if r is None else r <= lim} for label, r, lim in goals}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mem-mib", type=int, default=1024)
+    ap.add_argument("--precopy-s", type=float, default=1.0)
+    ap.add_argument("--scenarios", default="nocap,bw100", help="comma list of: " + ",".join(SCENARIOS))
+    ap.add_argument("--runs", type=int, default=1, help="runs per side and scenario (median shown)")
+    ap.add_argument("--report-after", type=float, default=2.0, help="incoming workload runs this long after RUN")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--skip-qemu", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--keep-work", action="store_true")
+    args = ap.parse_args()
+    scen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    bad = [s for s in scen if s not in SCENARIOS]
+    if bad:
+        ap.error(f"unknown scenario(s) {bad}; choose from {list(SCENARIOS)}")
+
+    shared = find_shared()
+    machine = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "kernel": platform.release(), "nproc": os.cpu_count()}
+    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0] \
+        if shutil.which("qemu-system-x86_64") else None
+    print(f"# qemu_compare  {machine['date']}  kernel {machine['kernel']}  nproc {machine['nproc']}  {qv or 'no QEMU'}",
+          flush=True)
+    why = qemu_missing()
+    if why and not args.skip_qemu:
+        print(f"QEMU side not available: {why}", flush=True)
+
+    summary = {"bench": "qemu_compare", "machine": machine, "qemu": qv, "mem_mib": args.mem_mib, "scenarios": {}}
+    for name in scen:
+        bw = SCENARIOS[name]
+        qruns, oruns = [], []
+        for i in range(args.runs):
+            if not args.skip_qemu:
+                print(f"[{name}] QEMU run {i + 1}/{args.runs} ...", flush=True)
+                q = run_qemu(shared, args.mem_mib, bw, args.precopy_s, args.timeout + 120)
+                qruns.append(q)
+                print(f"  -> {json.dumps(q.get('raw') or q.get('error'))}", flush=True)
+            if not args.skip_ours:
+                print(f"[{name}] ours run {i + 1}/{args.runs} ...", flush=True)
+                o = run_ours(args.mem_mib, bw, args.precopy_s, args.timeout, args.report_after, args.keep_work)
+                oruns.append(o)
+                print(f"  -> {'ok' if o.get('available') else 'not available: ' + str(o.get('error'))[:600]}",
+                      flush=True)
+        qm = median_side(qruns) if qruns else {"available": False, "error": "skipped"}
+        om = median_side(oruns) if oruns else {"available": False, "error": "skipped"}
+        goals = print_scenario(name, bw, om, qm, args.mem_mib)
+        summary["scenarios"][name] = {
+            "bw_mibps": bw, "goals": goals,
+            "ours": {k: v for k, v in om.items() if k != "raw"}, "qemu": {k: v for k, v in qm.items() if k != "raw"},
+            "ours_runs": [{k: v for k, v in r.items()} for r in oruns],
+            "qemu_runs": [r.get("raw") or {"error": r.get("error")} for r in qruns],
+        }
+    print()
+    print(json.dumps(summary, separators=(",", ":"), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
