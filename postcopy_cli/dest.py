@@ -41,6 +41,16 @@ class ProgramGone(PostcopyError):
     """The attached program exited or closed its socket (exit 1)."""
 
 
+def _peer_closed(sock: socket.socket) -> bool:
+    """True if the peer of ``sock`` has closed it (EOF pending)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _raise_errno(r: int, what: str) -> None:
     if r < 0:
         raise UffdError(-r, what)
@@ -185,6 +195,10 @@ class Destination:
                 try:
                     self.uffd.register(s.host_addr, s.size, RegisterMode.MISSING)
                 except UffdError as e:
+                    if self.program and _peer_closed(self.program.sock):
+                        # its address space is gone (ENOMEM), not a registration problem
+                        raise ProgramGone(f"the attached program (pid {self.program.pid}) exited or closed its "
+                                          f"socket before its memory could be registered") from None
                     raise PostcopyError(f"cannot register block {b.name!r} at {s.host_addr:#x}+{s.size:#x} with "
                                         f"userfaultfd: {e.strerror}") from e
                 self._registered.append((s.host_addr, s.size))
