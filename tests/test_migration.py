@@ -400,3 +400,57 @@ def test_fault_dedup_with_slow_source(tmp_path, serve_dest):
     stats = json.loads(out)
     assert stats["postcopy-requests"] == len(pages)
     assert stats["faults"] >= stats["postcopy-requests"]
+
+
+def test_program_dies_before_source_connects(tmp_path, serve_dest):
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "u.sock"), "--json")
+    client = _raw_client(tmp_path, {"sock": str(tmp_path / "u.sock"), "regions": [(0, MiB)], "mode": "hold"})
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        client.send_signal(signal.SIGKILL)
+        client.wait(timeout=PROC_TIMEOUT)
+        rc, out, err = sd.wait()
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert rc == 1, err
+    assert "Traceback" not in err and "program" in err
+
+
+@pytest.mark.parametrize("how", ["stall", "disconnect"])
+def test_source_gone_while_program_waits_for_a_page(tmp_path, serve_dest, how):
+    """serve-dest ends (exit 4) and the program blocked on a missing page is released, not left hanging."""
+    size = MiB
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "u.sock"), "--json",
+                    "--timeout", "1")
+    image = tmp_path / "img"
+    write_image(image, size, seed=2, zero_runs=())
+    toucher = _popen(postcopy_cmd("workload", "touch", "--size", str(size), "--attach", str(tmp_path / "u.sock"),
+                                  "--image", str(image), "--json"))
+    block = codec.BlockInfo("mem", size, PAGE)
+    conn = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    try:
+        conn.sendall(codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
+                     codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(PAGE, PAGE)) +
+                     codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
+        # wait for the toucher's first request, never answer it
+        rp = codec.ReturnPathDecoder([block])
+        events = []
+        while not events:
+            chunk = conn.recv(65536)
+            assert chunk
+            rp.feed(chunk)
+            events.extend(rp.events())
+        assert isinstance(events[0], codec.ReqPagesId) and events[0].start == 0
+        if how == "disconnect":
+            conn.close()
+        rc, out, err = sd.wait()
+        t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
+    finally:
+        conn.close()
+        if toucher.poll() is None:
+            toucher.kill()
+            toucher.communicate()
+    assert rc == 4, err
+    assert "Traceback" not in err
+    assert toucher.returncode != 0     # it saw zeros where the image has data

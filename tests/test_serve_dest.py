@@ -356,3 +356,60 @@ def test_usage_errors_subprocess():
                        capture_output=True, text=True, timeout=PROC_TIMEOUT)
     assert p.returncode == 2
     assert "--insecure" in single_stderr_line(p.stderr)
+
+
+def test_two_blocks_interleaved_own_memory_library():
+    """Records of two blocks interleaved (names only when the block changes), ZERO with a fill byte,
+    placed before LISTEN (pre-copy) and after RUN; every byte checked after run() returns."""
+    import random
+
+    sizes = {"a": 256 * 1024, "b.ram": 512 * 1024}
+    blocks = [codec.BlockInfo(n, s, PAGE) for n, s in sizes.items()]
+    server = ServeDest(ServeOptions(listen="tcp:127.0.0.1:0", ram=list(sizes.items()), timeout=20))
+    rnd = random.Random(3)
+    want = {n: bytearray(s) for n, s in sizes.items()}
+    todo = [(n, p) for n, s in sizes.items() for p in range(s // PAGE)]
+    rnd.shuffle(todo)
+    # runs of consecutive pages of one block, so CONTINUE records and block switches both occur
+    records = []
+    while todo:
+        n, p = todo.pop()
+        records.append((n, p))
+        for q in range(p + 1, p + rnd.randint(0, 6)):
+            if (n, q) in todo:
+                todo.remove((n, q))
+                records.append((n, q))
+    enc = codec.RamSectionEncoder()
+
+    def section(recs):
+        parts = [enc.begin()]
+        for n, p in recs:
+            kind = rnd.random()
+            if kind < 0.2:
+                parts.append(enc.zero(n, p * PAGE))
+            elif kind < 0.3:
+                parts.append(enc.zero(n, p * PAGE, 0x5A))
+                want[n][p * PAGE:(p + 1) * PAGE] = b"\x5a" * PAGE
+            else:
+                d = rnd.randbytes(PAGE)
+                parts.append(enc.page(n, p * PAGE, d))
+                want[n][p * PAGE:(p + 1) * PAGE] = d
+        parts.append(enc.end())
+        return b"".join(parts)
+
+    half = len(records) // 2
+    stream = (preamble(blocks) + section(records[:half]) + LISTEN_RUN + section(records[half:]) +
+              codec.encode(codec.Eof()))
+    conn = socket.create_connection((server.bound.host, server.bound.port), timeout=PROC_TIMEOUT)
+    sender = threading.Thread(target=conn.sendall, args=(stream,))
+    sender.start()
+    try:
+        result = server.run()
+        sender.join(PROC_TIMEOUT)
+        assert result.complete
+        assert result.stats["pages"]["received"] == sum(sizes.values()) // PAGE
+        for m, (n, s) in zip(server.mappings, sizes.items()):
+            assert ctypes.string_at(m.addr, s) == bytes(want[n]), n
+    finally:
+        conn.close()
+        server.close()
