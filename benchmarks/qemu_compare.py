@@ -32,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import StatusSampler, find_shared, kill_proc, postcopy_cmd, wait4  # noqa: E402
+from restore_bench import ForeignCPU, wait_idle, StatusSampler, find_shared, kill_proc, postcopy_cmd, wait4  # noqa: E402
 
 GOAL_POSTCOPY_X = 0.2
 GOAL_LATENCY_X = 0.5
@@ -86,6 +86,7 @@ def run_qemu(shared: str, mem_mib: int, bw: int, precopy_s: float, timeout: floa
     if bw:
         argv += ["--bw", str(bw)]
     t = time.monotonic()
+    fc = ForeignCPU()
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -99,7 +100,7 @@ def run_qemu(shared: str, mem_mib: int, bw: int, precopy_s: float, timeout: floa
     bt = out.get("dest_postcopy_blocktime_ms")
     tot = (out.get("total_time_ms") or 0) / 1000
     return {
-        "available": True, "wall_s": round(time.monotonic() - t, 1), "raw": out,
+        "available": True, "wall_s": round(time.monotonic() - t, 1), "raw": out, "cpu": fc.result(),
         "total_s": tot,
         "precopy_s": round(tot - out["postcopy_phase_s"], 3) if tot else precopy_s,
         "postcopy_s": out.get("postcopy_phase_s"),
@@ -140,6 +141,7 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
     def tail_errs():
         return {n: text(n, "err").strip()[-300:] for n in procs if text(n, "err").strip()}
 
+    fc = ForeignCPU()
     try:
         sd = spawn("serve-dest", pc + ["serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket", dst_sock,
                                        "--json", "--stats", stats_file, "--timeout", str(timeout)])
@@ -208,7 +210,7 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
         total_s = round(t_end - t0, 3)
         sent = find_key(mg_out, "bytes", "bytes_sent", "transferred")
         return {
-            "available": True, "exits": exits, "raw": {"serve_dest": sd_stats, "migrate": mg_out, "incoming": inc_out},
+            "available": True, "exits": exits, "cpu": fc.result(), "raw": {"serve_dest": sd_stats, "migrate": mg_out, "incoming": inc_out},
             "total_s": total_s,
             "total_note": "wall: migrate start (incl. its startup and the source's hand-over) to serve-dest exit",
             "precopy_s": pre_s if pre_s is not None else precopy_s,
@@ -321,6 +323,8 @@ def main():
     ap.add_argument("--runs", type=int, default=1, help="runs per side and scenario (median shown)")
     ap.add_argument("--report-after", type=float, default=2.0, help="incoming workload runs this long after RUN")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--idle-wait", type=float, default=60.0,
+                    help="wait up to this long before each run for other processes to leave the CPUs idle (0: don't)")
     ap.add_argument("--skip-qemu", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--keep-work", action="store_true")
@@ -347,15 +351,19 @@ def main():
         qruns, oruns = [], []
         for i in range(args.runs):
             if not args.skip_qemu:
+                if args.idle_wait:
+                    wait_idle(args.idle_wait, lambda *a: print(*a, flush=True))
                 print(f"[{name}] QEMU run {i + 1}/{args.runs} ...", flush=True)
                 q = run_qemu(shared, args.mem_mib, bw, args.precopy_s, args.timeout + 120)
                 qruns.append(q)
-                print(f"  -> {json.dumps(q.get('raw') or q.get('error'))}", flush=True)
+                print(f"  -> {json.dumps(q.get('raw') or q.get('error'))}  cpu {q.get('cpu')}", flush=True)
             if not args.skip_ours:
+                if args.idle_wait:
+                    wait_idle(args.idle_wait, lambda *a: print(*a, flush=True))
                 print(f"[{name}] ours run {i + 1}/{args.runs} ...", flush=True)
                 o = run_ours(args.mem_mib, bw, args.precopy_s, args.timeout, args.report_after, args.keep_work)
                 oruns.append(o)
-                print(f"  -> {'ok' if o.get('available') else 'not available: ' + str(o.get('error'))[:600]}",
+                print(f"  -> {'ok  cpu ' + str(o.get('cpu')) if o.get('available') else 'not available: ' + str(o.get('error'))[:600]}",
                       flush=True)
         qm = median_side(qruns) if qruns else {"available": False, "error": "skipped"}
         om = median_side(oruns) if oruns else {"available": False, "error": "skipped"}

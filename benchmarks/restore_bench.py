@@ -191,13 +191,61 @@ def wait4(p: subprocess.Popen, timeout: float, watch=(), grace: float = 5.0) -> 
         time.sleep(0.002)
 
 
+class ForeignCPU:
+    """CPU seconds used on this host by processes other than us and our children
+    over a window: (busy jiffies in /proc/stat) - (our own and reaped children's CPU).
+    Other engineers' tests on a 2-CPU box show up here; a large value taints the run."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> float:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal
+        return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        import resource
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def result(self) -> dict:
+        wall = time.monotonic() - self.t0
+        busy, own = self._busy() - self.busy0, self._own() - self.own0
+        return {"wall_s": round(wall, 2), "busy_cpu_s": round(busy, 2), "ours_cpu_s": round(own, 2),
+                "foreign_cpu_s": round(max(0.0, busy - own), 2), "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def wait_idle(max_wait: float, log=print, threshold: float = 0.25) -> dict:
+    """Wait (up to max_wait s) for a 1 s window in which other processes use < threshold CPU-s.
+    Returns {"waited_s", "idle": bool, "last_foreign_cpu_s"}."""
+    t0 = time.monotonic()
+    last = None
+    said = False
+    while True:
+        fc = ForeignCPU()
+        time.sleep(1.0)
+        last = fc.result()["foreign_cpu_s"]
+        if last < threshold:
+            return {"waited_s": round(time.monotonic() - t0, 1), "idle": True, "last_foreign_cpu_s": last}
+        if time.monotonic() - t0 >= max_wait:
+            log(f"  host still busy after {max_wait:.0f} s ({last} CPU-s/s used by other processes); running anyway")
+            return {"waited_s": round(time.monotonic() - t0, 1), "idle": False, "last_foreign_cpu_s": last}
+        if not said:
+            log(f"  waiting for the host to go idle (other processes use {last} CPU-s/s) ...")
+            said = True
+
+
 # --------------------------------------------------------------------------- C floor
 
 FLOOR_RE = re.compile(r"mode=(\w+) pages=(\d+) faults/s=([\d.]+) MiB/s=([\d.]+) "
                       r"lat_us p50=([\d.]+) p99=([\d.]+) max=([\d.]+)")
 
 
-def run_floor(shared: str, mib: int, timeout: float) -> dict:
+def run_floor(shared: str, mib: int, timeout: float, idle_wait: float = 0.0, log=print) -> dict:
     exe = os.path.join(tempfile.gettempdir(), "uffd_floor")
     src = os.path.join(shared, "anchors", "uffd_floor.c")
     r = subprocess.run(["gcc", "-O2", "-pthread", "-o", exe, src], capture_output=True, text=True)
@@ -205,6 +253,9 @@ def run_floor(shared: str, mib: int, timeout: float) -> dict:
         return {"error": f"gcc failed: {r.stderr.strip()[:500]}"}
     out = {}
     for mode in ("tcp", "local"):
+        if idle_wait:
+            wait_idle(idle_wait, log)
+        fc = ForeignCPU()
         try:
             r = subprocess.run([exe, mode, str(mib), "random"], capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -215,7 +266,8 @@ def run_floor(shared: str, mib: int, timeout: float) -> dict:
             out[mode] = {"error": f"exit {r.returncode}: {(r.stdout + r.stderr).strip()[:300]}"}
             continue
         out[mode] = {"pages": int(m.group(2)), "faults_per_s": float(m.group(3)), "mib_per_s": float(m.group(4)),
-                     "p50_us": float(m.group(5)), "p99_us": float(m.group(6)), "max_us": float(m.group(7))}
+                     "p50_us": float(m.group(5)), "p99_us": float(m.group(6)), "max_us": float(m.group(7)),
+                     "cpu": fc.result()}
     return out
 
 
@@ -264,6 +316,7 @@ def one_restore(args, img: str, run_no: int) -> dict:
             f.seek(0)
             return f.read()
 
+        fc = ForeignCPU()
         t_sd = time.monotonic()
         sd = spawn("serve-dest", pc + ["serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket", sock,
                                        "--json", "--stats", stats_file, "--timeout", str(args.timeout)])
@@ -306,6 +359,7 @@ def one_restore(args, img: str, run_no: int) -> dict:
         rc_mg = mg.wait(30)
         rc_tc = tc.wait(60)
         res["exit"] = {"serve-dest": rc_sd, "migrate": rc_mg, "touch": rc_tc}
+        res["cpu"] = fc.result()
 
         def js(name):
             t = text(name, "out").strip().splitlines()
@@ -411,6 +465,9 @@ def main():
                     help="toucher waits for RUN before touching (default: touches as soon as attached)")
     ap.add_argument("--handover-wait", type=float, default=1.0, help="with --wait-run: seconds before migrate starts")
     ap.add_argument("--timeout", type=float, default=60.0, help="per-process timeout, seconds")
+    ap.add_argument("--idle-wait", type=float, default=60.0,
+                    help="before each measurement wait up to this long for other processes to leave the CPUs idle "
+                         "(0: don't); each run reports the foreign CPU seconds it saw")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
     if args.size % PAGE or args.size <= 0:
@@ -425,11 +482,12 @@ def main():
     floor = {}
     if not args.no_floor:
         log(f"C floor: {shared}/anchors/uffd_floor.c, {args.floor_mib} MiB random ...")
-        floor = run_floor(shared, args.floor_mib, timeout=120)
+        floor = run_floor(shared, args.floor_mib, timeout=120, idle_wait=args.idle_wait, log=log)
         for mode, f in floor.items():
             if isinstance(f, dict) and "p50_us" in f:
                 log(f"  {mode:5s}: p50 {f['p50_us']:.1f} us  p99 {f['p99_us']:.1f} us  "
-                    f"{f['faults_per_s']:.0f} faults/s  {f['mib_per_s']:.1f} MiB/s")
+                    f"{f['faults_per_s']:.0f} faults/s  {f['mib_per_s']:.1f} MiB/s  "
+                    f"(foreign CPU {f['cpu']['foreign_cpu_s']} s in {f['cpu']['wall_s']} s)")
             else:
                 log(f"  {mode}: {f}")
 
@@ -445,7 +503,9 @@ def main():
     runs = []
     try:
         for i in range(1, args.runs + 1):
+            idle = wait_idle(args.idle_wait, log) if args.idle_wait else None
             r = one_restore(args, img, i)
+            r["idle_wait"] = idle
             runs.append(r)
             if r.get("error") or not r.get("ok"):
                 log(f"run {i}: FAILED {r.get('error', '')} exit={r.get('exit')} {r.get('stderr', '')}")
@@ -453,7 +513,8 @@ def main():
                 log(f"run {i}: total {r['total_s']:.3f} s, {r.get('requests')} requests, "
                     f"sd p50/p99 {fmt(r.get('sd_p50_us'), 0)}/{fmt(r.get('sd_p99_us'), 0)} us, "
                     f"touch-fault p50/p99 {fmt(r.get('touch_fault_p50_interp_us'))}/"
-                    f"{fmt(r.get('touch_fault_p99_interp_us'))} us, VmHWM {r['mem']['vmhwm_mib']} MiB")
+                    f"{fmt(r.get('touch_fault_p99_interp_us'))} us, VmHWM {r['mem']['vmhwm_mib']} MiB; "
+                    f"foreign CPU {r['cpu']['foreign_cpu_s']} s in {r['cpu']['wall_s']} s (ours {r['cpu']['ours_cpu_s']} s)")
     finally:
         if created and not args.keep_image:
             try:
