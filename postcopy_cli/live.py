@@ -14,6 +14,7 @@ paused (QEMU's postmigrate) and is ended only on success with ``kill_source``.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -253,6 +254,22 @@ class LiveMigration:
             out.append(runs)
         return out
 
+    def _check_tracking(self) -> None:
+        """First scan (protects everything); a region the handed-over userfaultfd does not
+        write-protect with WP_ASYNC makes PAGEMAP_SCAN fail with EPERM: say which one."""
+        for b in self.ram_blocks:
+            for s in b.segments:
+                try:
+                    self.scanner.written(s.host_addr, s.host_addr + s.size)
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.EINVAL):
+                        raise
+                    raise PostcopyError(
+                        f"pid {self.program.pid} handed over a userfaultfd that does not track writes to region "
+                        f"[{s.host_addr:#x}, {s.host_addr + s.size:#x}) of block {b.name!r}: it must be registered "
+                        f"with UFFDIO_REGISTER_MODE_WP after UFFDIO_API with UFFD_FEATURE_WP_ASYNC "
+                        f"(PAGEMAP_SCAN: {os.strerror(e.errno)})") from None
+
     def _refill(self) -> None:
         """End of a pre-copy pass: what was dirtied meanwhile goes again."""
         for bi, runs in enumerate(self._written()):
@@ -264,9 +281,9 @@ class LiveMigration:
     def run(self) -> dict:
         opts, streamer = self.opts, self.streamer
         t0 = time.monotonic()
-        send_preamble(self.conn, self.memory.blocks)
         # protect everything now: from here on, writes are tracked
-        self._written()
+        self._check_tracking()
+        send_preamble(self.conn, self.memory.blocks)
         deadline = float("inf") if opts.postcopy_after is None else t0 + opts.postcopy_after
         if opts.postcopy_after is None and opts.precopy_passes is None:
             deadline = t0   # no pre-copy at all
