@@ -242,6 +242,7 @@ class LiveMigration:
         self.streamer = PageStreamer(conn, self.memory, max_bandwidth=opts.max_bandwidth, timeout=opts.timeout,
                                      track_sent=True)
         self.stats: dict = {}
+        self.run_sent = False   # POSTCOPY_RUN handed to the kernel: the destination may be running the program
 
     def _written(self) -> list[list[tuple[int, int]]]:
         """Per block, the page runs written since the last scan (and protect them again)."""
@@ -305,6 +306,7 @@ class LiveMigration:
                 discards += sum(n for _, n in runs)
         self.conn.sendall(b"".join(commands) + codec.encode(codec.State(opts.state)) +
                           codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
+        self.run_sent = True
         t_run = time.monotonic()
         streamer.remaining = sum(t.count(1) for t in streamer.to_send)
         postcopy_pages = streamer.remaining
@@ -353,7 +355,7 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
             mig = LiveMigration(program, conn, opts, switchover=switchover)
             stats = mig.run()
         except BaseException as e:
-            ran = mig is not None and "downtime_ms" in mig.stats
+            ran = mig is not None and mig.run_sent
             if not ran:
                 # before RUN the program is still the only copy: let it go on
                 program.resume()
