@@ -172,6 +172,22 @@ class StatusSampler(threading.Thread):
         self._stop.set()
 
 
+def exited_badly(p: subprocess.Popen) -> bool:
+    """Has `p` exited with a failure?  Peeks (WNOWAIT) so wait4 can still reap it with its rusage."""
+    if p.returncode is not None:
+        return p.returncode != 0
+    try:
+        r = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    if r is None:
+        return False
+    return not (r.si_code == os.CLD_EXITED and r.si_status == 0)
+
+
+LAST_RUSAGE: dict[int, tuple[float, float]] = {}   # pid -> (user s, system s) of reaped children
+
+
 def wait4(p: subprocess.Popen, timeout: float, watch=(), grace: float = 5.0) -> tuple[int | None, int]:
     """Wait for a child, returning (exit code, ru_maxrss KiB).  None on timeout.
 
@@ -179,12 +195,15 @@ def wait4(p: subprocess.Popen, timeout: float, watch=(), grace: float = 5.0) -> 
     deadline = time.monotonic() + timeout
     while True:
         for w in watch:
-            if w.poll() not in (None, 0):
+            if exited_badly(w):
                 deadline = min(deadline, time.monotonic() + grace)
+        if p.returncode is not None:      # already reaped elsewhere
+            return p.returncode, 0
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
         if pid == p.pid:
             rc = os.waitstatus_to_exitcode(status)
             p.returncode = rc
+            LAST_RUSAGE[p.pid] = (ru.ru_utime, ru.ru_stime)
             return rc, ru.ru_maxrss
         if time.monotonic() > deadline:
             return None, 0
@@ -356,8 +375,10 @@ def one_restore(args, img: str, run_no: int) -> dict:
                                f"touch={tc.poll()}; stderr: " +
                                "; ".join(f"{n}: {text(n, 'err').strip()[-300:]}" for n in procs))
         res["total_s"] = round(t_end - t0, 3)
-        rc_mg = mg.wait(30)
-        rc_tc = tc.wait(60)
+        rc_mg, _ = wait4(mg, 30)
+        rc_tc, _ = wait4(tc, 60)
+        res["proc_cpu_s"] = {n: {"user": round(LAST_RUSAGE[p.pid][0], 3), "sys": round(LAST_RUSAGE[p.pid][1], 3)}
+                             for n, p in procs.items() if p.pid in LAST_RUSAGE}
         res["exit"] = {"serve-dest": rc_sd, "migrate": rc_mg, "touch": rc_tc}
         res["cpu"] = fc.result()
 
@@ -570,6 +591,13 @@ def main():
                     r.get("touch_fault_p50_interp_us"), r.get("touch_fault_p99_interp_us"), r["mem"]["vmhwm_mib"],
                     r["mem"]["vmrss_last_mib"], r["mem"]["ru_maxrss_mib"], r.get("migrate_s"), r.get("touch_s")]
             print("  ".join(f"{fmt(v, 3 if isinstance(v, float) and v < 10 else 1):>9s}" for v in vals))
+        print("CPU seconds per process (user+sys) and the time split:")
+        for r in runs:
+            if r.get("ok") and r.get("proc_cpu_s"):
+                cpu = "  ".join(f"{n} {c['user']:.2f}+{c['sys']:.2f}" for n, c in r["proc_cpu_s"].items())
+                print(f"  run {r['run']}: {cpu};  foreign {r['cpu']['foreign_cpu_s']} s;  "
+                      f"migrate start-up+connect ~{r['total_s'] - (r.get('sd_total_ms') or 0) / 1000:.2f} s, "
+                      f"serve-dest stream {fmt((r.get('sd_total_ms') or 0) / 1000, 3)} s")
         print()
         print(f"{'figure (median of ok runs)':42s} {'ours':>10s} {'goal':>12s} {'ours/goal':>10s}")
         for name, ours, goal, rt in rows:
