@@ -282,7 +282,7 @@ class PageStreamer:
             if max_passes is not None and passes >= max_passes:
                 break
             self._pump(until=deadline, on_empty=pass_done)
-            if not self.remaining:
+            if not self.remaining and (max_passes is None or passes < max_passes):
                 pass_done()
         self._send([self.enc.end()])
         self._block = 0
