@@ -32,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import ForeignCPU, wait_idle, StatusSampler, find_shared, kill_proc, postcopy_cmd, wait4  # noqa: E402
+from restore_bench import ForeignCPU, child_env, use_rev, wait_idle, StatusSampler, find_shared, kill_proc, postcopy_cmd, wait4  # noqa: E402
 
 GOAL_POSTCOPY_X = 0.2
 GOAL_LATENCY_X = 0.5
@@ -107,7 +107,9 @@ def run_qemu(shared: str, mem_mib: int, bw: int, precopy_s: float, timeout: floa
         "requests": req,
         "blocktime_ms": bt,
         "latency_us": round(1000 * bt / req, 1) if bt is not None and req else None,
-        "latency_note": "vCPU blocktime / post-copy requests",
+        "latency_note": "postcopy-blocktime / post-copy requests (as postcopy_run.py)",
+        "blocktime_per_request_us": (round(1000 * sum(out.get("dest_vcpu_blocktime_ms") or []) / req, 1)
+                                     if req and out.get("dest_vcpu_blocktime_ms") else None),
         "downtime_ms": out.get("downtime_ms"),
         "sent_mib": out.get("transferred_mib"),
         "passes_per_s": out.get("guest_passes_after_1s_on_dest"),
@@ -129,7 +131,7 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
 
     def spawn(name, argv):
         files[name] = (open(os.path.join(work, name + ".out"), "w+"), open(os.path.join(work, name + ".err"), "w+"))
-        procs[name] = subprocess.Popen(argv, stdout=files[name][0], stderr=files[name][1], cwd=work)
+        procs[name] = subprocess.Popen(argv, stdout=files[name][0], stderr=files[name][1], cwd=work, env=child_env())
         return procs[name]
 
     def text(name, which="out"):
@@ -253,6 +255,7 @@ ROWS = [
     ("post-copy requests", "requests", 0),
     ("blocktime (ms)", "blocktime_ms", 1),
     ("avg demand latency (us)", "latency_us", 1),
+    ("blocktime / requests (us; QEMU: vCPU blocktime)", "blocktime_per_request_us", 1),
     ("downtime (ms)", "downtime_ms", 1),
     ("sent (MiB)", "sent_mib", 1),
     ("passes/s on destination", "passes_per_s", 2),
@@ -273,7 +276,7 @@ def median_side(results: list[dict]) -> dict:
     if not ok:
         return results[-1] if results else {"available": False, "error": "not run"}
     out = {"available": True, "runs": len(ok)}
-    for _, key, _ in ROWS + [("", "blocktime_per_request_us", 1), ("", "latency_p50_us", 0), ("", "latency_p99_us", 0)]:
+    for _, key, _ in ROWS + [("", "latency_p50_us", 0), ("", "latency_p99_us", 0)]:
         vals = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
         out[key] = statistics.median(vals) if vals else None
     for k in ("latency_note", "passes_note", "total_note", "downtime_note"):
@@ -294,9 +297,9 @@ def print_scenario(name, bw, ours, qemu, mem_mib):
         print(f"  QEMU: not available: {qemu.get('error')}")
     if not ours.get("available"):
         print(f"  ours: not available: {ours.get('error')}")
-    print(f"  {'figure':42s} {'ours':>10s} {'QEMU 7.2':>10s} {'ours/QEMU':>10s}")
+    print(f"  {'figure':48s} {'ours':>10s} {'QEMU 7.2':>10s} {'ours/QEMU':>10s}")
     for label, key, nd in ROWS:
-        print(f"  {label:42s} {fmt(ours.get(key), nd):>10s} {fmt(qemu.get(key), nd):>10s} "
+        print(f"  {label:48s} {fmt(ours.get(key), nd):>10s} {fmt(qemu.get(key), nd):>10s} "
               f"{fmt(ratio(ours.get(key), qemu.get(key)), 3):>10s}")
     goals = []
     if not bw:
@@ -325,6 +328,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--idle-wait", type=float, default=60.0,
                     help="wait up to this long before each run for other processes to leave the CPUs idle (0: don't)")
+    ap.add_argument("--rev", help="run our side from a clean export of this git revision (e.g. HEAD)")
     ap.add_argument("--skip-qemu", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--keep-work", action="store_true")
@@ -345,6 +349,9 @@ def main():
     if why and not args.skip_qemu:
         print(f"QEMU side not available: {why}", flush=True)
 
+    rev_dir = use_rev(args.rev) if args.rev and not args.skip_ours else None
+    import restore_bench
+    machine["postcopy"] = restore_bench.REV_DESC
     summary = {"bench": "qemu_compare", "machine": machine, "qemu": qv, "mem_mib": args.mem_mib, "scenarios": {}}
     for name in scen:
         bw = SCENARIOS[name]
@@ -374,6 +381,8 @@ def main():
             "ours_runs": [{k: v for k, v in r.items()} for r in oruns],
             "qemu_runs": [r.get("raw") or {"error": r.get("error")} for r in qruns],
         }
+    if rev_dir:
+        shutil.rmtree(rev_dir, ignore_errors=True)
     print()
     print(json.dumps(summary, separators=(",", ":"), default=str))
     return 0

@@ -70,6 +70,39 @@ def postcopy_cmd() -> list[str]:
     return [sys.executable, "-m", "postcopy_cli"]
 
 
+_CHILD_ENV: dict | None = None
+REV_DESC = "working tree"
+
+
+def child_env() -> dict | None:
+    """Environment for the `postcopy` children (None: inherit)."""
+    return _CHILD_ENV
+
+
+def use_rev(rev: str, log=print) -> str:
+    """Run `postcopy` from a clean export of git revision `rev` (its native layer built
+    fresh), not from the working tree that other people may be editing.  Returns the dir."""
+    global _CHILD_ENV, REV_DESC
+    dest = tempfile.mkdtemp(prefix=f"postcopy-{re.sub(r'[^A-Za-z0-9]', '_', rev)[:20]}-")
+    sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    arch = subprocess.run(["git", "-C", REPO, "archive", "--format=tar", rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=arch, check=True)
+    r = subprocess.run([sys.executable, "postcopy_cli/_build_native.py"], cwd=dest, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"building the native layer of {rev} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = dest + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    chk = subprocess.run([sys.executable, "-c", "import postcopy_cli, postcopy_cli._native; print(postcopy_cli.__file__)"],
+                         env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if not chk.stdout.startswith(dest):
+        sys.exit(f"export of {rev} is not the postcopy_cli that gets imported: {chk.stdout}{chk.stderr}")
+    _CHILD_ENV = env
+    REV_DESC = f"{rev} ({sha})"
+    log(f"postcopy from git {rev} ({sha}), exported to {dest}")
+    return dest
+
+
 def pct(sorted_vals, q):
     if not sorted_vals:
         return None
@@ -326,7 +359,8 @@ def one_restore(args, img: str, run_no: int) -> dict:
     try:
         def spawn(name, argv):
             files[name] = (open(os.path.join(work, name + ".out"), "w+"), open(os.path.join(work, name + ".err"), "w+"))
-            procs[name] = subprocess.Popen(argv, stdout=files[name][0], stderr=files[name][1], cwd=work)
+            procs[name] = subprocess.Popen(argv, stdout=files[name][0], stderr=files[name][1], cwd=work,
+                                           env=child_env())
             return procs[name]
 
         def text(name, which):
@@ -489,6 +523,8 @@ def main():
     ap.add_argument("--idle-wait", type=float, default=60.0,
                     help="before each measurement wait up to this long for other processes to leave the CPUs idle "
                          "(0: don't); each run reports the foreign CPU seconds it saw")
+    ap.add_argument("--rev", help="benchmark a clean export of this git revision (e.g. HEAD) instead of the "
+                                   "working tree")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
     if args.size % PAGE or args.size <= 0:
@@ -500,6 +536,8 @@ def main():
     log = (lambda *a: None) if args.json_only else (lambda *a: print(*a, flush=True))
     log(f"# restore_bench  {machine['date']}  kernel {machine['kernel']}  nproc {machine['nproc']}")
 
+    rev_dir = use_rev(args.rev, log) if args.rev else None
+    machine["postcopy"] = sys.modules[__name__].REV_DESC
     floor = {}
     if not args.no_floor:
         log(f"C floor: {shared}/anchors/uffd_floor.c, {args.floor_mib} MiB random ...")
@@ -537,6 +575,8 @@ def main():
                     f"{fmt(r.get('touch_fault_p99_interp_us'))} us, VmHWM {r['mem']['vmhwm_mib']} MiB; "
                     f"foreign CPU {r['cpu']['foreign_cpu_s']} s in {r['cpu']['wall_s']} s (ours {r['cpu']['ours_cpu_s']} s)")
     finally:
+        if rev_dir:
+            shutil.rmtree(rev_dir, ignore_errors=True)
         if created and not args.keep_image:
             try:
                 os.unlink(img)
