@@ -448,6 +448,65 @@ def case_malformed_stream(ctx: SelftestContext) -> dict:
     return result(name, True, f"refused with exit 3: {message.removeprefix('postcopy: ')}", metrics)
 
 
+@register_case("live-migration", "a running workload migrated live: pre-copy, discards, switch-over, post-copy, "
+                                  "memory check on the destination")
+def case_live_migration(ctx: SelftestContext) -> dict:
+    """workload run + migrate --attach + serve-dest + workload incoming --report-after 1, as subprocesses."""
+    name = "live-migration"
+    deadline = time.monotonic() + ctx.timeout
+    size = str(ctx.size)
+    src_sock, dst_sock = ctx.path(f"{name}.src.sock"), ctx.path(f"{name}.dst.sock")
+    with Procs() as procs:
+        dest = procs.start("serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket", dst_sock, "--json",
+                           "--timeout", f"{ctx.timeout:g}")
+        address, dest_err = wait_listening(dest, min(deadline, time.monotonic() + 10))
+        if address is None:
+            f = finish("serve-dest", dest, time.monotonic() + 1)
+            f.err = dest_err + f.err
+            return result(name, False, f"serve-dest did not start listening: {f.why()}")
+        src = procs.start("migrate", "--attach", src_sock, "--to", address, "--postcopy-after", "1",
+                          "--kill-source", "--json", "--timeout", f"{ctx.timeout:g}")
+        incoming = procs.start("workload", "incoming", "--mem", size, "--attach", dst_sock, "--report-after", "1",
+                               "--connect-timeout", "10")
+        run = procs.start("workload", "run", "--mem", size, "--attach", src_sock, "--connect-timeout", "10")
+        f_src = finish("migrate", src, deadline)
+        f_inc = finish("workload incoming", incoming, deadline)
+        f_run = finish("workload run", run, deadline)
+        f_dest = finish("serve-dest", dest, deadline)
+        f_dest.err = dest_err + f_dest.err
+    src_stats, report, dest_stats = f_src.json() or {}, f_inc.json(), f_dest.json()
+    metrics = _dest_metrics(dest_stats, ctx.size, src_stats.get("total_seconds"))
+    metrics.update({
+        "address": address,
+        "precopy_passes": src_stats.get("precopy_passes"),
+        "downtime_ms": src_stats.get("downtime_ms"),
+        "postcopy_seconds": src_stats.get("postcopy_seconds"),
+        "discarded_pages": src_stats.get("discarded_pages"),
+    })
+    if report:
+        metrics.update({k: report.get(k) for k in ("passes_before", "passes_after", "passes_per_second", "check")})
+    problems = [f.why() for f in (f_src, f_inc, f_run, f_dest) if f.rc != 0]
+    if report is None:
+        problems.append("workload incoming printed no report")
+    else:
+        if report.get("check") != "ok":
+            problems.append(f"memory check failed on the destination at page {report.get('first_bad_page')}")
+        if not report.get("passes_after", 0) > report.get("passes_before", 0):
+            problems.append(f"the workload made no passes on the destination ({report.get('passes_before')} -> "
+                            f"{report.get('passes_after')})")
+    if dest_stats is None:
+        problems.append("serve-dest printed no statistics")
+    elif dest_stats["pages"]["received"] != ctx.size // PAGE:
+        problems.append(f"serve-dest received {dest_stats['pages']['received']} of {ctx.size // PAGE} pages")
+    if problems:
+        return result(name, False, "; ".join(dict.fromkeys(problems)), metrics)
+    return result(name, True, f"{src_stats.get('precopy_passes')} pre-copy pass(es), downtime "
+                              f"{src_stats.get('downtime_ms')} ms, {src_stats.get('discarded_pages')} pages discarded, "
+                              f"post-copy {src_stats.get('postcopy_seconds')} s with {metrics['requests']} requests; "
+                              f"memory check ok, passes {report['passes_before']} -> {report['passes_after']} "
+                              f"on the destination", metrics)
+
+
 # -- the runner -----------------------------------------------------------------------
 
 def case_names() -> list[str]:

@@ -14,7 +14,7 @@ from postcopy_cli import cli, selftest
 from conftest import needs_root
 
 EXPECTED_CASES = ["restore-random-tcp", "restore-sequential-unix", "restore-in-process", "zero-pages",
-                  "malformed-stream"]
+                  "malformed-stream", "live-migration"]
 
 
 def _processes_with_marker(marker: str) -> list[str]:
@@ -72,6 +72,10 @@ def test_selftest_json_all_cases_pass():
     m = by_name["malformed-stream"]["metrics"]
     assert m["exit_code"] == 3
     assert "RAM section" in m["message"] and f"byte {m['expected_offset']}" in m["message"]
+    m = by_name["live-migration"]["metrics"]
+    assert m["check"] == "ok" and m["passes_after"] > m["passes_before"]
+    assert m["downtime_ms"] > 0 and m["precopy_passes"] >= 1
+    assert isinstance(m["requests"], int) and m["postcopy_seconds"] >= 0
     assert elapsed < 30
     assert _processes_with_marker(marker) == [], "selftest left processes behind"
 
