@@ -40,7 +40,7 @@ def _popen(argv, **kw):
                             env=_env(), **kw)
 
 
-def _stats_ok(stats: dict, image_bytes: bytes, block_len: int):
+def _stats_ok(stats: dict, image_bytes: bytes, block_len: int, resent: int = 0):
     pages = stats["pages"]
     total = block_len // PAGE
     assert pages["total"] == total
@@ -49,7 +49,9 @@ def _stats_ok(stats: dict, image_bytes: bytes, block_len: int):
     # counted also under "zero"); pages the program dropped itself count as received only
     assert pages["demand"] + pages["background"] == total - pages["removed-by-program"]
     assert pages["removed-by-program"] == 0
-    assert pages["skipped"] == 0
+    # a requested page still in flight on the main stream is sent again on the
+    # preempt channel; whichever copy comes second is skipped
+    assert pages["skipped"] <= resent
     padded = image_bytes + bytes(block_len - len(image_bytes))
     assert pages["zero"] == zero_pages_of(padded)
     assert stats["bytes"] == total * PAGE
@@ -58,6 +60,18 @@ def _stats_ok(stats: dict, image_bytes: bytes, block_len: int):
     assert stats["postcopy-requests"] <= stats["faults"]
     assert stats["latency-us"]["samples"] <= stats["postcopy-requests"]
     assert stats["unknown-faults"] == 0
+
+
+def _readline(proc: subprocess.Popen, timeout: float = PROC_TIMEOUT) -> str:
+    """proc.stdout.readline() that gives up (killing proc) instead of hanging."""
+    box = []
+    t = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not box:
+        proc.kill()
+        pytest.fail(f"no line from pid {proc.pid} within {timeout} s (hung?)")
+    return box[0]
 
 
 # ---------------------------------------------------------------------------
@@ -101,12 +115,12 @@ def test_image_restore_into_attached_toucher(tmp_path, serve_dest, transport, or
 
     stats = json.loads(out)
     assert json.loads(stats_file.read_text()) == stats
-    _stats_ok(stats, data, block_len)
+    src = json.loads(mig.stdout)
+    _stats_ok(stats, data, block_len, resent=src["resent_pages"])
     if order == "random":
         assert stats["postcopy-requests"] >= 1
         assert stats["pages"]["demand"] >= 1
 
-    src = json.loads(mig.stdout)
     assert src["pages"] == block_len // PAGE
     assert src["requested_pages"] + src["background_pages"] == block_len // PAGE
     assert src["zero_pages"] == stats["pages"]["zero"]
@@ -278,7 +292,7 @@ def test_program_killed_mid_migration(tmp_path, serve_dest):
     mig = _popen(postcopy_cmd("migrate", "--to", sd.address, "--image", str(image), "--json",
                               "--max-bandwidth", "2M"))
     try:
-        assert client.stdout.readline().strip() == "ready"
+        assert _readline(client).strip() == "ready"
         time.sleep(0.5)    # let some pages flow (64 MiB at 2 MiB/s takes half a minute)
         client.send_signal(signal.SIGKILL)
         client.wait(timeout=PROC_TIMEOUT)
@@ -299,7 +313,7 @@ def test_program_killed_mid_migration(tmp_path, serve_dest):
 # 8. UFFD_EVENT_REMOVE: a dropped page reads as zeros, is not refetched, no hang
 
 def test_event_remove_zero_fills(tmp_path, serve_dest):
-    size = 8 * MiB
+    size = 4 * MiB
     image = tmp_path / "mem.img"
     write_image(image, size, seed=21, zero_runs=())
     sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "u.sock"), "--json")
@@ -308,10 +322,12 @@ def test_event_remove_zero_fills(tmp_path, serve_dest):
     # slow source: the last page comes in background only after several seconds, so the
     # program's demand fetch, MADV_DONTNEED and re-read happen mid-migration
     mig = _popen(postcopy_cmd("migrate", "--to", sd.address, "--image", str(image), "--json",
-                              "--max-bandwidth", "4M"))
+                              "--max-bandwidth", "1M"))
     try:
-        line = client.stdout.readline()
+        line = _readline(client)
         assert json.loads(line) == {"first": 0, "after_remove": 0, "never_fetched": 0}, line + client.stderr.read()
+        # ... and that was served by serve-dest, not by the memory being unregistered at the end
+        assert sd.proc.poll() is None
         rc, out, err = sd.wait()
         m_out, m_err = mig.communicate(timeout=PROC_TIMEOUT)
         client.stdin.write("done\n")
@@ -328,7 +344,7 @@ def test_event_remove_zero_fills(tmp_path, serve_dest):
     assert json.loads(c_out) == {"rest": 0}
     stats = json.loads(out)
     assert stats["pages"]["removed-by-program"] == 1     # the page dropped before it arrived
-    assert stats["late-faults"] >= 1                      # the re-reads, zero-filled
+    assert 1 <= stats["late-faults"] <= 10                # the re-reads, zero-filled once (no refault loop)
     assert stats["pages"]["received"] == stats["pages"]["total"]
 
 
@@ -370,7 +386,7 @@ def test_fault_dedup_with_slow_source(tmp_path, serve_dest):
                 sent.add(p)
             parts.append(enc.end())
             conn.sendall(b"".join(parts))
-        assert json.loads(client.stdout.readline()) == {"ok": True}
+        assert json.loads(_readline(client)) == {"ok": True}
         # the rest in background, EOF, SHUT 0
         parts = [enc.begin()]
         for p in range(size // PAGE):
@@ -406,7 +422,7 @@ def test_program_dies_before_source_connects(tmp_path, serve_dest):
     sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "u.sock"), "--json")
     client = _raw_client(tmp_path, {"sock": str(tmp_path / "u.sock"), "regions": [(0, MiB)], "mode": "hold"})
     try:
-        assert client.stdout.readline().strip() == "ready"
+        assert _readline(client).strip() == "ready"
         client.send_signal(signal.SIGKILL)
         client.wait(timeout=PROC_TIMEOUT)
         rc, out, err = sd.wait()
