@@ -413,3 +413,37 @@ def test_two_blocks_interleaved_own_memory_library():
     finally:
         conn.close()
         server.close()
+
+
+@pytest.mark.parametrize("resend", ["before-listen", "after-run", "never-resent-then-zero"])
+def test_discard_then_resend_own_memory_library(resend):
+    """A page sent in pre-copy, then discarded, holds the data sent after the discard (never the stale copy)."""
+    server = ServeDest(ServeOptions(listen="tcp:127.0.0.1:0", ram=[("mem", SIZE)], timeout=20))
+    enc = codec.RamSectionEncoder()
+    stale, fresh = b"\x11" * PAGE, b"\x22" * PAGE
+    pages = SIZE // PAGE
+    discard = codec.encode(codec.PostcopyRamDiscard("mem", ((5 * PAGE, 3 * PAGE),)))   # pages 5, 6, 7
+    first = enc.begin() + b"".join(enc.page("mem", p * PAGE, stale) for p in range(pages)) + enc.end()
+    again = [5, 6, 7]
+    resend_sec = enc.begin() + b"".join(
+        (enc.page("mem", p * PAGE, fresh) if resend != "never-resent-then-zero" else enc.zero("mem", p * PAGE))
+        for p in again) + enc.end()
+    if resend == "before-listen":
+        stream = preamble() + first + discard + resend_sec + LISTEN_RUN
+    else:
+        stream = preamble() + first + discard + LISTEN_RUN + resend_sec
+    stream += codec.encode(codec.Eof())
+    conn = socket.create_connection((server.bound.host, server.bound.port), timeout=PROC_TIMEOUT)
+    sender = threading.Thread(target=conn.sendall, args=(stream,))
+    sender.start()
+    try:
+        result = server.run()
+        sender.join(PROC_TIMEOUT)
+        assert result.complete
+        got = ctypes.string_at(server.mappings[0].addr, SIZE)
+        want_again = fresh if resend != "never-resent-then-zero" else bytes(PAGE)
+        for p in range(pages):
+            assert got[p * PAGE:(p + 1) * PAGE] == (want_again if p in again else stale), p
+    finally:
+        conn.close()
+        server.close()
