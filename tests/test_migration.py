@@ -190,7 +190,12 @@ RAW_CLIENT = textwrap.dedent(r"""
         madvise(addr, size, 15)   # MADV_NOHUGEPAGE
         u.register(addr, size, RegisterMode.MISSING)
         maps.append((m, addr, off, size))
-        regions.append({"base_host_virt_addr": addr, "size": size, "offset": off, "page_size_kib": 4})
+        r = {"base_host_virt_addr": addr, "size": size, "offset": off}
+        if cfg.get("page_size_field") == "page_size":
+            r["page_size"] = PAGE     # newer Firecracker: bytes
+        else:
+            r["page_size_kib"] = 4    # older Firecracker
+        regions.append(r)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(cfg["sock"])
     s.sendmsg([json.dumps(regions).encode()],
@@ -258,17 +263,21 @@ def _raw_client(tmp_path, cfg: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env())
 
 
-@pytest.mark.parametrize("regions", [
-    [(0, 16 * MiB)],
-    [(0, 6 * MiB), (6 * MiB, 10 * MiB)],     # two mappings forming one block "mem"
+@pytest.mark.parametrize("regions,field", [
+    ([(0, 16 * MiB)], "page_size_kib"),
+    ([(0, 16 * MiB)], "page_size"),
+    ([(0, 6 * MiB), (6 * MiB, 10 * MiB)], "page_size_kib"),     # two mappings forming one block "mem"
+    ([(8 * MiB, 4 * MiB), (0, 4 * MiB)], "page_size"),          # out of order, a hole no mapping covers
 ])
-def test_firecracker_style_client(tmp_path, serve_dest, regions):
-    size = sum(s for _, s in regions)
+def test_firecracker_style_client(tmp_path, serve_dest, regions, field):
+    size = max(o + s for o, s in regions)
+    mapped = sum(s for _, s in regions)
     image = tmp_path / "mem.img"
     write_image(image, size, seed=11)
     sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "u.sock"), "--json")
     client = _raw_client(tmp_path, {"sock": str(tmp_path / "u.sock"), "image": str(image),
-                                    "regions": regions, "mode": "touch", "order": "random"})
+                                    "regions": regions, "mode": "touch", "order": "random",
+                                    "page_size_field": field})
     mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json", "--max-bandwidth", "64M")
     c_out, c_err = client.communicate(timeout=PROC_TIMEOUT)
     rc, out, err = sd.wait()
@@ -278,6 +287,7 @@ def test_firecracker_style_client(tmp_path, serve_dest, regions):
     assert json.loads(c_out) == {"mismatches": 0}
     stats = json.loads(out)
     assert stats["pages"]["received"] == stats["pages"]["total"] == size // PAGE
+    assert stats["pages"]["demand"] + stats["pages"]["background"] == mapped // PAGE
     assert stats["postcopy-requests"] >= 1
 
 
