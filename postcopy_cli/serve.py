@@ -104,9 +104,12 @@ class ServeDest:
         for s in (self.listener, self.uffd_listener):
             if s is not None:
                 s.close()
-        if self.opts.uffd_socket:
+        paths = [self.opts.uffd_socket] if self.opts.uffd_socket else []
+        if self.address.kind == "unix":
+            paths.append(self.address.path)    # the listening socket's file, left behind otherwise
+        for path in paths:
             try:
-                os.unlink(self.opts.uffd_socket)
+                os.unlink(path)
             except OSError:
                 pass
         if self.uffd is not None:
