@@ -109,6 +109,10 @@ def test_image_restore_into_attached_toucher(tmp_path, serve_dest, transport, or
     assert rc == 0, err
     assert "Traceback" not in err + mig.stderr + t_err
 
+    # serve-dest cleaned up its sockets' files
+    assert not (tmp_path / "uffd.sock").exists()
+    assert not (tmp_path / "mig.sock").exists()
+
     report = json.loads(t_out)
     assert report["pages"] == block_len // PAGE
     assert report["mismatches"] == 0
@@ -166,6 +170,23 @@ def test_image_restore_into_own_memory_library(tmp_path):
         assert got[size:] == bytes(block_len - size)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_image_restore_serve_dest_ram_cli(tmp_path, serve_dest, transport):
+    size = 8 * MiB
+    image = tmp_path / "mem.img"
+    data = write_image(image, size, seed=13)
+    listen = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/mig.sock"
+    sd = serve_dest("--listen", listen, "--ram", f"mem={size}", "--json", "--stats", str(tmp_path / "s.json"))
+    mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json")
+    rc, out, err = sd.wait()
+    assert mig.returncode == 0, mig.stderr
+    assert rc == 0, err
+    stats = json.loads(out)
+    _stats_ok(stats, data, size)
+    assert stats["postcopy-requests"] == 0 and stats["pages"]["background"] == size // PAGE
+    assert json.loads((tmp_path / "s.json").read_text()) == stats
 
 
 # ---------------------------------------------------------------------------
