@@ -286,7 +286,14 @@ int pc_dest_enable_requests(struct pc_dest *d)
     int r = -ENOTCONN;
     if (d->rp_fd >= 0) {
         d->requests_enabled = 1;
-        r = d->npending ? send_requests(d, d->pending, d->npending) : 0;
+        /* a fault whose page arrived in pre-copy meanwhile needs no request */
+        size_t n = 0;
+        for (size_t i = 0; i < d->npending; i++) {
+            uint64_t off = d->pending[i] & ((1ULL << 56) - 1);
+            if (!bit_test(d->blocks[d->pending[i] >> 56].received, off >> TP_SHIFT))
+                d->pending[n++] = d->pending[i];
+        }
+        r = n ? send_requests(d, d->pending, n) : 0;
         d->npending = 0;
     }
     pthread_mutex_unlock(&d->state_lock);
