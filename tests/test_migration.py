@@ -501,3 +501,47 @@ def test_source_gone_while_program_waits_for_a_page(tmp_path, serve_dest, how):
     assert rc == 4, err
     assert "Traceback" not in err
     assert toucher.returncode != 0     # it saw zeros where the image has data
+
+
+def test_fault_before_listen_answered_by_precopy_is_not_requested(tmp_path, serve_dest):
+    """A program faults before the source connects; the page then arrives in pre-copy (before LISTEN):
+    the program gets it, and no request for it goes out at LISTEN."""
+    size = MiB
+    image = tmp_path / "img"
+    data = write_image(image, size, seed=17, zero_runs=())
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "u.sock"), "--json")
+    toucher = _popen(postcopy_cmd("workload", "touch", "--size", str(size), "--attach", str(tmp_path / "u.sock"),
+                                  "--image", str(image), "--order", "sequential", "--json"))
+    block = codec.BlockInfo("mem", size, PAGE)
+    time.sleep(1.0)    # let the toucher hand over and block on page 0 (if it has not yet, nothing is requested either)
+    conn = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    try:
+        enc = codec.RamSectionEncoder()
+        ram = enc.begin() + b"".join(enc.page("mem", p * PAGE, data[p * PAGE:(p + 1) * PAGE])
+                                     for p in range(size // PAGE)) + enc.end()
+        conn.sendall(codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
+                     codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(PAGE, PAGE)) + ram +
+                     codec.encode(codec.Ping(1)))
+        rp = codec.ReturnPathDecoder([block])
+        events = []
+        while codec.Pong(1) not in events:     # every page is in before LISTEN goes out
+            chunk = conn.recv(65536)
+            assert chunk
+            rp.feed(chunk)
+            events.extend(rp.events())
+        conn.sendall(codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()) +
+                     codec.encode(codec.Eof()))
+        while not any(isinstance(e, codec.Shut) for e in events):
+            chunk = conn.recv(65536)
+            assert chunk
+            rp.feed(chunk)
+            events.extend(rp.events())
+    finally:
+        conn.close()
+    rc, out, err = sd.wait()
+    t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
+    assert rc == 0, err
+    assert toucher.returncode == 0, t_err
+    assert [e for e in events if not isinstance(e, codec.Pong)] == [codec.Shut(0)]
+    stats = json.loads(out)
+    assert stats["postcopy-requests"] == 0
