@@ -141,8 +141,10 @@ class Destination:
         self._control_msgs: queue.Queue = queue.Queue()
         self._program_gone = threading.Event()
         self._conn: socket.socket | None = None
-        self._run = _Run()
-        self._decoder: codec.StreamDecoder | None = None
+        self._main: _Channel | None = None
+        self._preempt_thread: threading.Thread | None = None
+        self._preempt_error: PostcopyError | None = None
+        self._preempt_conn: socket.socket | None = None
         self._pending_discards: dict[str, list] = {}
         self.t_start = time.monotonic()
         self.t_run: float | None = None
@@ -257,7 +259,7 @@ class Destination:
         """Drop the ranges (stale since the source sent them); an attached program's drops are batched."""
         bi = self.index[msg.block]
         block = self.blocks[bi]
-        self._flush()
+        self._main._flush()
         if self.program:
             if not self.program.notify:
                 raise PostcopyError(f"the source discards pages of block {msg.block!r}, but the attached program "
@@ -304,17 +306,22 @@ class Destination:
                 return msg
 
     def _listen(self):
-        self._flush()
+        self._main._flush()
         if not self.program:
             self._register_all()
         lib.pc_dest_set_return_path(self._native, self._conn.fileno())
         _raise_errno(lib.pc_dest_enable_requests(self._native), "sending page requests")
 
     def _run_cmd(self):
-        self._flush()
+        self._main._flush()
         lib.pc_dest_set_overwrite(self._native, 0)
         self.t_run = time.monotonic()
         self._tell_program({"event": "run", "state": base64.b64encode(self.state_bytes).decode()})
+
+    def _placement_failed(self, r: int, block: int, offset: int):
+        self._check_program()
+        raise PostcopyError(f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}: "
+                            f"{os.strerror(-r)}")
 
     def _send_rp(self, data: bytes):
         _raise_errno(lib.pc_dest_rp_send(self._native, data, len(data)), "writing the return path")
@@ -326,173 +333,69 @@ class Destination:
         lib.pc_dest_bitmap_le(self._native, bi, out, nbytes)
         self._send_rp(codec.encode_rp(codec.RecvBitmap(msg.block, bytes(ffi.buffer(out, nbytes)))))
 
-    # -- pages ----------------------------------------------------------------------
-    def _flush(self):
-        """Place the whole host pages assembled so far; a partial huge page stays."""
-        run = self._run
-        if not run.pages:
-            return
-        hp_pages = self.blocks[run.block].page_size // TP
-        whole = run.pages - run.pages % hp_pages
-        if whole:
-            r = lib.pc_dest_place(self._native, run.block, run.offset, ffi.from_buffer(run.buf), whole * TP)
-            if r < 0:
-                run.pages = 0
-                self._placement_failed(r, run.block, run.offset)
-            rest = run.pages - whole
-            if rest:
-                run.buf[:rest * TP] = run.buf[whole * TP:run.pages * TP]
-            run.offset += whole * TP
-            run.pages = rest
-
-    def _placement_failed(self, r: int, block: int, offset: int):
-        self._check_program()
-        raise PostcopyError(f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}: "
-                            f"{os.strerror(-r)}")
-
-    def _page(self, bi: int, offset: int, data):
-        run = self._run
-        if run.pages:
-            contiguous = run.block == bi and offset == run.offset + run.pages * TP
-            at_host_page = (run.pages * TP) % self.blocks[run.block].page_size == 0
-            if not at_host_page and not contiguous:
-                # the seed refuses this too: a huge page is placed whole, so its
-                # target pages must arrive together and in order
-                raise ProtocolError(f"block {self.blocks[run.block].name!r}: host page at "
-                                    f"{run.offset + run.pages * TP - run.pages * TP % self.blocks[run.block].page_size:#x}"
-                                    f" interrupted by page {offset:#x} of block {self.blocks[bi].name!r}",
-                                    section="RAM section", offset=self._decoder.offset)
-            if at_host_page and (not contiguous or run.pages * TP >= len(run.buf)):
-                self._flush()
-        if not run.pages:
-            hp = self.blocks[bi].page_size
-            if offset % hp:
-                raise ProtocolError(f"block {self.blocks[bi].name!r}: page {offset:#x} is not the first target "
-                                    f"page of its {hp}-byte host page", section="RAM section",
-                                    offset=self._decoder.offset)
-            run.block, run.offset = bi, offset
-            if len(run.buf) < hp:
-                run.buf = bytearray(hp)
-        start = run.pages * TP
-        run.buf[start:start + TP] = data
-        run.pages += 1
-
-    def _zero(self, bi: int, offset: int, fill: int):
-        block = self.blocks[bi]
-        if fill:
-            self._page(bi, offset, bytes([fill]) * TP)
-            return
-        if block.page_size > TP:
-            self._page(bi, offset, bytes(TP))
-            return
-        self._flush()
-        r = lib.pc_dest_place_zero(self._native, bi, offset, TP)
-        if r < 0:
-            self._placement_failed(r, bi, offset)
-
     # -- the stream -------------------------------------------------------------------
     def run(self, conn: socket.socket) -> DestinationResult:
         """Receive the whole migration from ``conn``; returns when every page is in."""
         self._conn = conn
         lib.pc_dest_set_return_path(self._native, conn.fileno())
-        self._decoder = codec.StreamDecoder()
+        self._main = _Channel(self, conn, codec.StreamDecoder())
         conn.settimeout(self.timeout)
         try:
-            self._receive_loop(conn)
-            return self._finish(self._decoder)
+            self._main.receive_loop()
+            self._join_preempt()
+            return self._finish(self._main.decoder)
         except PostcopyError:
             self._fail_shut()
             raise
         finally:
             self.close()
 
-    def _recv_into(self, conn: socket.socket, view: memoryview) -> int:
-        decoder = self._decoder
-        try:
-            n = conn.recv_into(view)
-        except socket.timeout:
-            self._check_program()
-            raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s "
-                              f"(stream offset {decoder.offset})") from None
-        except OSError as e:
-            self._check_program()
-            raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: "
-                                   f"{e.strerror or e}") from None
-        if not n:
-            self._check_program()
-            raise PeerDisconnected(f"the source disconnected before the end of the migration "
-                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
-        return n
+    # -- the preempt channel ---------------------------------------------------------
+    def add_preempt(self, conn: socket.socket) -> bool:
+        """A second connection from the source: its preempt channel (requested pages only).
 
-    def _receive_loop(self, conn: socket.socket) -> None:
-        """Bytes in; the bulk of each RAM section goes to the native fast path, the rest to the codec.
-
-        Inside a RAM section, after its first (named) record, runs of
-        PAGE|CONTINUE and ZERO|CONTINUE records are parsed and placed in native
-        code straight from the receive buffer; anything else (and anything the
-        fast path does not take) goes through the validating sans-IO decoder.
+        Returns False (and the caller closes it) when there is one already or
+        the main stream has not announced its blocks yet.
         """
-        decoder = self._decoder
-        index = self.index
-        fast = ffi.new("struct pc_ram_fast *")
-        small_pages = [b.page_size == TP for b in self.blocks]
-        rb = bytearray(RECV_CHUNK + (64 << 10))
-        view = memoryview(rb)
-        start = end = 0
-        eof = False
-        while not eof:
-            if start == end:
-                start = end = 0
-            elif len(rb) - end < (64 << 10):
-                rb[:end - start] = rb[start:end]
-                end -= start
-                start = 0
-            end += self._recv_into(conn, view[end:])
-            while start < end and not eof:
-                name = decoder.ram_block()
-                if name is not None and small_pages[index[name]] and not decoder.buffered:
-                    self._flush()
-                    lib.pc_dest_ram_fast(self._native, index[name], ffi.from_buffer(rb) + start, end - start, fast)
-                    start += fast.consumed
-                    decoder.consumed_elsewhere(fast.consumed)
-                    if fast.error:
-                        self._placement_failed(fast.error, index[name], fast.error_offset)
-                    if not fast.stop:
-                        break   # a partial record: wait for more bytes
-                decoder.feed(bytes(view[start:end]))
-                start = end
-                eof = self._decode_events(decoder)
-                if not eof and decoder.ram_block() is not None and decoder.buffered:
-                    rest = decoder.take_unconsumed()
-                    if len(rest) > len(rb):
-                        rb.extend(bytes(len(rest) - len(rb)))
-                        view = memoryview(rb)
-                    rb[:len(rest)] = rest
-                    start, end = 0, len(rest)
-            self._flush()
-            self._check_fault_thread()
+        deadline = time.monotonic() + self.timeout
+        # the source connects it right after sending its preamble on the main stream
+        while (self._main is None or not self._main.decoder.blocks) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        main = self._main
+        if self._preempt_thread is not None or main is None or not main.decoder.blocks:
+            return False
+        conn.settimeout(None)   # idle whenever nothing is requested; it ends with the main stream
+        channel = _Channel(self, conn, codec.StreamDecoder(preempt_blocks=main.decoder.blocks))
+        self._preempt_conn = conn
+        self._preempt_thread = threading.Thread(target=self._run_preempt, args=(channel,),
+                                                name="postcopy/preempt", daemon=True)
+        self._preempt_thread.start()
+        return True
 
-    def _decode_events(self, decoder) -> bool:
-        """Handle decoded events until the decoder needs data or can hand over to the fast path."""
-        index = self.index
-        RamPage, RamZero = codec.RamPage, codec.RamZero
-        for ev in decoder.events():
-            t = type(ev)
-            if t is RamPage:
-                if self._pending_discards:
-                    self._apply_discards()
-                self._page(index[ev.block], ev.offset, ev.data)
-                if self.blocks[index[ev.block]].page_size == TP:
-                    return False   # the rest of this section can go the fast way
-            elif t is RamZero:
-                if self._pending_discards:
-                    self._apply_discards()
-                self._zero(index[ev.block], ev.offset, ev.fill)
-            elif t is codec.RamEnd:
-                self._flush()
-            elif self._command(ev, decoder):
-                return True
-        return False
+    def _run_preempt(self, channel: "_Channel"):
+        try:
+            channel.receive_loop()
+        except PostcopyError as e:
+            self._preempt_error = e
+            try:
+                self._conn.shutdown(socket.SHUT_RDWR)   # wake the main stream loop
+            except OSError:
+                pass
+        finally:
+            channel.conn.close()
+
+    def _join_preempt(self):
+        """At EOF on the main stream: the preempt channel ends too (its EOF comes first)."""
+        t = self._preempt_thread
+        if t is not None:
+            t.join(self.timeout)
+            if t.is_alive():
+                raise PeerTimeout(f"the preempt channel did not end within {self.timeout:g} s of EOF")
+        self._check_preempt()
+
+    def _check_preempt(self):
+        if self._preempt_error is not None:
+            raise self._preempt_error
 
     def _command(self, ev, decoder) -> bool:
         off = decoder.offset
@@ -567,6 +470,13 @@ class Destination:
 
     def close(self):
         """Stop the fault thread, unregister, restore mlock; the uffd itself is closed by its owner."""
+        if self._preempt_conn is not None:
+            try:
+                self._preempt_conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if self._preempt_thread is not None:
+                self._preempt_thread.join(5)
         self.fault_thread.close()
         if self.t_complete is None:
             self._unregister_all()
@@ -575,6 +485,178 @@ class Destination:
             import ctypes
             ctypes.CDLL(None).mlockall(3)  # MCL_CURRENT | MCL_FUTURE
             self._mlocked = False
+
+
+class _Channel:
+    """One incoming connection: the main stream, or the preempt channel (RAM sections only).
+
+    Owns its decoder, receive buffer and the run of pages being assembled;
+    placement itself is thread-safe native code shared by both channels.
+    """
+
+    def __init__(self, dest: Destination, conn: socket.socket, decoder: codec.StreamDecoder):
+        self.dest = dest
+        self.conn = conn
+        self.decoder = decoder
+        self._run = _Run()
+
+    def _flush(self):
+        """Place the whole host pages assembled so far; a partial huge page stays."""
+        run = self._run
+        if not run.pages:
+            return
+        hp_pages = self.dest.blocks[run.block].page_size // TP
+        whole = run.pages - run.pages % hp_pages
+        if whole:
+            r = lib.pc_dest_place(self.dest._native, run.block, run.offset, ffi.from_buffer(run.buf), whole * TP)
+            if r < 0:
+                run.pages = 0
+                self.dest._placement_failed(r, run.block, run.offset)
+            rest = run.pages - whole
+            if rest:
+                run.buf[:rest * TP] = run.buf[whole * TP:run.pages * TP]
+            run.offset += whole * TP
+            run.pages = rest
+
+    def _page(self, bi: int, offset: int, data):
+        run = self._run
+        if run.pages:
+            contiguous = run.block == bi and offset == run.offset + run.pages * TP
+            at_host_page = (run.pages * TP) % self.dest.blocks[run.block].page_size == 0
+            if not at_host_page and not contiguous:
+                # the seed refuses this too: a huge page is placed whole, so its
+                # target pages must arrive together and in order
+                raise ProtocolError(f"block {self.dest.blocks[run.block].name!r}: host page at "
+                                    f"{run.offset + run.pages * TP - run.pages * TP % self.dest.blocks[run.block].page_size:#x}"
+                                    f" interrupted by page {offset:#x} of block {self.dest.blocks[bi].name!r}",
+                                    section="RAM section", offset=self.decoder.offset)
+            if at_host_page and (not contiguous or run.pages * TP >= len(run.buf)):
+                self._flush()
+        if not run.pages:
+            hp = self.dest.blocks[bi].page_size
+            if offset % hp:
+                raise ProtocolError(f"block {self.dest.blocks[bi].name!r}: page {offset:#x} is not the first target "
+                                    f"page of its {hp}-byte host page", section="RAM section",
+                                    offset=self.decoder.offset)
+            run.block, run.offset = bi, offset
+            if len(run.buf) < hp:
+                run.buf = bytearray(hp)
+        start = run.pages * TP
+        run.buf[start:start + TP] = data
+        run.pages += 1
+
+    def _zero(self, bi: int, offset: int, fill: int):
+        block = self.dest.blocks[bi]
+        if fill:
+            self._page(bi, offset, bytes([fill]) * TP)
+            return
+        if block.page_size > TP:
+            self._page(bi, offset, bytes(TP))
+            return
+        self._flush()
+        r = lib.pc_dest_place_zero(self.dest._native, bi, offset, TP)
+        if r < 0:
+            self.dest._placement_failed(r, bi, offset)
+
+    def _recv_into(self, conn: socket.socket, view: memoryview) -> int:
+        decoder = self.decoder
+        dest = self.dest
+        try:
+            n = conn.recv_into(view)
+        except socket.timeout:
+            dest._check_program()
+            dest._check_preempt()
+            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s "
+                              f"(stream offset {decoder.offset})") from None
+        except OSError as e:
+            dest._check_program()
+            dest._check_preempt()
+            raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: "
+                                   f"{e.strerror or e}") from None
+        if not n:
+            dest._check_program()
+            dest._check_preempt()
+            raise PeerDisconnected(f"the source disconnected before the end of the migration "
+                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
+        return n
+
+    def receive_loop(self) -> None:
+        """Bytes in; the bulk of each RAM section goes to the native fast path, the rest to the codec.
+
+        Inside a RAM section, after its first (named) record, runs of
+        PAGE|CONTINUE and ZERO|CONTINUE records are parsed and placed in native
+        code straight from the receive buffer; anything else (and anything the
+        fast path does not take) goes through the validating sans-IO decoder.
+        """
+        decoder, conn, dest = self.decoder, self.conn, self.dest
+        index = dest.index
+        native = dest._native
+        fast = ffi.new("struct pc_ram_fast *")
+        small_pages = [b.page_size == TP for b in dest.blocks]
+        rb = bytearray(RECV_CHUNK + (64 << 10))
+        view = memoryview(rb)
+        start = end = 0
+        eof = False
+        while not eof:
+            if start == end:
+                start = end = 0
+            elif len(rb) - end < (64 << 10):
+                rb[:end - start] = rb[start:end]
+                end -= start
+                start = 0
+            end += self._recv_into(conn, view[end:])
+            while start < end and not eof:
+                name = decoder.ram_block()
+                if name is not None and small_pages[index[name]] and not decoder.buffered:
+                    self._flush()
+                    lib.pc_dest_ram_fast(native, index[name], ffi.from_buffer(rb) + start, end - start, fast)
+                    start += fast.consumed
+                    decoder.consumed_elsewhere(fast.consumed)
+                    if fast.error:
+                        dest._placement_failed(fast.error, index[name], fast.error_offset)
+                    if not fast.stop:
+                        break   # a partial record: wait for more bytes
+                decoder.feed(bytes(view[start:end]))
+                start = end
+                eof = self._decode_events(decoder)
+                if not eof and decoder.ram_block() is not None and decoder.buffered:
+                    rest = decoder.take_unconsumed()
+                    if len(rest) > len(rb):
+                        rb.extend(bytes(len(rest) - len(rb)))
+                        view = memoryview(rb)
+                    rb[:len(rest)] = rest
+                    start, end = 0, len(rest)
+            self._flush()
+            dest._check_fault_thread()
+
+    def _decode_events(self, decoder) -> bool:
+        """Handle decoded events until the decoder needs data or can hand over to the fast path."""
+        dest = self.dest
+        index = dest.index
+        blocks = dest.blocks
+        RamPage, RamZero = codec.RamPage, codec.RamZero
+        for ev in decoder.events():
+            t = type(ev)
+            if t is RamPage:
+                if dest._pending_discards:
+                    dest._apply_discards()
+                self._page(index[ev.block], ev.offset, ev.data)
+                if blocks[index[ev.block]].page_size == TP:
+                    return False   # the rest of this section can go the fast way
+            elif t is RamZero:
+                if dest._pending_discards:
+                    dest._apply_discards()
+                self._zero(index[ev.block], ev.offset, ev.fill)
+            elif t is codec.RamEnd:
+                self._flush()
+            elif t is codec.PreemptChannel:
+                pass
+            elif decoder.preempt:
+                if t is codec.Eof:
+                    return True
+            elif dest._command(ev, decoder):
+                return True
+        return False
 
 
 def own_memory_uffd() -> Userfaultfd:

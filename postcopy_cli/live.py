@@ -51,30 +51,32 @@ class ProcessMemory:
             self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise PostcopyError(f"cannot read the memory of pid {pid}: {e.strerror}") from None
-        self._buf = ffi.new("uint8_t[]", READ_CHUNK_PAGES * TP)
-        self._view = memoryview(ffi.buffer(self._buf))
+        # one buffer per sending thread (background, requests)
+        self._bufs = [ffi.new("uint8_t[]", READ_CHUNK_PAGES * TP) for _ in range(2)]
+        self._views = [memoryview(ffi.buffer(b)) for b in self._bufs]
 
-    def pages(self, block: int, offset: int, count: int):
-        """Pointer to ``count`` target pages read from the program (valid until the next call)."""
+    def pages(self, block: int, offset: int, count: int, slot: int = 0):
+        """Pointer to ``count`` target pages read from the program (valid until the next call for ``slot``)."""
         if count > READ_CHUNK_PAGES:
             raise ValueError(f"read at most {READ_CHUNK_PAGES} pages at a time")
         b = self.ram_blocks[block]
+        view = self._views[slot]
         done = 0
         while done < count * TP:
             addr = b.host_address(offset + done)
             want = count * TP - done
             if addr is None:   # a hole no region maps: zeros
-                self._view[done:done + TP] = bytes(TP)
+                view[done:done + TP] = bytes(TP)
                 done += TP
                 continue
             try:
-                n = os.preadv(self._fd, [self._view[done:done + want]], addr)
+                n = os.preadv(self._fd, [view[done:done + want]], addr)
             except OSError as e:
                 raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: {e.strerror}") from None
             if n <= 0:
                 raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: short read")
             done += n
-        return self._buf
+        return self._bufs[slot]
 
     def close(self):
         if self._fd >= 0:
@@ -181,6 +183,7 @@ class LiveOptions:
     timeout: float = 30.0
     state: bytes = b""
     kill_source: bool = False
+    preempt: bool = True          # requested pages on a second connection
 
 
 def accept_program(listener: socket.socket, timeout: float | None) -> AttachedSource:
@@ -231,7 +234,8 @@ def _stale_runs(to_send: bytearray, sent: bytearray) -> list[tuple[int, int]]:
 class LiveMigration:
     """One live migration of an attached program to a destination connection."""
 
-    def __init__(self, program: AttachedSource, conn: socket.socket, opts: LiveOptions, *, switchover=None):
+    def __init__(self, program: AttachedSource, conn: socket.socket, opts: LiveOptions, *, switchover=None,
+                 preempt: socket.socket | None = None):
         self.program = program
         self.conn = conn
         self.opts = opts
@@ -240,7 +244,7 @@ class LiveMigration:
         self.memory = ProcessMemory(program.pid, self.ram_blocks)
         self.scanner = PagemapScanner(program.pid)
         self.streamer = PageStreamer(conn, self.memory, max_bandwidth=opts.max_bandwidth, timeout=opts.timeout,
-                                     track_sent=True)
+                                     track_sent=True, preempt=preempt)
         self.stats: dict = {}
         self.run_sent = False   # POSTCOPY_RUN handed to the kernel: the destination may be running the program
 
@@ -349,10 +353,13 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
         if on_ready:
             on_ready()
         program = accept_program(listener, accept_timeout)
-        conn = transport.connect(transport.parse_address(to), timeout=opts.timeout)
+        address = transport.parse_address(to)
+        conn = transport.connect(address, timeout=opts.timeout)
+        preempt = None
         mig = None
         try:
-            mig = LiveMigration(program, conn, opts, switchover=switchover)
+            preempt = transport.connect(address, timeout=opts.timeout) if opts.preempt else None
+            mig = LiveMigration(program, conn, opts, switchover=switchover, preempt=preempt)
             stats = mig.run()
         except BaseException as e:
             ran = mig is not None and mig.run_sent
@@ -366,6 +373,8 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
             if mig is not None:
                 mig.close()
             conn.close()
+            if preempt is not None:
+                preempt.close()
         if opts.kill_source:
             program.quit()
         else:

@@ -90,11 +90,25 @@ class ServeDest:
         stop = threading.Event()
         if progress:
             threading.Thread(target=self._report, args=(progress, stop), daemon=True).start()
+        threading.Thread(target=self._accept_preempt, args=(stop,), name="postcopy/accept", daemon=True).start()
         try:
             return self.dest.run(conn)
         finally:
             stop.set()
             conn.close()
+
+    def _accept_preempt(self, stop: threading.Event):
+        """The source may open a second connection: its preempt channel for requested pages."""
+        while not stop.is_set():
+            try:
+                conn = transport.accept(self.listener, 0.2)
+            except PostcopyError:
+                continue
+            except OSError:
+                return
+            if not self.dest.add_preempt(conn):
+                log.warning("refused an extra connection to %s during the migration", self.bound)
+                conn.close()
 
     def _report(self, progress, stop: threading.Event):
         while not stop.wait(0.25):

@@ -14,6 +14,7 @@ import mmap
 import os
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -53,8 +54,8 @@ class ImageMemory:
             self._tail = ffi.new("uint8_t[]", TP)
             ffi.memmove(self._tail, self._view[size - size % TP:], size % TP)
 
-    def pages(self, block: int, offset: int, count: int):
-        """Pointer to ``count`` contiguous target pages from ``offset`` (valid until the next call)."""
+    def pages(self, block: int, offset: int, count: int, slot: int = 0):
+        """Pointer to ``count`` contiguous target pages from ``offset`` (the mapping: always valid)."""
         if self._tail is not None and offset + count * TP > self.size:
             if count > 1:
                 raise ValueError("the partial last page of an image must be read alone")
@@ -73,17 +74,36 @@ class SourceResult:
     stats: dict
 
 
+class _Lane:
+    """One outgoing connection carrying RAM records: the main stream or the preempt channel."""
+
+    def __init__(self, conn: socket.socket, slot: int):
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.slot = slot          # which read buffer of the memory this lane uses
+        self.named = -1           # block named by the last record of the open RAM section
+        self.lock = threading.Lock()
+        self.ended = False        # EOF sent: nothing more goes on this lane
+
+
 class PageStreamer:
     """Sends every page of ``memory``'s blocks, requested pages first, then waits for SHUT.
 
-    ``memory`` has ``blocks`` (list of codec.BlockInfo) and ``pages(block, offset, count)``.
-    ``to_send`` (one bytearray per block, 1 = still to send) says which pages go;
-    by default all of them.
+    ``memory`` has ``blocks`` (list of codec.BlockInfo) and
+    ``pages(block, offset, count, slot)``.  ``to_send`` (one bytearray per block,
+    1 = still to send) says which pages go; by default all of them.
+
+    With a ``preempt`` connection (QEMU's postcopy-preempt channel), post-copy
+    runs two threads: this one streams background pages on the main
+    connection, a request thread reads the return path and answers each
+    request at once on the preempt channel, so a requested page never queues
+    behind background pages.  Without one, requests are served between
+    background chunks on the main connection.
     """
 
     def __init__(self, conn: socket.socket, memory, *, to_send: list[bytearray] | None = None,
                  max_bandwidth: float = 0.0, timeout: float = 30.0, decoder: codec.ReturnPathDecoder | None = None,
-                 track_sent: bool = False):
+                 track_sent: bool = False, preempt: socket.socket | None = None):
         self.conn = conn
         self.memory = memory
         self.blocks = memory.blocks
@@ -99,22 +119,32 @@ class PageStreamer:
         self._cursor = [0] * len(self.blocks)
         self._block = 0
         self.requests: list[tuple[int, int, int]] = []   # (block, offset, length) queued
-        self.stats = {"requests": 0, "requested_pages": 0, "requests_already_sent": 0, "background_pages": 0,
-                      "zero_pages": 0, "bytes": 0, "pongs": 0}
+        # requested_pages + background_pages = pages sent once; resent_pages: requested
+        # pages sent again on the preempt channel because they were still in flight
+        self.stats = {"requests": 0, "requested_pages": 0, "requests_already_sent": 0, "resent_pages": 0,
+                      "background_pages": 0,
+                      "zero_pages": 0, "bytes": 0, "pongs": 0, "preempt": preempt is not None}
         self.shut: int | None = None
+        self._shut_event = threading.Event()
+        self._error: BaseException | None = None
         self._t0 = time.monotonic()
         self._poller = select.poll()
         self._fd = conn.fileno()
         self._last_heard = self._t0
-        self._named = -1
+        self._lock = threading.Lock()       # page bookkeeping shared by the two threads
+        self.main = _Lane(conn, 0)
+        self.preempt = _Lane(preempt, 1) if preempt is not None else None
         conn.setblocking(True)
+        if preempt is not None:
+            preempt.setblocking(True)
+            self._send(self.preempt, [codec.encode(codec.Header()), codec.encode(codec.PreemptChannel())])
 
     # -- sending ---------------------------------------------------------------------
-    def _send(self, parts: list) -> None:
+    def _send(self, lane: _Lane, parts: list) -> None:
         total = sum(len(p) for p in parts)
         try:
             while parts:
-                n = self.conn.sendmsg(parts[:1024])
+                n = lane.conn.sendmsg(parts[:1024])
                 while n:
                     if n >= len(parts[0]):
                         n -= len(parts[0])
@@ -126,39 +156,56 @@ class PageStreamer:
             raise PeerDisconnected(f"the destination disconnected: {e.strerror}") from None
         self.stats["bytes"] += total
 
-    def _send_pages(self, bi: int, offset: int, count: int) -> None:
+    def _send_pages(self, lane: _Lane, bi: int, offset: int, count: int, *, resend: bool = False) -> None:
         """Send ``count`` pages from ``offset`` as PAGE/ZERO records (native: headers, zero check, writev)."""
         memory = self.memory
         if count > 1 and getattr(memory, "size", None) is not None and offset + count * TP > memory.size:
             # the image's partial last page goes alone
-            self._send_pages(bi, offset, count - 1)
-            self._send_pages(bi, offset + (count - 1) * TP, 1)
+            self._send_pages(lane, bi, offset, count - 1, resend=resend)
+            self._send_pages(lane, bi, offset + (count - 1) * TP, 1, resend=resend)
             return
-        name = None if self._named == bi else self.blocks[bi].name.encode()
+        name = None if lane.named == bi else self.blocks[bi].name.encode()
         zeros = ffi.new("uint64_t *")
-        w = lib.pc_src_send_pages(self.conn.fileno(), memory.pages(bi, offset, count), offset, count,
+        w = lib.pc_src_send_pages(lane.fd, memory.pages(bi, offset, count, lane.slot), offset, count,
                                   name or ffi.NULL, zeros)
         if w < 0:
             raise PeerDisconnected(f"the destination connection failed: {os.strerror(-w)}")
-        self._named = bi
+        lane.named = bi
         self.stats["bytes"] += w
-        self.stats["zero_pages"] += zeros[0]
+        if not resend:
+            self.stats["zero_pages"] += zeros[0]
 
-    def _send_requested(self) -> None:
-        for bi, offset, length in self.requests:
+    def _take(self, bi: int, first: int, n: int) -> bool:
+        """Claim pages [first, first+n) of block ``bi`` for sending; False if already sent."""
+        with self._lock:
             pending = self.to_send[bi]
-            first = offset // TP
-            n = length // TP
             if not any(pending[first:first + n]):
-                self.stats["requests_already_sent"] += 1
-                continue
+                return False
             pending[first:first + n] = bytes(n)
             if self.sent is not None:
                 self.sent[bi][first:first + n] = b"\x01" * n
             self.remaining -= n
-            self.stats["requested_pages"] += n
-            self._send_pages(bi, offset, n)
-        self.requests.clear()
+            return True
+
+    def _send_requested(self, lane: _Lane) -> None:
+        requests, self.requests = self.requests, []
+        for bi, offset, length in requests:
+            n = length // TP
+            resend = False
+            if not self._take(bi, offset // TP, n):
+                self.stats["requests_already_sent"] += 1
+                if lane is not self.preempt:
+                    continue
+                # sent already, but maybe still queued behind background pages
+                # on the main stream: the preempt channel is quicker (the
+                # destination places whichever copy comes first, skips the other)
+                resend = True
+            with lane.lock:
+                if lane.ended:
+                    # every page is out and EOF is sent: the copy on the main stream will do
+                    continue
+                self.stats["resent_pages" if resend else "requested_pages"] += n
+                self._send_pages(lane, bi, offset, n, resend=resend)
 
     def _next_chunk(self) -> tuple[int, int, int] | None:
         """The next run of unsent pages (block, first page, count), at most one chunk."""
@@ -180,17 +227,19 @@ class PageStreamer:
         return None
 
     def _send_background(self) -> bool:
-        chunk = self._next_chunk()
-        if chunk is None:
-            return False
-        bi, first, count = chunk
-        pending = self.to_send[bi]
-        pending[first:first + count] = bytes(count)
-        if self.sent is not None:
-            self.sent[bi][first:first + count] = b"\x01" * count
-        self.remaining -= count
+        with self._lock:
+            chunk = self._next_chunk()
+            if chunk is None:
+                return False
+            bi, first, count = chunk
+            # a page the request thread sent meanwhile may go twice: harmless
+            self.to_send[bi][first:first + count] = bytes(count)
+            if self.sent is not None:
+                self.sent[bi][first:first + count] = b"\x01" * count
+            self.remaining -= count   # the chunk is a run of pages all still to send
         self.stats["background_pages"] += count
-        self._send_pages(bi, first * TP, count)
+        with self.main.lock:
+            self._send_pages(self.main, bi, first * TP, count)
         return True
 
     # -- receiving ---------------------------------------------------------------------
@@ -209,6 +258,7 @@ class PageStreamer:
                 self.requests.append((self.index[ev.block], ev.start, ev.length))
             elif t is codec.Shut:
                 self.shut = ev.status
+                self._shut_event.set()
             elif t is codec.Pong:
                 self.stats["pongs"] += 1
             else:
@@ -226,33 +276,34 @@ class PageStreamer:
         ahead = self.stats["bytes"] / self.max_bandwidth - elapsed
         return max(0.0, ahead)
 
-    def _begin_section(self) -> None:
-        self._send([self.enc.begin()])
-        self._named = -1     # block named by the last record of this RAM section
+    def _begin_section(self, lane: _Lane) -> None:
+        self._send(lane, [self.enc.begin()])
+        lane.named = -1
 
-    def _pump(self, *, until: float | None = None, on_empty=None) -> bool:
-        """One step: take requests, answer them, then one background chunk if the socket has room.
+    def _pump(self, *, until: float | None = None, on_empty=None, serve_requests: bool = True) -> bool:
+        """One step: take requests and answer them (unless the request thread does), then one
+        background chunk if the socket has room.
 
         The socket buffers are small (transport.STREAM_BUFFER), so POLLOUT
-        means little background data is queued: a request arriving now waits
-        behind at most that much.  Returns False when there was nothing to do
-        before ``until``.
+        means little background data is queued.  Returns False when there was
+        nothing to do before ``until``.
         """
         wait_bw = self._bandwidth_wait() if self.remaining else 0.0
-        mask = select.POLLIN | (select.POLLOUT if self.remaining and not wait_bw else 0)
+        mask = (select.POLLIN if serve_requests else 0) | \
+            (select.POLLOUT if self.remaining and not wait_bw else 0)
         self._poller.register(self._fd, mask)
-        timeout = 1.0 if not self.remaining else (wait_bw or 1.0)
+        timeout = (1.0 if not self.remaining else (wait_bw or 1.0)) if serve_requests else (wait_bw or 0.2)
         if until is not None:
             timeout = max(0.0, min(timeout, until - time.monotonic()))
         events = self._poller.poll(int(timeout * 1000) + (1 if timeout else 0))
         got = 0
         for _, ev in events:
             got |= ev
-        if got & (select.POLLIN | select.POLLHUP | select.POLLERR):
+        if serve_requests and got & (select.POLLIN | select.POLLHUP | select.POLLERR):
             self._receive()
             self._last_heard = time.monotonic()
-        if self.requests:
-            self._send_requested()
+        if serve_requests and self.requests:
+            self._send_requested(self.main)
         if got & select.POLLOUT and self.remaining and not self._bandwidth_wait():
             self._send_background()
             if not self.remaining and on_empty is not None:
@@ -266,7 +317,7 @@ class PageStreamer:
         was dirtied meanwhile (and returns nothing).  Returns the number of
         complete passes.
         """
-        self._begin_section()
+        self._begin_section(self.main)
         passes = 0
 
         def pass_done():
@@ -284,23 +335,59 @@ class PageStreamer:
             self._pump(until=deadline, on_empty=pass_done)
             if not self.remaining and (max_passes is None or passes < max_passes):
                 pass_done()
-        self._send([self.enc.end()])
+        self._send(self.main, [self.enc.end()])
         self._block = 0
         self._cursor = [0] * len(self.blocks)
         return passes
 
+    def _serve_requests(self) -> None:
+        """The request thread: read the return path, answer requests on the preempt channel."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        try:
+            while self.shut is None:
+                if not poller.poll(200):
+                    continue
+                self._receive()
+                self._last_heard = time.monotonic()
+                if self.requests:
+                    self._send_requested(self.preempt)
+        except BaseException as e:   # handed to the streaming thread
+            self._error = e
+            self._shut_event.set()
+
+    def _raise_thread_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
     def run(self) -> dict:
         """Post-copy: stream until every page is sent (then EOS and EOF) and SHUT arrives."""
-        self._begin_section()
-        eof_sent = False
+        self._begin_section(self.main)
+        self._last_heard = time.monotonic()
+        if self.preempt is None:
+            while self.remaining and self.shut is None:
+                self._pump()
+        else:
+            self._begin_section(self.preempt)
+            thread = threading.Thread(target=self._serve_requests, name="postcopy/requests", daemon=True)
+            thread.start()
+            while self.remaining and self.shut is None:
+                self._raise_thread_error()
+                self._pump(serve_requests=False)
+            with self.preempt.lock:
+                self._send(self.preempt, [self.enc.end(), codec.encode(codec.Eof())])
+                self.preempt.ended = True
+        with self.main.lock:
+            self._send(self.main, [self.enc.end(), codec.encode(codec.Eof())])
+            self.main.ended = True
         self._last_heard = time.monotonic()
         while self.shut is None:
-            self._pump()
-            if not self.remaining and not eof_sent and self.shut is None:
-                self._send([self.enc.end(), codec.encode(codec.Eof())])
-                eof_sent = True
-                self._last_heard = time.monotonic()
-            elif eof_sent and time.monotonic() - self._last_heard > self.timeout:
+            if self.preempt is None:
+                self._pump()
+            else:
+                self._shut_event.wait(0.2)
+                self._raise_thread_error()
+            if self.shut is None and time.monotonic() - self._last_heard > self.timeout:
                 raise PeerTimeout(f"the destination did not answer SHUT within {self.timeout:g} s of EOF")
         if self.shut != 0:
             raise PostcopyError(f"the destination reported failure (SHUT {self.shut})")
@@ -322,13 +409,16 @@ def send_preamble(conn: socket.socket, blocks: list) -> None:
 
 
 def migrate_image(conn: socket.socket, image: ImageMemory, *, state: bytes = b"", max_bandwidth: float = 0.0,
-                  timeout: float = 30.0) -> dict:
-    """Lazy restore: preamble, STATE, LISTEN, RUN, then every page (requested ones first), EOF, SHUT."""
+                  timeout: float = 30.0, preempt: socket.socket | None = None) -> dict:
+    """Lazy restore: preamble, STATE, LISTEN, RUN, then every page (requested ones first), EOF, SHUT.
+
+    ``preempt``: a second connection to the destination for requested pages.
+    """
     t0 = time.monotonic()
     send_preamble(conn, image.blocks)
+    streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout, preempt=preempt)
     conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
                  codec.encode(codec.PostcopyRun()))
-    streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout)
     stats = streamer.run()
     stats["total_seconds"] = round(time.monotonic() - t0, 3)
     stats["pages"] = sum(b.length // TP for b in image.blocks)

@@ -129,7 +129,7 @@ def test_requested_page_jumps_the_queue(tmp_path, fake_dest):
     image = tmp_path / "img"
     data = write_image(image, size, seed=8, zero_runs=())
     d = fake_dest(rcvbuf=64 << 10)
-    proc = start_migrate(d, image)
+    proc = start_migrate(d, image, "--single-channel")   # the priority queue of one connection
     d.accept()
     d.read_until(_is(codec.PostcopyRun))
     last = size - PAGE
@@ -149,6 +149,48 @@ def test_requested_page_jumps_the_queue(tmp_path, fake_dest):
     stats = json.loads(out)
     assert stats["requests"] == 2
     assert stats["requested_pages"] + stats["requests_already_sent"] >= 1
+
+
+def test_requested_page_goes_on_the_preempt_channel(tmp_path, fake_dest):
+    """With a second connection, a requested page comes on it, not behind background pages."""
+    size = 16 * MiB
+    image = tmp_path / "img"
+    data = write_image(image, size, seed=9, zero_runs=())
+    d = fake_dest(rcvbuf=64 << 10)
+    d.listener.listen(2)
+    proc = start_migrate(d, image)
+    d.accept()
+    preempt, _ = d.listener.accept()
+    preempt.settimeout(PROC_TIMEOUT)
+    d.read_until(_is(codec.PostcopyRun))
+    pd = codec.StreamDecoder(preempt_blocks=d.decoder.blocks)
+    last = size - PAGE
+    d.conn.sendall(codec.encode_rp(codec.ReqPagesId("mem", last, PAGE)))
+    got = []
+    while not any(isinstance(e, codec.RamPage) for e in got):
+        chunk = preempt.recv(1 << 16)
+        assert chunk, f"preempt channel closed after {got}"
+        pd.feed(chunk)
+        got += [codec.RamPage(e.block, e.offset, bytes(e.data)) if isinstance(e, codec.RamPage) else e
+                for e in pd.events()]
+    assert [type(e) for e in got[:2]] == [codec.Header, codec.PreemptChannel]
+    page = next(e for e in got if isinstance(e, codec.RamPage))
+    assert (page.block, page.offset, page.data) == ("mem", last, data[last:])
+    # the main stream still carries every page; then both channels end
+    events = d.read_until(_is(codec.Eof))
+    offsets = sorted(e.offset for e in events if isinstance(e, (codec.RamPage, codec.RamZero)))
+    assert offsets == list(range(0, size, PAGE)) or offsets == [o for o in range(0, size, PAGE) if o != last]
+    while not pd.finished:
+        chunk = preempt.recv(1 << 16)
+        assert chunk, "preempt channel closed without EOF"
+        pd.feed(chunk)
+        list(pd.events())
+    d.conn.sendall(codec.encode_rp(codec.Shut(0)))
+    rc, out, err = finish(proc)
+    preempt.close()
+    assert rc == 0, err
+    stats = json.loads(out)
+    assert stats["preempt"] is True and stats["requests"] == 1 and stats["requested_pages"] == 1
 
 
 def test_ping_is_not_needed_pong_counted(tmp_path, fake_dest):

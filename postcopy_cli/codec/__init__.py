@@ -11,7 +11,7 @@ from .decode import NEED_DATA, ReturnPathDecoder, StreamDecoder
 from .encode import (RamSectionEncoder, encode, encode_discard_payload, encode_name, encode_ram_section,
                      encode_rp)
 from .messages import (BlockInfo, Blocks, Eof, Header, OpenReturnPath, Ping, Pong, PostcopyAdvise,
-                       PostcopyListen, PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero,
+                       PostcopyListen, PostcopyRamDiscard, PreemptChannel, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero,
                        RecvBitmap, RecvBitmapRequest, ReqPages, ReqPagesId, ResumeAck, Shut, State)
 
 __all__ = [
@@ -19,7 +19,7 @@ __all__ = [
     "MAX_STATE_LENGTH", "Section", "Command", "RpType", "RamFlag", "PostcopyState",
     "Header", "BlockInfo", "Blocks", "RamPage", "RamZero", "RamEnd", "State", "OpenReturnPath", "Ping",
     "PostcopyAdvise", "PostcopyListen", "PostcopyRun", "PostcopyRamDiscard", "PostcopyResume",
-    "RecvBitmapRequest", "Eof", "Shut", "Pong", "ReqPagesId", "ReqPages", "RecvBitmap", "ResumeAck",
+    "RecvBitmapRequest", "Eof", "PreemptChannel", "Shut", "Pong", "ReqPagesId", "ReqPages", "RecvBitmap", "ResumeAck",
     "encode", "encode_rp", "encode_name", "encode_discard_payload", "RamSectionEncoder", "encode_ram_section",
     "StreamDecoder", "ReturnPathDecoder", "NEED_DATA",
 ]

@@ -26,6 +26,10 @@ class Section(enum.IntEnum):
     STATE = 0x03
     COMMAND = 0x08
     EOF = 0x10
+    #: First section of a second connection: the preempt channel (QEMU's
+    #: postcopy-preempt), which carries only RAM sections (requested pages)
+    #: and EOF, so that they never queue behind background pages.
+    PREEMPT = 0x20
 
 
 class Command(enum.IntEnum):

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 from ..errors import ProtocolError
 from .constants import (MAGIC, MAX_STATE_LENGTH, RAM_FLAGS_KNOWN, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE, VERSION,
                         Command, PostcopyState, RpType, Section)
-from .messages import (BlockInfo, Blocks, Eof, Header, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
+from .messages import (BlockInfo, Blocks, Eof, Header, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
                        PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero, RecvBitmap,
                        RecvBitmapRequest, ReqPagesId, ResumeAck, Shut, State)
 
@@ -197,9 +197,12 @@ class StreamDecoder(_Buffered):
     the next ``feed()``: copy whatever you keep.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, preempt_blocks: dict[str, BlockInfo] | None = None) -> None:
+        """``preempt_blocks``: decode a preempt channel of a migration whose main stream announced these blocks."""
         super().__init__()
         self._phase = _P_HEADER
+        self.preempt = preempt_blocks is not None
+        self._marked = False
         self.blocks: dict[str, BlockInfo] = {}
         self._by_raw: dict[bytes, BlockInfo] = {}
         self.state = PostcopyState.NONE
@@ -207,6 +210,9 @@ class StreamDecoder(_Buffered):
         self._cur_name: str | None = None  # block of the previous record in this RAM section
         self._cur_len = 0
         self._section_start = 0
+        if preempt_blocks:
+            self.blocks = dict(preempt_blocks)
+            self._by_raw = {b.name.encode("utf-8"): b for b in preempt_blocks.values()}
 
     @property
     def finished(self) -> bool:
@@ -307,6 +313,19 @@ class StreamDecoder(_Buffered):
             return NEED_DATA
         kind = self._buf[self._pos]
         start = self.offset
+        if self.preempt:
+            if not self._marked:
+                if kind != Section.PREEMPT:
+                    self._fail(f"section {kind:#04x} where the preempt channel marker belongs", "preempt channel",
+                               start)
+                self._marked = True
+                self._pos += 1
+                return PreemptChannel()
+            if kind not in (Section.RAM, Section.EOF):
+                self._fail(f"section {kind:#04x}: the preempt channel carries only RAM sections and EOF",
+                           "preempt channel", start)
+        elif kind == Section.PREEMPT:
+            self._fail("preempt channel marker on the main stream", "stream", start)
         if kind == Section.RAM:
             self._require_blocks("RAM section", start)
             self._pos += 1

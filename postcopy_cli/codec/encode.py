@@ -7,7 +7,7 @@ from typing import Iterable
 from ..errors import LocalProtocolError
 from .constants import (MAGIC, MAX_NAME_LENGTH, MAX_STATE_LENGTH, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE,
                         Command, RamFlag, RpType, Section)
-from .messages import (Blocks, Eof, Header, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
+from .messages import (Blocks, Eof, Header, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
                        PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero, RecvBitmap,
                        RecvBitmapRequest, ReqPages, ReqPagesId, ResumeAck, Shut, State)
 
@@ -101,6 +101,8 @@ def encode(msg) -> bytes:
         if len(data) > MAX_STATE_LENGTH:
             raise LocalProtocolError(f"STATE of {len(data)} bytes exceeds the {MAX_STATE_LENGTH}-byte limit")
         return bytes((Section.STATE,)) + _BE32.pack(len(data)) + data
+    if t is PreemptChannel:
+        return bytes([Section.PREEMPT])
     if t is Eof:
         return bytes((Section.EOF,))
     if t is OpenReturnPath:

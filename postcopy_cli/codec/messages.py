@@ -125,6 +125,11 @@ class Eof:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class PreemptChannel:
+    """Marks a connection as the preempt channel of the migration under way."""
+
+
 # ---- return path -----------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)

@@ -32,11 +32,13 @@ def _rate(text: str | None) -> float:
 @click.option("--precopy-passes", type=click.IntRange(min=0), default=None,
               help="--attach: switch to post-copy after this many complete pre-copy passes.")
 @click.option("--kill-source", is_flag=True, help="--attach: end the source program once the migration succeeded.")
+@click.option("--single-channel", is_flag=True,
+              help="Send requested pages on the main connection instead of a second (preempt) connection.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds to wait for the destination before giving up.")
 @common_options
 def migrate(as_json, to, image, attach, state_file, max_bandwidth, timeout, postcopy_after, precopy_passes,
-            kill_source):
+            kill_source, single_channel):
     """Migrate memory to a serve-dest: an image file (lazy restore) or a live program.
 
     With --image, the destination's requested pages are sent first and the rest
@@ -61,16 +63,20 @@ def migrate(as_json, to, image, attach, state_file, max_bandwidth, timeout, post
         with open(state_file, "rb") as f:
             state = f.read()
     if attach:
-        _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source)
+        _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,
+                      single_channel)
         return
     address = transport.parse_address(to)
     memory = ImageMemory(image)
     try:
         conn = transport.connect(address, timeout=timeout)
+        preempt = None if single_channel else transport.connect(address, timeout=timeout)
         try:
-            stats = migrate_image(conn, memory, state=state, max_bandwidth=rate, timeout=timeout)
+            stats = migrate_image(conn, memory, state=state, max_bandwidth=rate, timeout=timeout, preempt=preempt)
         finally:
             conn.close()
+            if preempt is not None:
+                preempt.close()
     finally:
         memory.close()
     if as_json:
@@ -80,7 +86,8 @@ def migrate(as_json, to, image, attach, state_file, max_bandwidth, timeout, post
               f"({stats['requests']} requests answered first)", file=sys.stderr)
 
 
-def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source):
+def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,
+                  single_channel):
     import signal
     import threading
 
@@ -93,7 +100,7 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
     switchover = threading.Event()
     previous = signal.signal(signal.SIGUSR1, lambda *_: switchover.set())
     opts = LiveOptions(postcopy_after=postcopy_after, precopy_passes=precopy_passes, max_bandwidth=rate,
-                       timeout=timeout, state=state, kill_source=kill_source)
+                       timeout=timeout, state=state, kill_source=kill_source, preempt=not single_channel)
     try:
         stats = migrate_live(attach, to, opts, switchover=switchover,
                              on_ready=lambda: print(f"postcopy: waiting for the program on unix:{attach}",

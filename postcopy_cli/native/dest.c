@@ -463,67 +463,6 @@ static int overwrite(struct pc_dest *d, uint64_t addr, const uint8_t *src, uint6
 }
 
 /* place [addr, addr+len) from src (src NULL: zeros); returns 0 or -errno */
-static int place_run(struct pc_dest *d, uint64_t page_size, uint64_t addr, const uint8_t *src, uint64_t len)
-{
-    if (!d->registered) {
-        if (src)
-            memcpy((void *)(uintptr_t)addr, src, len);
-        else
-            memset((void *)(uintptr_t)addr, 0, len);
-        return 0;
-    }
-    uint64_t done = 0;
-    while (done < len) {
-        int rc;
-        int64_t placed;
-        if (src) {
-            struct uffdio_copy c = { addr + done, (uint64_t)(uintptr_t)(src + done), len - done, 0, 0 };
-            rc = ioctl(d->uffd, UFFDIO_COPY, &c);
-            placed = c.copy;
-        } else {
-            struct uffdio_zeropage z = { { addr + done, len - done }, 0, 0 };
-            rc = ioctl(d->uffd, UFFDIO_ZEROPAGE, &z);
-            placed = z.zeropage;
-        }
-        if (rc == 0)
-            return 0;
-        int err = errno;
-        if (placed > 0)
-            done += (uint64_t)placed;   /* partial: carry on after what went in */
-        if (err == EAGAIN || err == EINTR)
-            continue;
-        if (err != EEXIST)
-            return -err;
-        /* some page of the run is present: go page by page from here */
-        for (uint64_t o = done; o < len; o += page_size) {
-            int e;
-            if (src) {
-                struct uffdio_copy c = { addr + o, (uint64_t)(uintptr_t)(src + o), page_size, 0, 0 };
-                e = ioctl(d->uffd, UFFDIO_COPY, &c) ? errno : 0;
-            } else {
-                struct uffdio_zeropage z = { { addr + o, page_size }, 0, 0 };
-                e = ioctl(d->uffd, UFFDIO_ZEROPAGE, &z) ? errno : 0;
-            }
-            if (e == EEXIST) {
-                if (d->overwrite_ok) {
-                    static const uint8_t zeros[TP];
-                    int w = 0;
-                    for (uint64_t q = 0; q < page_size && !w; q += TP)
-                        w = overwrite(d, addr + o + q, src ? src + o + q : zeros, TP);
-                    if (w)
-                        return w;
-                } else {
-                    __atomic_fetch_add(&d->st.skipped_pages, page_size / TP, __ATOMIC_RELAXED);
-                }
-            } else if (e) {
-                return -e;
-            }
-        }
-        return 0;
-    }
-    return 0;
-}
-
 static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, uint64_t t, int zero)
 {
     struct pc_dest_block *b = &d->blocks[block];
@@ -542,6 +481,80 @@ static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, ui
     }
     if (zero)
         __atomic_fetch_add(&d->st.zero_pages, len / TP, __ATOMIC_RELAXED);
+}
+
+/* Place [off, off+len) of a block at host addr from src (NULL: zeros) and
+ * account for what went in; returns 0 or -errno. A page found present
+ * (EEXIST) was placed by the other channel meanwhile (or, before RUN, is
+ * overwritten). */
+static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, const uint8_t *src, uint64_t len)
+{
+    uint64_t page_size = d->blocks[block].page_size;
+    if (!d->registered) {
+        if (src)
+            memcpy((void *)(uintptr_t)addr, src, len);
+        else
+            memset((void *)(uintptr_t)addr, 0, len);
+        account(d, block, off, len, now_ns(), src == NULL);
+        return 0;
+    }
+    uint64_t done = 0;
+    while (done < len) {
+        int rc;
+        int64_t placed;
+        if (src) {
+            struct uffdio_copy c = { addr + done, (uint64_t)(uintptr_t)(src + done), len - done, 0, 0 };
+            rc = ioctl(d->uffd, UFFDIO_COPY, &c);
+            placed = c.copy;
+        } else {
+            struct uffdio_zeropage z = { { addr + done, len - done }, 0, 0 };
+            rc = ioctl(d->uffd, UFFDIO_ZEROPAGE, &z);
+            placed = z.zeropage;
+        }
+        if (rc == 0) {
+            account(d, block, off + done, len - done, now_ns(), src == NULL);
+            return 0;
+        }
+        int err = errno;
+        if (placed > 0) {   /* partial: account for what went in, carry on after it */
+            account(d, block, off + done, (uint64_t)placed, now_ns(), src == NULL);
+            done += (uint64_t)placed;
+        }
+        if (err == EAGAIN || err == EINTR)
+            continue;
+        if (err != EEXIST)
+            return -err;
+        /* some page of the run is present: go page by page from here */
+        for (uint64_t o = done; o < len; o += page_size) {
+            int e;
+            if (src) {
+                struct uffdio_copy c = { addr + o, (uint64_t)(uintptr_t)(src + o), page_size, 0, 0 };
+                e = ioctl(d->uffd, UFFDIO_COPY, &c) ? errno : 0;
+            } else {
+                struct uffdio_zeropage z = { { addr + o, page_size }, 0, 0 };
+                e = ioctl(d->uffd, UFFDIO_ZEROPAGE, &z) ? errno : 0;
+            }
+            if (e == 0) {
+                account(d, block, off + o, page_size, now_ns(), src == NULL);
+            } else if (e == EEXIST) {
+                if (d->overwrite_ok) {
+                    static const uint8_t zeros[TP];
+                    int w = 0;
+                    for (uint64_t q = 0; q < page_size && !w; q += TP)
+                        w = overwrite(d, addr + o + q, src ? src + o + q : zeros, TP);
+                    if (w)
+                        return w;
+                    account(d, block, off + o, page_size, now_ns(), src == NULL);
+                } else {
+                    __atomic_fetch_add(&d->st.skipped_pages, page_size / TP, __ATOMIC_RELAXED);
+                }
+            } else {
+                return -e;
+            }
+        }
+        return 0;
+    }
+    return 0;
 }
 
 static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *data, uint64_t len)
@@ -591,9 +604,7 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
             if (!r)
                 __atomic_fetch_add(&d->st.overwritten_pages, run / TP, __ATOMIC_RELAXED);
         } else {
-            r = place_run(d, b->page_size, addr, src, run);
-            if (!r)
-                account(d, block, o, run, now_ns(), data == NULL);
+            r = place_run(d, block, o, addr, src, run);
         }
         if (r)
             return r;
