@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -87,13 +88,27 @@ def run_qemu(shared: str, mem_mib: int, bw: int, precopy_s: float, timeout: floa
         argv += ["--bw", str(bw)]
     t = time.monotonic()
     fc = ForeignCPU()
+    # own process group: on a timeout or ^C the QEMU processes it started go too
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"available": False, "error": f"postcopy_run.py timed out after {timeout:.0f} s"}
-    out = last_json(r.stdout)
-    if r.returncode or not out:
-        return {"available": False, "error": f"exit {r.returncode}: {(r.stdout + r.stderr).strip()[-500:]}"}
+        stdout, stderr = p.communicate(timeout=timeout)
+    except BaseException as e:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                p.wait(5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if isinstance(e, subprocess.TimeoutExpired):
+            return {"available": False, "error": f"postcopy_run.py timed out after {timeout:.0f} s"}
+        raise
+    out = last_json(stdout)
+    if p.returncode or not out:
+        return {"available": False, "error": f"exit {p.returncode}: {(stdout + stderr).strip()[-500:]}"}
     if out.get("status") != "completed":
         return {"available": False, "error": f"QEMU migration status {out.get('status')!r}", "raw": out}
     req = out.get("postcopy_requests") or 0
