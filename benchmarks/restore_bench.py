@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -400,7 +401,7 @@ def one_restore(args, img: str, run_no: int) -> dict:
             time.sleep(args.handover_wait)
         t0 = time.monotonic()
         mg = spawn("migrate", pc + ["migrate", "--to", f"tcp:127.0.0.1:{port}", "--image", img, "--json",
-                                    "--timeout", str(args.timeout)])
+                                    "--timeout", str(args.timeout)] + shlex.split(args.migrate_args))
         rc_sd, maxrss_sd = wait4(sd, args.timeout + 30, watch=(mg, tc))
         t_end = time.monotonic()
         sampler.stop()
@@ -523,6 +524,8 @@ def main():
     ap.add_argument("--idle-wait", type=float, default=60.0,
                     help="before each measurement wait up to this long for other processes to leave the CPUs idle "
                          "(0: don't); each run reports the foreign CPU seconds it saw")
+    ap.add_argument("--migrate-args", default="", help="extra arguments for `postcopy migrate` "
+                                                       "(e.g. '--max-bandwidth 200M' to separate queueing from service)")
     ap.add_argument("--rev", help="benchmark a clean export of this git revision (e.g. HEAD) instead of the "
                                    "working tree")
     ap.add_argument("--json-only", action="store_true", help="print only the JSON line")
