@@ -374,7 +374,9 @@ def test_event_remove_zero_fills(tmp_path, serve_dest):
     # the source's copy of the dropped page was not placed over it afterwards
     assert json.loads(c_out) == {"rest": 0}
     stats = json.loads(out)
-    assert stats["pages"]["removed-by-program"] == 1     # the page dropped before it arrived
+    # the page dropped before it arrived (the demand-fetched one may count too: its bit is set just after
+    # the UFFDIO_COPY that woke the program)
+    assert stats["pages"]["removed-by-program"] in (1, 2)
     assert 1 <= stats["late-faults"] <= 10                # the re-reads, zero-filled once (no refault loop)
     assert stats["pages"]["received"] == stats["pages"]["total"]
 
@@ -461,7 +463,7 @@ def test_program_dies_before_source_connects(tmp_path, serve_dest):
         if client.poll() is None:
             client.kill()
     assert rc == 1, err
-    assert "Traceback" not in err and "program" in err
+    assert "Traceback" not in err and "program" in err, err
 
 
 @pytest.mark.parametrize("how", ["stall", "disconnect"])
