@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -25,8 +24,9 @@ from dataclasses import dataclass, field
 from . import codec
 from ._native import ffi, lib
 from .errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
-from .handshake import ControlChannel, Handover
+from .handshake import ControlReader, Handover, HandshakeError
 from .memory import MADV_DONTNEED, RamBlock, madvise
+from .sched import make_latency_thread
 from .stats import dest_stats
 from .uffd import Feature, RegisterMode, UffdError, Userfaultfd
 
@@ -69,6 +69,7 @@ class FaultThread:
         self._thread = threading.Thread(target=self._run, name="postcopy/fault", daemon=True)
 
     def _run(self):
+        make_latency_thread()
         self.result = lib.pc_dest_fault_loop(self._native)
 
     def start(self):
@@ -137,9 +138,7 @@ class Destination:
         self.fault_thread = FaultThread(self._native)
         lib.pc_dest_set_quit_fd(self._native, self.fault_thread.quit_fd)
         self._registered: list[tuple[int, int]] = []
-        self._control = ControlChannel(program.sock) if program else None
-        self._control_msgs: queue.Queue = queue.Queue()
-        self._program_gone = threading.Event()
+        self._control: ControlReader | None = None
         self._conn: socket.socket | None = None
         self._main: _Channel | None = None
         self._preempt_thread: threading.Thread | None = None
@@ -152,30 +151,25 @@ class Destination:
         self._mlocked = False
         if program:
             self._register_all()
-            threading.Thread(target=self._watch_program, name="postcopy/program", daemon=True).start()
+            self._control = ControlReader(program.sock, name="postcopy/program", on_gone=self._program_left)
         self.fault_thread.start()
 
     # -- the attached program -----------------------------------------------------
-    def _watch_program(self):
-        """Read the program's socket: messages go to a queue; EOF means it is gone."""
-        try:
-            while True:
-                msg = self._control.receive()
-                if msg is None:
-                    break
-                self._control_msgs.put(msg)
-        except (OSError, PostcopyError):
-            pass
-        self._program_gone.set()
+    def _program_left(self):
+        """The attached program exited or closed its socket: wake the stream loop unless all is in."""
         conn = self._conn
         if conn is not None and self.t_complete is None and not self._all_received():
             try:
-                conn.shutdown(socket.SHUT_RDWR)   # wake the stream loop
+                conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
+    @property
+    def _program_gone(self) -> bool:
+        return self._control is not None and self._control.gone.is_set()
+
     def _tell_program(self, message: dict) -> None:
-        if self.program and self.program.notify and not self._program_gone.is_set():
+        if self.program and self.program.notify and not self._program_gone:
             try:
                 self._control.send(message)
             except OSError:
@@ -186,7 +180,7 @@ class Destination:
 
     def _check_program(self):
         # a program that leaves once every page is in has lost nothing
-        if self._program_gone.is_set() and not self._all_received():
+        if self._program_gone and not self._all_received():
             raise ProgramGone(f"the attached program (pid {self.program.pid}) exited or closed its socket "
                               f"during the migration")
 
@@ -293,17 +287,14 @@ class Destination:
                 lib.pc_dest_mark(self._native, self.index[name], start, length, 0)
 
     def _await_program(self, event: str):
-        deadline = time.monotonic() + self.timeout
-        while True:
+        try:
+            msg = self._control.wait_for(event, self.timeout)
+        except HandshakeError:
             self._check_program()
-            try:
-                msg = self._control_msgs.get(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    raise PostcopyError(f"the attached program did not answer {event!r} within {self.timeout:g} s")
-                continue
-            if msg.get("event") == event:
-                return msg
+            raise
+        if msg is None:
+            raise PostcopyError(f"the attached program did not answer {event!r} within {self.timeout:g} s")
+        return msg
 
     def _listen(self):
         self._main._flush()
@@ -373,6 +364,7 @@ class Destination:
         return True
 
     def _run_preempt(self, channel: "_Channel"):
+        make_latency_thread()
         try:
             channel.receive_loop()
         except PostcopyError as e:

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import array
 import json
+import queue
+import threading
+import time
 import os
 import socket
 import struct
@@ -231,3 +234,55 @@ class ControlChannel:
             if not chunk:
                 return None
             self._buf += chunk
+
+
+class ControlReader:
+    """Reads a program's control messages in a thread, so the engine can wait with timeouts.
+
+    ``gone`` is set when the program closes its socket or exits; ``on_gone``
+    (if given) is called then, from the reader thread.
+    """
+
+    def __init__(self, sock: socket.socket, *, name: str = "postcopy/control", on_gone=None):
+        self.channel = ControlChannel(sock)
+        self.gone = threading.Event()
+        self._messages: queue.Queue = queue.Queue()
+        self._on_gone = on_gone
+        threading.Thread(target=self._read, name=name, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                msg = self.channel.receive()
+                if msg is None:
+                    break
+                self._messages.put(msg)
+        except (OSError, PostcopyError):
+            pass
+        self.gone.set()
+        self._messages.put(None)
+        if self._on_gone is not None:
+            self._on_gone()
+
+    def send(self, message: dict) -> None:
+        self.channel.send(message)
+
+    def wait_for(self, event: str, timeout: float) -> dict | None:
+        """The next message with ``"event": event`` (others are dropped); None after ``timeout``.
+
+        Raises HandshakeError when the program goes away first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                msg = self._messages.get(timeout=left)
+            except queue.Empty:
+                return None
+            if msg is None:
+                self._messages.put(None)   # stays gone for later waits
+                raise HandshakeError("the program closed its socket or exited")
+            if msg.get("event") == event:
+                return msg

@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
@@ -28,8 +27,8 @@ from . import codec, transport
 from ._native import ffi
 from .dirty import PagemapScanner
 from .discards import DiscardEncoder
-from .errors import PeerDisconnected, PostcopyError
-from .handshake import ControlChannel, Handover, HandshakeError, receive_handover
+from .errors import PostcopyError
+from .handshake import ControlReader, Handover, HandshakeError, receive_handover
 from .memory import RamBlock, blocks_from_regions
 from .source import TP, PageStreamer, send_preamble
 from .uffd import Userfaultfd
@@ -91,39 +90,17 @@ class AttachedSource:
         self.handover = handover
         self.pid = handover.pid
         self.uffd = Userfaultfd.adopt(handover.uffd)   # keeps the WP registration alive
-        self.control = ControlChannel(handover.sock)
-        self.messages: queue.Queue = queue.Queue()
-        self.gone = threading.Event()
+        self.control = ControlReader(handover.sock, name="postcopy/source-program")
+        self.gone = self.control.gone
         self.stopped_by_signal = False
         self.paused = False
-        threading.Thread(target=self._read, name="postcopy/source-program", daemon=True).start()
-
-    def _read(self):
-        try:
-            while True:
-                msg = self.control.receive()
-                if msg is None:
-                    break
-                self.messages.put(msg)
-        except (OSError, PostcopyError):
-            pass
-        self.gone.set()
-        self.messages.put(None)
 
     def _await(self, event: str, timeout: float) -> dict | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                msg = self.messages.get(timeout=left)
-            except queue.Empty:
-                return None
-            if msg is None:
-                raise PostcopyError(f"the program being migrated (pid {self.pid}) exited or closed its socket")
-            if msg.get("event") == event:
-                return msg
+        try:
+            return self.control.wait_for(event, timeout)
+        except HandshakeError:
+            raise PostcopyError(f"the program being migrated (pid {self.pid}) exited or closed its socket") \
+                from None
 
     def pause(self) -> str:
         """Pause the program: a pause request, acknowledged; SIGSTOP if it does not answer."""

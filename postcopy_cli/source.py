@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from . import codec
 from ._native import ffi, lib
+from .sched import make_latency_thread
 from .errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError, UsageError
 
 log = logging.getLogger("postcopy.source")
@@ -342,6 +343,7 @@ class PageStreamer:
 
     def _serve_requests(self) -> None:
         """The request thread: read the return path, answer requests on the preempt channel."""
+        make_latency_thread()
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         try:
