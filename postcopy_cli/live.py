@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from . import codec, transport
-from ._native import ffi
+from ._native import ffi, lib
 from .dirty import PagemapScanner
 from .discards import DiscardEncoder
 from .errors import PostcopyError
@@ -40,47 +40,42 @@ READ_CHUNK_PAGES = 256
 
 
 class ProcessMemory:
-    """The attached program's RAM blocks, read through /proc/PID/mem (GIL released in the read)."""
+    """The attached program's RAM blocks, read with process_vm_readv (native, GIL released)."""
 
     def __init__(self, pid: int, blocks: list[RamBlock]):
         self.pid = pid
         self.ram_blocks = blocks
         self.blocks = [codec.BlockInfo(b.name, b.length, b.page_size) for b in blocks]
-        try:
-            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise PostcopyError(f"cannot read the memory of pid {pid}: {e.strerror}") from None
         # one buffer per sending thread (background, requests)
         self._bufs = [ffi.new("uint8_t[]", READ_CHUNK_PAGES * TP) for _ in range(2)]
-        self._views = [memoryview(ffi.buffer(b)) for b in self._bufs]
 
     def pages(self, block: int, offset: int, count: int, slot: int = 0):
         """Pointer to ``count`` target pages read from the program (valid until the next call for ``slot``)."""
         if count > READ_CHUNK_PAGES:
             raise ValueError(f"read at most {READ_CHUNK_PAGES} pages at a time")
         b = self.ram_blocks[block]
-        view = self._views[slot]
+        buf = self._bufs[slot]
         done = 0
         while done < count * TP:
             addr = b.host_address(offset + done)
-            want = count * TP - done
             if addr is None:   # a hole no region maps: zeros
-                view[done:done + TP] = bytes(TP)
+                ffi.memmove(buf + done, bytes(TP), TP)
                 done += TP
                 continue
-            try:
-                n = os.preadv(self._fd, [view[done:done + want]], addr)
-            except OSError as e:
-                raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: {e.strerror}") from None
-            if n <= 0:
-                raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: short read")
-            done += n
-        return self._bufs[slot]
+            # stay inside the segment holding addr
+            want = TP
+            while done + want < count * TP and b.host_address(offset + done + want) == addr + want:
+                want += TP
+            n = lib.pc_proc_read(self.pid, addr, buf + done, want)
+            if n < 0:
+                raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: {os.strerror(-n)}")
+            if n < want:
+                raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: short read ({n})")
+            done += want
+        return buf
 
     def close(self):
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        pass
 
 
 class AttachedSource:
@@ -225,13 +220,13 @@ class LiveMigration:
         self.stats: dict = {}
         self.run_sent = False   # POSTCOPY_RUN handed to the kernel: the destination may be running the program
 
-    def _written(self) -> list[list[tuple[int, int]]]:
-        """Per block, the page runs written since the last scan (and protect them again)."""
+    def _written(self, *, reprotect: bool = True) -> list[list[tuple[int, int]]]:
+        """Per block, the page runs written since the last scan (and, with ``reprotect``, protect them again)."""
         out = []
         for b in self.ram_blocks:
             runs = []
             for s in b.segments:
-                for a, e in self.scanner.written(s.host_addr, s.host_addr + s.size):
+                for a, e in self.scanner.written(s.host_addr, s.host_addr + s.size, reprotect=reprotect):
                     runs.extend(_pages_in(b, a, e))
             out.append(runs)
         return out
@@ -252,9 +247,9 @@ class LiveMigration:
                         f"with UFFDIO_REGISTER_MODE_WP after UFFDIO_API with UFFD_FEATURE_WP_ASYNC "
                         f"(PAGEMAP_SCAN: {os.strerror(e.errno)})") from None
 
-    def _refill(self) -> None:
+    def _refill(self, *, reprotect: bool = True) -> None:
         """End of a pre-copy pass: what was dirtied meanwhile goes again."""
-        for bi, runs in enumerate(self._written()):
+        for bi, runs in enumerate(self._written(reprotect=reprotect)):
             ts = self.streamer.to_send[bi]
             for first, count in runs:
                 ts[first:first + count] = b"\x01" * count
@@ -276,8 +271,10 @@ class LiveMigration:
         how = self.program.pause()
         t_paused = time.monotonic()
         # everything dirtied since the last scan goes again in post-copy; of what
-        # goes again, whatever the destination already has a version of is stale
-        self._refill()
+        # goes again, whatever the destination already has a version of is stale.
+        # The program is paused: no need to write-protect again (cheaper scan).
+        self._refill(reprotect=False)
+        t_scanned = time.monotonic()
         discards = 0
         commands: list[bytes] = []
         for bi, b in enumerate(self.ram_blocks):
@@ -303,6 +300,7 @@ class LiveMigration:
             "pause": how,
             "downtime_ms": round((t_run - t_switch) * 1000, 3),
             "pause_ms": round((t_paused - t_switch) * 1000, 3),
+            "final_scan_ms": round((t_scanned - t_paused) * 1000, 3),
             "discarded_pages": discards,
             "discard_commands": len(commands),
             "postcopy_pages": postcopy_pages,

@@ -181,3 +181,24 @@ int64_t pc_src_send_pages(int fd, const uint8_t *data, uint64_t offset, uint64_t
     }
     return total;
 }
+
+/* Read len bytes at addr of process pid into buf (process_vm_readv(2): the
+ * pages are pinned and copied in batches, no per-page syscall). Returns
+ * bytes read or -errno. */
+int64_t pc_proc_read(int pid, uint64_t addr, uint8_t *buf, uint64_t len)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        struct iovec l = { buf + done, len - done }, r = { (void *)(uintptr_t)(addr + done), len - done };
+        ssize_t n = process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return done ? (int64_t)done : -errno;
+        }
+        if (n == 0)
+            break;
+        done += (uint64_t)n;
+    }
+    return (int64_t)done;
+}
