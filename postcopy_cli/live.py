@@ -113,10 +113,10 @@ class AttachedSource:
         self.stopped_by_signal = self.paused = True
         return "SIGSTOP"
 
-    def resume(self) -> None:
-        """Let the program go on where it was (a failed migration loses nothing)."""
+    def resume(self) -> bool:
+        """Let the program go on where it was (a failed migration loses nothing); True if it was paused."""
         if not self.paused:
-            return
+            return False
         if self.stopped_by_signal:
             os.kill(self.pid, signal.SIGCONT)
         else:
@@ -126,6 +126,7 @@ class AttachedSource:
             except (OSError, PostcopyError):
                 pass
         self.paused = False
+        return True
 
     def migrated(self) -> None:
         """Tell the program it now runs on the destination (it stays paused here)."""
@@ -340,9 +341,10 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
             ran = mig is not None and mig.run_sent
             if not ran:
                 # before RUN the program is still the only copy: let it go on
-                program.resume()
+                was_paused = program.resume()
                 if isinstance(e, PostcopyError):
-                    e.args = (f"{e.args[0] if e.args else e} (the program was resumed on the source)",)
+                    note = "was resumed" if was_paused else "keeps running"
+                    e.args = (f"{e.args[0] if e.args else e} (the program {note} on the source)",)
             raise
         finally:
             if mig is not None:

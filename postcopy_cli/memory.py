@@ -14,6 +14,8 @@ import mmap
 import os
 from dataclasses import dataclass, field
 
+from .units import parse_size  # noqa: F401  (re-exported)
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
@@ -129,22 +131,6 @@ def blocks_from_regions(regions) -> list[RamBlock]:
         blocks.append(RamBlock(name, length, regs[0].page_size,
                                [Segment(r.offset, r.host_addr, r.size) for r in regs]))
     return blocks
-
-
-def parse_size(text: str) -> int:
-    """'4096', '64K', '512M', '1G' -> bytes (powers of 1024)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    if t and t[-1] in "KMGT":
-        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
-        t = t[:-1]
-    try:
-        value = int(t, 0)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (bytes, or a number with K, M, G or T)") from None
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return value * mult
 
 
 __all__ = ["MADV_DONTNEED", "MADV_REMOVE", "MADV_HUGEPAGE", "MADV_NOHUGEPAGE", "HOST_PAGE_SIZE", "madvise",

@@ -137,6 +137,52 @@ def test_bad_format(capfd):
     assert run(["send-discards", "--block", "a", "--pages", "1", "--format", "xml"]) == 2
 
 
-def test_to_not_built(capfd):
-    assert run(["send-discards", "--block", "a", "--pages", "1", "--to", "tcp:127.0.0.1:1"]) == 1
-    assert "not built yet" in capfd.readouterr().err
+def test_to_sends_the_raw_commands_over_tcp(capfd):
+    """--to connects and writes exactly the bytes --format raw would print."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    got = []
+
+    def accept():
+        conn, _ = listener.accept()
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        got.append(data)
+        conn.close()
+
+    t = threading.Thread(target=accept)
+    t.start()
+    port = listener.getsockname()[1]
+    assert run(["send-discards", "--block", "pc.ram", "--pages", "1,3-5", "--format", "raw",
+                "--to", f"tcp:127.0.0.1:{port}"]) == 0
+    t.join(10)
+    listener.close()
+    assert run(["send-discards", "--block", "pc.ram", "--pages", "1,3-5", "--format", "raw"]) == 0
+    printed = capfd.readouterr().out.encode("latin-1")
+    assert got and got[0] == printed and got[0].startswith(b"\x08\x00\x06")
+
+
+def test_to_refused_connection_is_exit_4(capfd):
+    listener = socket_free_port()
+    assert run(["send-discards", "--block", "a", "--pages", "1", "--format", "raw",
+                "--to", f"tcp:127.0.0.1:{listener}"]) == 4
+    assert "cannot connect" in capfd.readouterr().err
+
+
+def test_to_with_hex_is_a_usage_error(capfd):
+    assert run(["send-discards", "--block", "a", "--pages", "1", "--format", "hex", "--to", "tcp:127.0.0.1:1"]) == 2
+
+
+def socket_free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -6,7 +6,7 @@ import sys
 import click
 
 from ..errors import UsageError
-from ..memory import parse_size
+from ..units import parse_size
 from ._common import common_options, emit_json
 
 

@@ -9,10 +9,8 @@ import logging
 
 import click
 
-from .. import discards
-from ..codec import MAX_DISCARDS_PER_COMMAND, TARGET_PAGE_SIZE
 from ..errors import LocalProtocolError, UsageError
-from ._common import common_options, emit_json, not_built
+from ._common import common_options, emit_json
 
 log = logging.getLogger("postcopy.send_discards")
 
@@ -28,12 +26,18 @@ def _split_commands(chunk: bytes):
 
 
 class _Output:
-    def __init__(self, path: str, enabled: bool):
+    """Where the commands go: stdout, a file, or a connection (``conn``)."""
+
+    def __init__(self, path: str, enabled: bool, conn=None):
         self.path = path
         self.enabled = enabled
+        self.conn = conn
         self.f = None
 
     def __enter__(self):
+        if self.conn is not None:
+            self.f = self.conn.makefile("wb")
+            return self
         if not self.enabled:
             return self
         if self.path == "-":
@@ -50,7 +54,12 @@ class _Output:
             self.f.write(data)
 
     def __exit__(self, *exc):
-        if self.f is not None:
+        if self.conn is not None:
+            try:
+                self.f.close()
+            finally:
+                self.conn.close()
+        elif self.f is not None:
             if self.path == "-":
                 self.f.flush()
             else:
@@ -63,15 +72,17 @@ class _Output:
 @click.option("--bitmap", "bitmap_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               metavar="FILE", help="Dirty-page bitmap: little-endian, bit i of byte i/8 = page i ('-' = stdin).")
 @click.option("--pages", "pages", default=None, metavar="LIST", help="Dirty pages, e.g. 3,7-9 (inclusive ranges).")
-@click.option("--page-size", type=int, default=TARGET_PAGE_SIZE, show_default=True,
+@click.option("--page-size", type=int, default=4096, show_default=True,
               help="Bytes per page of the bitmap / page list.")
-@click.option("--max-per-command", type=int, default=MAX_DISCARDS_PER_COMMAND, show_default=True,
+@click.option("--max-per-command", type=int, default=12, show_default=True,
               help="Most ranges in one POSTCOPY_RAM_DISCARD command.")
 @click.option("--format", "fmt", type=click.Choice(["raw", "hex", "json"]), default="hex", show_default=True,
               help="raw: the COMMAND section bytes; hex: one command per line; json: a list of commands.")
 @click.option("--output", "-o", "output", default="-", show_default=True, metavar="FILE|-",
               help="Where the commands go (with --json and '-', only the summary is printed).")
-@click.option("--to", "to", default=None, metavar="URI", help="Send to tcp:HOST:PORT or unix:PATH (not built yet).")
+@click.option("--to", "to", default=None, metavar="URI",
+              help="Send the commands (raw bytes, as on the main stream) to tcp:HOST:PORT or unix:PATH "
+                   "instead of writing them.")
 @common_options
 def send_discards(block: str, bitmap_path: str | None, pages: str | None, page_size: int, max_per_command: int,
                   fmt: str, output: str, to: str | None, as_json: bool) -> None:
@@ -81,6 +92,8 @@ def send_discards(block: str, bitmap_path: str | None, pages: str | None, page_s
     --max-per-command per command.  With --json a summary
     {"block","pages","ranges","commands","bytes"} is printed on stdout.
     """
+    from .. import discards
+
     if (bitmap_path is None) == (pages is None):
         raise UsageError("give exactly one of --bitmap FILE or --pages LIST")
     if max_per_command < 1:
@@ -92,8 +105,13 @@ def send_discards(block: str, bitmap_path: str | None, pages: str | None, page_s
     except LocalProtocolError as e:
         opt = "--page-size" if "page size" in str(e) else "--block"
         raise UsageError(f"{opt}: {e}") from None
+    conn = None
     if to is not None:
-        not_built("send-discards --to (sending needs the transport)")
+        from .. import transport
+
+        if fmt != "raw" or output != "-":
+            raise UsageError("--to sends raw commands: it goes without --format json|hex and --output")
+        conn = transport.connect(transport.parse_address(to), timeout=2.0)
 
     bitmap = None
     runs = None
@@ -111,7 +129,7 @@ def send_discards(block: str, bitmap_path: str | None, pages: str | None, page_s
 
     name_len = len(block.encode("utf-8"))
     write_cmds = not (as_json and output == "-")
-    with _Output(output, write_cmds) as out:
+    with _Output(output, write_cmds, conn) as out:
         if fmt == "json":
             source = discards.page_runs(bitmap) if bitmap is not None else runs
             out.write(b"[")

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .. import guest
 from ..errors import UsageError
-from ..memory import parse_size
+from ..units import parse_size
 from ._common import common_options, emit_json
 
 
@@ -14,8 +13,8 @@ def _size(text: str) -> int:
         size = parse_size(text)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if size % guest.PAGE or size < 2 * guest.PAGE:
-        raise UsageError(f"memory size {text} must be a multiple of {guest.PAGE} bytes and at least 2 pages")
+    if size % 4096 or size < 2 * 4096:
+        raise UsageError(f"memory size {text} must be a multiple of 4096 bytes and at least 2 pages")
     return size
 
 
@@ -25,9 +24,13 @@ def _finish(report: dict | None) -> None:
         return
     emit_json(report)
     if report.get("check", "ok") != "ok":
-        raise guest.WorkloadError(f"memory check failed at page {report['first_bad_page']}")
+        from ..guest import WorkloadError
+
+        raise WorkloadError(f"memory check failed at page {report['first_bad_page']}")
     if report.get("mismatches"):
-        raise guest.WorkloadError(f"{report['mismatches']} page(s) differ from the expected content, "
+        from ..guest import WorkloadError
+
+        raise WorkloadError(f"{report['mismatches']} page(s) differ from the expected content, "
                                   f"first page {report['first_mismatch']}")
 
 
@@ -36,7 +39,7 @@ _attach = click.option("--attach", "path", required=True, metavar="PATH",
 _connect = click.option("--connect-timeout", type=float, default=5.0, show_default=True,
                         help="Seconds to keep retrying while PATH does not exist yet.")
 _mem = click.option("--mem", "mem", required=True, metavar="SIZE", help="RAM size (e.g. 64M, 1G).")
-_step = click.option("--step", type=click.IntRange(min=1), default=guest.PAGE, show_default=True,
+_step = click.option("--step", type=click.IntRange(min=1), default=4096, show_default=True,
                      help="Bytes between the bytes the loop increments.")
 _report = click.option("--report-after", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
                        help="Run this long, then pause, check the memory, print one JSON line and exit.")
@@ -56,6 +59,8 @@ def workload() -> None:
 @common_options
 def run(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float, as_json: bool) -> None:
     """Start fresh and hand the memory over to `postcopy migrate --attach` (write-protect tracking)."""
+    from .. import guest
+
     _finish(guest.run_source(_size(mem), path, step=step, report_after=report_after,
                               connect_timeout=connect_timeout))
 
@@ -70,6 +75,8 @@ def run(mem: str, path: str, step: int, report_after: float | None, connect_time
 def incoming(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float,
              as_json: bool) -> None:
     """Hand empty memory to `postcopy serve-dest --uffd-socket`, wait for RUN, continue the loop."""
+    from .. import guest
+
     _finish(guest.run_incoming(_size(mem), path, step=step, report_after=report_after,
                                 connect_timeout=connect_timeout))
 
@@ -87,5 +94,7 @@ def incoming(mem: str, path: str, step: int, report_after: float | None, connect
 def touch(size: str, path: str, image: str | None, order: str, seed: int, wait_run: bool, connect_timeout: float,
           as_json: bool) -> None:
     """Hand empty memory over, touch every page, report latencies; exit 0 only if every page matched."""
+    from .. import guest
+
     _finish(guest.run_touch(_size(size), path, image=image, order=order, seed=seed, wait_run=wait_run,
                              connect_timeout=connect_timeout))
