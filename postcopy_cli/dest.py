@@ -14,6 +14,7 @@ program's, handed over with its userfaultfd (:mod:`postcopy_cli.handshake`).
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import os
 import socket
@@ -191,8 +192,10 @@ class Destination:
                 try:
                     self.uffd.register(s.host_addr, s.size, RegisterMode.MISSING)
                 except UffdError as e:
-                    if self.program and _peer_closed(self.program.sock):
-                        # its address space is gone (ENOMEM), not a registration problem
+                    # ENOMEM: the program's address space is gone (fs/userfaultfd.c
+                    # fails mmget_not_zero() with it): it is exiting, even if its
+                    # socket is not closed yet (exit_mm() runs before exit_files())
+                    if self.program and (e.errno == errno.ENOMEM or _peer_closed(self.program.sock)):
                         raise ProgramGone(f"the attached program (pid {self.program.pid}) exited or closed its "
                                           f"socket before its memory could be registered") from None
                     raise PostcopyError(f"cannot register block {b.name!r} at {s.host_addr:#x}+{s.size:#x} with "

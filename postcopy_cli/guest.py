@@ -193,6 +193,8 @@ class NativeLoop:
         if r == -errno.ETIMEDOUT:
             raise WorkloadError(f"workload did not start within {timeout} s (state page not arriving?)")
         if r < 0:
+            # the loop has ended: its thread stores the reason as it returns
+            self._thread.join(1.0)
             raise WorkloadError(f"workload could not start: {self.failed() or os.strerror(-r)}")
         return self.start_passes
 
