@@ -576,53 +576,62 @@ class _Channel:
         return n
 
     def receive_loop(self) -> None:
-        """Bytes in; the bulk of each RAM section goes to the native fast path, the rest to the codec.
+        """Bytes in; the bulk of each RAM section goes to the native pump, the rest to the codec.
 
-        Inside a RAM section, after its first (named) record, runs of
-        PAGE|CONTINUE and ZERO|CONTINUE records are parsed and placed in native
-        code straight from the receive buffer; anything else (and anything the
-        fast path does not take) goes through the validating sans-IO decoder.
+        Inside a RAM section, after its first (named) record, the native pump
+        receives and places runs of PAGE|CONTINUE and ZERO|CONTINUE records
+        with the GIL released, straight from the receive buffer; anything else
+        goes through the validating sans-IO decoder.
         """
         decoder, conn, dest = self.decoder, self.conn, self.dest
         index = dest.index
         native = dest._native
         fast = ffi.new("struct pc_ram_fast *")
         small_pages = [b.page_size == TP for b in dest.blocks]
-        rb = bytearray(RECV_CHUNK + (64 << 10))
+        rb = bytearray(RECV_CHUNK)
         view = memoryview(rb)
-        start = end = 0
+        ptr = ffi.from_buffer(rb)
+        span = ffi.new("uint64_t[2]")          # [start, end) of unconsumed bytes in rb
+        fd = conn.fileno()
+        timeout_ms = -1 if conn.gettimeout() is None else int(conn.gettimeout() * 1000)
         eof = False
         while not eof:
-            if start == end:
-                start = end = 0
-            elif len(rb) - end < (64 << 10):
-                rb[:end - start] = rb[start:end]
-                end -= start
-                start = 0
-            end += self._recv_into(conn, view[end:])
-            while start < end and not eof:
-                name = decoder.ram_block()
-                if name is not None and small_pages[index[name]] and not decoder.buffered:
-                    self._flush()
-                    lib.pc_dest_ram_fast(native, index[name], ffi.from_buffer(rb) + start, end - start, fast)
-                    start += fast.consumed
-                    decoder.consumed_elsewhere(fast.consumed)
-                    if fast.error:
-                        dest._placement_failed(fast.error, index[name], fast.error_offset)
-                    if not fast.stop:
-                        break   # a partial record: wait for more bytes
-                decoder.feed(bytes(view[start:end]))
-                start = end
-                eof = self._decode_events(decoder)
-                if not eof and decoder.ram_block() is not None and decoder.buffered:
-                    rest = decoder.take_unconsumed()
-                    if len(rest) > len(rb):
-                        rb.extend(bytes(len(rest) - len(rb)))
-                        view = memoryview(rb)
-                    rb[:len(rest)] = rest
-                    start, end = 0, len(rest)
+            name = decoder.ram_block()
+            if name is not None and small_pages[index[name]] and not decoder.buffered:
+                self._flush()
+                r = lib.pc_dest_pump(native, fd, index[name], ptr, len(rb), span, span + 1, timeout_ms, fast)
+                decoder.consumed_elsewhere(fast.consumed)
+                if fast.error:
+                    dest._placement_failed(fast.error, index[name], fast.error_offset)
+                if r != lib.PC_PUMP_STOP:
+                    self._pump_ended(r)
+                data = bytes(view[span[0]:span[1]])
+                span[0] = span[1] = 0
+            else:
+                n = self._recv_into(conn, view)
+                data = bytes(view[:n])
+            decoder.feed(data)
+            eof = self._decode_events(decoder)
+            if not eof and decoder.ram_block() is not None and 0 < decoder.buffered <= len(rb):
+                # back to the fast path: the decoder's unconsumed bytes go first
+                rest = decoder.take_unconsumed()
+                view[:len(rest)] = rest
+                span[0], span[1] = 0, len(rest)
             self._flush()
+        dest._check_fault_thread()
+
+    def _pump_ended(self, r: int) -> None:
+        dest, decoder = self.dest, self.decoder
+        if r == lib.PC_PUMP_FAULT_THREAD:
             dest._check_fault_thread()
+        dest._check_program()
+        dest._check_preempt()
+        if r == -errno.ETIMEDOUT:
+            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s (stream offset {decoder.offset})")
+        if r == lib.PC_PUMP_EOF:
+            raise PeerDisconnected(f"the source disconnected before the end of the migration "
+                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
+        raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: {os.strerror(-r)}")
 
     def _decode_events(self, decoder) -> bool:
         """Handle decoded events until the decoder needs data or can hand over to the fast path."""

@@ -49,8 +49,16 @@ class ProcessMemory:
         # one buffer per sending thread (background, requests)
         self._bufs = [ffi.new("uint8_t[]", READ_CHUNK_PAGES * TP) for _ in range(2)]
 
+    def base(self, block: int):
+        return ffi.NULL   # not in our memory: read from the program
+
+    def segments(self, block: int) -> list[tuple[int, int, int]]:
+        return [(s.offset, s.host_addr, s.size) for s in self.ram_blocks[block].segments]
+
     def pages(self, block: int, offset: int, count: int, slot: int = 0):
-        """Pointer to ``count`` target pages read from the program (valid until the next call for ``slot``)."""
+        """Pointer to ``count`` target pages read from the program (valid until the next call for ``slot``).
+
+        The native request server reads with its own buffer."""
         if count > READ_CHUNK_PAGES:
             raise ValueError(f"read at most {READ_CHUNK_PAGES} pages at a time")
         b = self.ram_blocks[block]

@@ -55,6 +55,15 @@ class ImageMemory:
             self._tail = ffi.new("uint8_t[]", TP)
             ffi.memmove(self._tail, self._view[size - size % TP:], size % TP)
 
+    pid = 0   # the pages are in our own memory
+
+    def base(self, block: int):
+        """Pointer to the block in our memory (the kernel maps the image's last page whole)."""
+        return self._base
+
+    def segments(self, block: int) -> list:
+        return []
+
     def pages(self, block: int, offset: int, count: int, slot: int = 0):
         """Pointer to ``count`` contiguous target pages from ``offset`` (the mapping: always valid)."""
         if self._tail is not None and offset + count * TP > self.size:
@@ -136,9 +145,31 @@ class PageStreamer:
         self.main = _Lane(conn, 0)
         self.preempt = _Lane(preempt, 1) if preempt is not None else None
         conn.setblocking(True)
+        self._server = None
         if preempt is not None:
             preempt.setblocking(True)
             self._send(self.preempt, [codec.encode(codec.Header()), codec.encode(codec.PreemptChannel())])
+            self._server = self._request_server()
+
+    def _request_server(self):
+        """The native request server (source.c) over our page bookkeeping."""
+        self._quit_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        srv = ffi.gc(lib.pc_src_new(self._fd, self.preempt.fd, self._quit_fd, self.memory.pid), lib.pc_src_free)
+        if srv == ffi.NULL:
+            raise MemoryError("pc_src_new")
+        srv.max_bandwidth = self.max_bandwidth
+        srv.t0_ns = int(self._t0 * 1e9)   # time.monotonic() is CLOCK_MONOTONIC
+        self._keep = []   # the bytearrays the server points into must stay alive and unresized
+        for bi, b in enumerate(self.blocks):
+            to_send = ffi.from_buffer(self.to_send[bi])
+            sent = ffi.from_buffer(self.sent[bi]) if self.sent is not None else ffi.NULL
+            self._keep += [to_send, sent]
+            r = lib.pc_src_add_block(srv, b.name.encode(), b.length, b.page_size, self.memory.base(bi), to_send, sent)
+            if r < 0:
+                raise PostcopyError(f"request server: block {b.name!r}: {os.strerror(-r)}")
+            for offset, addr, size in self.memory.segments(bi):
+                lib.pc_src_add_segment(srv, bi, offset, addr, size)
+        return srv
 
     # -- sending ---------------------------------------------------------------------
     def _send(self, lane: _Lane, parts: list) -> None:
@@ -231,6 +262,7 @@ class PageStreamer:
         with self._lock:
             chunk = self._next_chunk()
             if chunk is None:
+                self.remaining = 0   # (the request server may have taken the last pages)
                 return False
             bi, first, count = chunk
             # a page the request thread sent meanwhile may go twice: harmless
@@ -251,6 +283,9 @@ class PageStreamer:
             raise PeerDisconnected(f"the destination connection failed: {e.strerror or e}") from None
         if not data:
             raise PeerDisconnected("the destination disconnected before answering SHUT")
+        self._handle_return_path(data)
+
+    def _handle_return_path(self, data: bytes) -> None:
         self.decoder.feed(data)
         for ev in self.decoder.events():
             t = type(ev)
@@ -274,7 +309,12 @@ class PageStreamer:
         if not self.max_bandwidth:
             return 0.0
         elapsed = time.monotonic() - self._t0
-        ahead = self.stats["bytes"] / self.max_bandwidth - elapsed
+        sent = self.stats["bytes"]
+        if self._server is not None:
+            # requested pages count against the cap too (the server waits as well)
+            self._server.bg_bytes = sent
+            sent += self._server.st.bytes
+        ahead = sent / self.max_bandwidth - elapsed
         return max(0.0, ahead)
 
     def _begin_section(self, lane: _Lane) -> None:
@@ -342,21 +382,58 @@ class PageStreamer:
         return passes
 
     def _serve_requests(self) -> None:
-        """The request thread: read the return path, answer requests on the preempt channel."""
+        """The request thread: the native server answers requests on the preempt channel;
+        whatever else comes on the return path (SHUT, PONG, anything malformed) goes to the codec."""
         make_latency_thread()
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN)
+        srv, lane = self._server, self.preempt
         try:
             while self.shut is None:
-                if not poller.poll(200):
-                    continue
-                self._receive()
-                self._last_heard = time.monotonic()
+                r = lib.pc_src_serve(srv)
+                if r == lib.PC_SERVE_QUIT:
+                    return
+                if r == lib.PC_SERVE_EOF:
+                    raise PeerDisconnected("the destination disconnected before answering SHUT")
+                if r < 0:
+                    raise PeerDisconnected(f"the destination connection failed: {os.strerror(-r)}")
+                self._take_from_server()
+                lane.named = srv.named
+                self._handle_return_path(b"")
                 if self.requests:
-                    self._send_requested(self.preempt)
+                    self._send_requested(lane)
+                srv.named = lane.named
+                last = self.decoder.last_block
+                srv.last_block = self.index[last] if last is not None else -1
+                rest = self.decoder.take_unconsumed()
+                ffi.memmove(srv.rbuf, rest, len(rest))
+                srv.rlen = len(rest)
+                srv.need_more = 1 if rest else 0
+                self._last_heard = time.monotonic()
         except BaseException as e:   # handed to the streaming thread
             self._error = e
             self._shut_event.set()
+
+    def _take_from_server(self) -> None:
+        """The server's unparsed bytes and REQ_PAGES state go (back) to the codec."""
+        srv = self._server
+        self.decoder.consumed_elsewhere(srv.consumed)
+        srv.consumed = 0
+        self.decoder.last_block = self.blocks[srv.last_block].name if srv.last_block >= 0 else None
+        self.decoder.feed(bytes(ffi.buffer(srv.rbuf, srv.rlen)))
+        srv.rlen = 0
+
+    def _stop_request_server(self) -> None:
+        os.eventfd_write(self._quit_fd, 1)
+        self._request_thread.join()
+        os.close(self._quit_fd)
+        if self.decoder.buffered == 0:
+            self._take_from_server()   # from here on the codec reads the return path
+        st = self._server.st
+        self.stats["requests"] += st.requests
+        self.stats["requested_pages"] += st.requested_pages
+        self.stats["resent_pages"] += st.resent_pages
+        self.stats["requests_already_sent"] += st.resent_pages
+        self.stats["bytes"] += st.bytes
+        self.stats["zero_pages"] += st.zero_pages
 
     def _raise_thread_error(self) -> None:
         if self._error is not None:
@@ -371,11 +448,18 @@ class PageStreamer:
                 self._pump()
         else:
             self._begin_section(self.preempt)
-            thread = threading.Thread(target=self._serve_requests, name="postcopy/requests", daemon=True)
-            thread.start()
-            while self.remaining and self.shut is None:
-                self._raise_thread_error()
-                self._pump(serve_requests=False)
+            self._request_thread = threading.Thread(target=self._serve_requests, name="postcopy/requests",
+                                                    daemon=True)
+            self._request_thread.start()
+            try:
+                # the server takes pages too, so ``remaining`` over-estimates:
+                # done is when no page is left to send
+                while self.remaining and self.shut is None:
+                    self._raise_thread_error()
+                    self._pump(serve_requests=False)
+            finally:
+                self._stop_request_server()
+            self._raise_thread_error()
             with self.preempt.lock:
                 self._send(self.preempt, [self.enc.end(), codec.encode(codec.Eof())])
                 self.preempt.ended = True
@@ -384,11 +468,7 @@ class PageStreamer:
             self.main.ended = True
         self._last_heard = time.monotonic()
         while self.shut is None:
-            if self.preempt is None:
-                self._pump()
-            else:
-                self._shut_event.wait(0.2)
-                self._raise_thread_error()
+            self._pump()
             if self.shut is None and time.monotonic() - self._last_heard > self.timeout:
                 raise PeerTimeout(f"the destination did not answer SHUT within {self.timeout:g} s of EOF")
         if self.shut != 0:

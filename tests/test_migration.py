@@ -40,7 +40,7 @@ def _popen(argv, **kw):
                             env=_env(), **kw)
 
 
-def _stats_ok(stats: dict, image_bytes: bytes, block_len: int, resent: int = 0):
+def _stats_ok(stats: dict, image_bytes: bytes, block_len: int, requests: int = 0):
     pages = stats["pages"]
     total = block_len // PAGE
     assert pages["total"] == total
@@ -49,9 +49,9 @@ def _stats_ok(stats: dict, image_bytes: bytes, block_len: int, resent: int = 0):
     # counted also under "zero"); pages the program dropped itself count as received only
     assert pages["demand"] + pages["background"] == total - pages["removed-by-program"]
     assert pages["removed-by-program"] == 0
-    # a requested page still in flight on the main stream is sent again on the
-    # preempt channel; whichever copy comes second is skipped
-    assert pages["skipped"] <= resent
+    # a requested page may come on both channels (sent again on the preempt
+    # channel while still in flight on the main stream); the second copy is skipped
+    assert pages["skipped"] <= requests
     padded = image_bytes + bytes(block_len - len(image_bytes))
     assert pages["zero"] == zero_pages_of(padded)
     assert stats["bytes"] == total * PAGE
@@ -120,13 +120,16 @@ def test_image_restore_into_attached_toucher(tmp_path, serve_dest, transport, or
     stats = json.loads(out)
     assert json.loads(stats_file.read_text()) == stats
     src = json.loads(mig.stdout)
-    _stats_ok(stats, data, block_len, resent=src["resent_pages"])
+    _stats_ok(stats, data, block_len, requests=src["requests"])
     if order == "random":
         assert stats["postcopy-requests"] >= 1
         assert stats["pages"]["demand"] >= 1
 
     assert src["pages"] == block_len // PAGE
-    assert src["requested_pages"] + src["background_pages"] == block_len // PAGE
+    # every page goes once; a requested one may go on both channels (a race the
+    # destination resolves by skipping the second copy)
+    sent = src["requested_pages"] + src["background_pages"]
+    assert block_len // PAGE <= sent <= block_len // PAGE + src["requests"]
     assert src["zero_pages"] == stats["pages"]["zero"]
 
 

@@ -156,6 +156,23 @@ class _Buffered:
         self._pos = 0
         return True
 
+    def take_unconsumed(self) -> bytes:
+        """Remove and return every byte fed but not consumed yet; the stream offset stays where it is."""
+        rest = b"".join([bytes(self._mv[self._pos:]), *self._chunks])
+        self._base += self._pos
+        self._buf = b""
+        self._mv = memoryview(b"")
+        self._pos = 0
+        self._chunks.clear()
+        self._pending = 0
+        return rest
+
+    def consumed_elsewhere(self, n: int) -> None:
+        """Account for ``n`` bytes of whole RAM records that the caller consumed itself."""
+        if self.buffered:
+            raise ValueError("bytes consumed elsewhere while the decoder holds unconsumed bytes")
+        self._base += n
+
     def _fail(self, problem: str, section: str, offset: int):
         self._error = ProtocolError(problem, section=section, offset=offset)
         raise self._error
@@ -228,23 +245,6 @@ class StreamDecoder(_Buffered):
         itself (see :meth:`take_unconsumed` and :meth:`consumed_elsewhere`).
         """
         return self._cur_name if self._phase == _P_RAM and self._error is None else None
-
-    def take_unconsumed(self) -> bytes:
-        """Remove and return every byte fed but not consumed yet; the stream offset stays where it is."""
-        rest = b"".join([bytes(self._mv[self._pos:]), *self._chunks])
-        self._base += self._pos
-        self._buf = b""
-        self._mv = memoryview(b"")
-        self._pos = 0
-        self._chunks.clear()
-        self._pending = 0
-        return rest
-
-    def consumed_elsewhere(self, n: int) -> None:
-        """Account for ``n`` bytes of whole RAM records that the caller consumed itself."""
-        if self.buffered:
-            raise ValueError("bytes consumed elsewhere while the decoder holds unconsumed bytes")
-        self._base += n
 
     # -- dispatch ----------------------------------------------------------
     def events(self) -> Iterator:
@@ -625,6 +625,16 @@ class ReturnPathDecoder(_Buffered):
         self.blocks = {b.name: b for b in infos}
         self._by_raw = {b.name.encode("utf-8"): b for b in infos}
         self._last_block: BlockInfo | None = None
+
+    @property
+    def last_block(self) -> str | None:
+        """The block a REQ_PAGES refers to (that of the last REQ_PAGES_ID), if any."""
+        return self._last_block.name if self._last_block is not None else None
+
+    @last_block.setter
+    def last_block(self, name: str | None) -> None:
+        """Set by a caller that decoded REQ_PAGES_ID messages itself."""
+        self._last_block = self.blocks[name] if name is not None else None
 
     def next_event(self):
         if self._error is not None:

@@ -93,6 +93,72 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
 #undef FLUSH_ZEROS
 }
 
+/* Receive on fd into buf and place the fast records as they come, all with
+ * the GIL released, until something the fast path does not take.
+ * buf[*start, *end) holds unconsumed bytes on entry and on return.
+ * Returns PC_PUMP_STOP (a record or section for the codec at buf[*start]),
+ * PC_PUMP_EOF (the peer closed), -ETIMEDOUT (nothing for timeout_ms), or
+ * -errno; out->consumed counts every byte consumed, out->error any placement
+ * error (then the return is PC_PUMP_STOP). */
+int pc_dest_pump(struct pc_dest *d, int fd, int block, uint8_t *buf, uint64_t cap, uint64_t *start, uint64_t *end,
+                 int timeout_ms, struct pc_ram_fast *out)
+{
+    struct pc_ram_fast step;
+    uint64_t consumed = 0, records = 0;
+    int r;
+    for (;;) {
+        if (*end > *start) {
+            pc_dest_ram_fast(d, block, buf + *start, *end - *start, &step);
+            *start += step.consumed;
+            consumed += step.consumed;
+            records += step.records;
+            if (step.error || step.stop) {
+                *out = step;
+                r = PC_PUMP_STOP;
+                break;
+            }
+        }
+        if (__atomic_load_n(&d->st.first_error, __ATOMIC_ACQUIRE)) {
+            memset(out, 0, sizeof *out);
+            r = PC_PUMP_FAULT_THREAD;
+            break;
+        }
+        if (*start == *end) {
+            *start = *end = 0;
+        } else if (cap - *end < 8 + TP + 256) {
+            memmove(buf, buf + *start, *end - *start);
+            *end -= *start;
+            *start = 0;
+        }
+        struct pollfd p = { fd, POLLIN, 0 };
+        int pr = poll(&p, 1, timeout_ms);
+        if (pr < 0 && errno == EINTR)
+            continue;
+        if (pr == 0) {
+            memset(out, 0, sizeof *out);
+            r = -ETIMEDOUT;
+            break;
+        }
+        ssize_t n = recv(fd, buf + *end, cap - *end, 0);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            memset(out, 0, sizeof *out);
+            r = -errno;
+            break;
+        }
+        if (n == 0) {
+            memset(out, 0, sizeof *out);
+            r = PC_PUMP_EOF;
+            break;
+        }
+        *end += (uint64_t)n;
+    }
+    out->consumed = consumed;
+    out->records = records;
+    return r;
+}
+
 static int page_is_zero(const uint8_t *p)
 {
     const uint64_t *w = (const uint64_t *)p;
