@@ -359,6 +359,12 @@ class Destination:
         if self._preempt_thread is not None or main is None or not main.decoder.blocks:
             return False
         conn.settimeout(None)   # idle whenever nothing is requested; it ends with the main stream
+        # requests no longer queue behind background pages on the main stream:
+        # it may keep more in flight (fewer wake-ups per byte)
+        try:
+            self._conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        except OSError:
+            pass
         channel = _Channel(self, conn, codec.StreamDecoder(preempt_blocks=main.decoder.blocks))
         self._preempt_conn = conn
         self._preempt_thread = threading.Thread(target=self._run_preempt, args=(channel,),

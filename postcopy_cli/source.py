@@ -26,7 +26,8 @@ from .errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError,
 log = logging.getLogger("postcopy.source")
 
 TP = codec.TARGET_PAGE_SIZE
-CHUNK_PAGES = 64                 # one background chunk: 256 KiB
+CHUNK_PAGES = 256                # one background chunk: 1 MiB
+BULK_BUFFER = 1 << 20            # socket buffer of a main stream that has a preempt channel
 
 
 class ImageMemory:
@@ -148,6 +149,9 @@ class PageStreamer:
         self._server = None
         if preempt is not None:
             preempt.setblocking(True)
+            # requests no longer queue behind background pages: the main stream
+            # may keep more in flight (fewer wake-ups per byte)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BULK_BUFFER)
             self._send(self.preempt, [codec.encode(codec.Header()), codec.encode(codec.PreemptChannel())])
             self._server = self._request_server()
 
