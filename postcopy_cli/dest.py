@@ -146,6 +146,9 @@ class Destination:
         self._preempt_error: PostcopyError | None = None
         self._preempt_conn: socket.socket | None = None
         self._pending_discards: dict[str, list] = {}
+        self._last_ping: tuple[int, float] | None = None
+        self._prev_command = None
+        self.downtime_ms: float | None = None
         self.t_start = time.monotonic()
         self.t_run: float | None = None
         self.t_complete: float | None = None
@@ -309,8 +312,11 @@ class Destination:
     def _run_cmd(self):
         self._main._flush()
         lib.pc_dest_set_overwrite(self._native, 0)
-        self.t_run = time.monotonic()
         self._tell_program({"event": "run", "state": base64.b64encode(self.state_bytes).decode()})
+        self.t_run = time.monotonic()
+        if self._last_ping is not None and self._main.decoder.state == codec.PostcopyState.RUNNING:
+            us, at = self._last_ping
+            self.downtime_ms = round(us / 1000 + (self.t_run - at) * 1000, 3)
 
     def _placement_failed(self, r: int, block: int, offset: int):
         self._check_program()
@@ -407,6 +413,8 @@ class Destination:
             self._check_blocks(ev, off)
         elif t is codec.Ping:
             self._send_rp(codec.encode_rp(codec.Pong(ev.value)))
+            # a live source's PING right before LISTEN: microseconds since it paused
+            self._last_ping = (ev.value, time.monotonic())
         elif t is codec.PostcopyAdvise:
             self._advise(ev, off)
         elif t is codec.PostcopyRamDiscard:
@@ -414,6 +422,8 @@ class Destination:
         elif t is codec.State:
             self.state_bytes = ev.data
         elif t is codec.PostcopyListen:
+            if self._prev_command is not codec.Ping:
+                self._last_ping = None   # only a PING right before LISTEN dates the pause
             self._listen()
         elif t is codec.PostcopyRun:
             self._run_cmd()
@@ -424,6 +434,7 @@ class Destination:
                                 section="COMMAND POSTCOPY_RESUME", offset=off)
         elif t is codec.Eof:
             return True
+        self._prev_command = t
         return False
 
     def _check_fault_thread(self):
@@ -461,7 +472,7 @@ class Destination:
         lib.pc_dest_get_stats(self._native, raw)
         end = self.t_complete or time.monotonic()
         return dest_stats(raw, total_pages=self.total_pages, elapsed_s=end - self.t_start,
-                          run_to_complete_s=(end - self.t_run) if self.t_run else None)
+                          run_to_complete_s=(end - self.t_run) if self.t_run else None, downtime_ms=self.downtime_ms)
 
     def progress(self) -> dict:
         raw = ffi.new("struct pc_dest_stats *")

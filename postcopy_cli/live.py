@@ -291,7 +291,11 @@ class LiveMigration:
             if runs:
                 commands.extend(DiscardEncoder(b.name).encoded(runs))
                 discards += sum(n for _, n in runs)
+        # the PING right before LISTEN carries the microseconds since the pause,
+        # so the destination can report the downtime up to its program's RUN
+        since_pause = min(int((time.monotonic() - t_switch) * 1e6), 0xFFFFFFFF)
         self.conn.sendall(b"".join(commands) + codec.encode(codec.State(opts.state)) +
+                          codec.encode(codec.Ping(since_pause)) +
                           codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
         self.run_sent = True
         t_run = time.monotonic()
@@ -316,6 +320,7 @@ class LiveMigration:
             "postcopy_seconds": round(t_done - t_run, 3),
             "postcopy_requests": st["requests"],
             "requested_pages": st["requested_pages"],
+            "resent_pages": st["resent_pages"],
             "bytes": st["bytes"],
             "zero_pages": st["zero_pages"],
             "total_seconds": round(t_done - t0, 3),

@@ -47,7 +47,7 @@ def _stats_ok(stats: dict, image_bytes: bytes, block_len: int, requests: int = 0
     assert pages["received"] == total
     # every page is placed exactly once, by demand or in background (zero pages included,
     # counted also under "zero"); pages the program dropped itself count as received only
-    assert pages["demand"] + pages["background"] == total - pages["removed-by-program"]
+    assert pages["demand"] + pages["background"] + pages["precopy"] == total - pages["removed-by-program"]
     assert pages["removed-by-program"] == 0
     # a requested page may come on both channels (sent again on the preempt
     # channel while still in flight on the main stream); the second copy is skipped
@@ -311,7 +311,7 @@ def test_firecracker_style_client(tmp_path, serve_dest, regions, field):
     assert json.loads(c_out) == {"mismatches": 0}
     stats = json.loads(out)
     assert stats["pages"]["received"] == stats["pages"]["total"] == size // PAGE
-    assert stats["pages"]["demand"] + stats["pages"]["background"] == mapped // PAGE
+    assert stats["pages"]["demand"] + stats["pages"]["background"] + stats["pages"]["precopy"] == mapped // PAGE
     assert stats["postcopy-requests"] >= 1
 
 

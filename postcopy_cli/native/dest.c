@@ -471,6 +471,9 @@ static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, ui
         if (t0) {
             record_latency(d, t > t0 ? t - t0 : 0);
             __atomic_fetch_add(&d->st.demand_pages, b->page_size / TP, __ATOMIC_RELAXED);
+        } else if (__atomic_load_n(&d->overwrite_ok, __ATOMIC_RELAXED)) {
+            /* before RUN: a pre-copy page */
+            __atomic_fetch_add(&d->st.precopy_pages, b->page_size / TP, __ATOMIC_RELAXED);
         } else {
             __atomic_fetch_add(&d->st.background_pages, b->page_size / TP, __ATOMIC_RELAXED);
         }

@@ -29,7 +29,8 @@ struct pc_dest_stats {
     uint64_t duplicate_faults;  /* faults on pages already requested */
     uint64_t late_faults;       /* faults on pages already placed (woken) */
     uint64_t demand_pages;      /* requested pages placed */
-    uint64_t background_pages;  /* unrequested pages placed */
+    uint64_t background_pages;  /* unrequested pages placed after RUN */
+    uint64_t precopy_pages;     /* unrequested pages placed before RUN (first copies) */
     uint64_t zero_pages;
     uint64_t skipped_pages;     /* arrived but already present */
     uint64_t overwritten_pages; /* sent again in pre-copy: overwritten before RUN */
