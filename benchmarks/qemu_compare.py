@@ -184,7 +184,8 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
             margv += ["--max-bandwidth", f"{bw}M"]
         t0 = time.monotonic()
         mg = spawn("migrate", margv)
-        src = spawn("source", pc + ["workload", "run", "--mem", mem, "--attach", src_sock, "--connect-timeout", "20"])
+        src = spawn("source", pc + ["workload", "run", "--mem", mem, "--attach", src_sock, "--connect-timeout", "20",
+                                      "--warmup-passes", "1"])
         limit = timeout + 60
         rc_sd, _ = wait4(sd, limit, watch=(mg, src, inc))
         t_end = time.monotonic()

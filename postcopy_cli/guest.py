@@ -407,12 +407,26 @@ def _note(text: str) -> None:
 # and fails when it says so (check "failed", mismatches > 0)
 
 def run_source(size: int, path: str, *, step: int = PAGE, report_after: float | None = None,
-               connect_timeout: float = 5.0) -> dict | None:
-    """``workload run``: start fresh, hand memory over for write-protect tracking, obey pause/resume/quit."""
+               connect_timeout: float = 5.0, warmup_passes: int = 0) -> dict | None:
+    """``workload run``: start fresh, hand memory over for write-protect tracking, obey pause/resume/quit.
+
+    With ``warmup_passes``, the loop first makes that many passes over its
+    memory (every page then populated and dirty, like QEMU's migration-test
+    guest once it has booted), then hands the memory over while running.
+    """
     ram = AnonymousMapping(size)
+    loop = None
+    if warmup_passes:
+        loop = NativeLoop(ram.addr, size, step, fresh=True).start()
+        loop.wait_started(10)
+        while loop.passes < warmup_passes:
+            if not loop.running:
+                raise WorkloadError(f"workload loop ended: {loop.failed() or 'stopped'}")
+            time.sleep(0.01)
     sock = attach(path, ram, mode="run", connect_timeout=connect_timeout)
-    loop = NativeLoop(ram.addr, size, step, fresh=True).start()
-    loop.wait_started(10)
+    if loop is None:
+        loop = NativeLoop(ram.addr, size, step, fresh=True).start()
+        loop.wait_started(10)
     return _control(loop, _Reader(sock), ram, report_after, time.monotonic(), 0, source=True)
 
 

@@ -56,13 +56,16 @@ def workload() -> None:
 @_step
 @_report
 @_connect
+@click.option("--warmup-passes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Passes over the memory before handing it over (all of it populated and dirty first).")
 @common_options
-def run(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float, as_json: bool) -> None:
+def run(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float, warmup_passes: int,
+        as_json: bool) -> None:
     """Start fresh and hand the memory over to `postcopy migrate --attach` (write-protect tracking)."""
     from .. import guest
 
     _finish(guest.run_source(_size(mem), path, step=step, report_after=report_after,
-                              connect_timeout=connect_timeout))
+                              connect_timeout=connect_timeout, warmup_passes=warmup_passes))
 
 
 @workload.command("incoming")
