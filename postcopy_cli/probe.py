@@ -15,11 +15,12 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-from . import hostmem
-from ._native import ffi, lib
+from . import memory
+from ._native import lib
+from .dirty import PagemapScanner
 from .uffd import Feature, Ioctl, RegisterMode, UffdError, Userfaultfd, flag_names
 
 TARGET_PAGE_SIZE = 4096
@@ -109,7 +110,7 @@ def _api(uffd: Userfaultfd, features: int):
 
 
 def _munlockall() -> None:
-    hostmem.munlockall()
+    memory.munlockall()
 
 
 # -- host facts --------------------------------------------------------------
@@ -156,12 +157,12 @@ class _Ctx:
             raise UffdError(-fd, "userfaultfd")
         return Userfaultfd.adopt(fd)
 
-    def registration(self, mapping: hostmem.Mapping, features: int, mode: int) -> Ioctl:
+    def registration(self, mapping: memory.Mapping, features: int, mode: int) -> Ioctl:
         """Open a uffd asking for ``features``, register ``mapping`` in ``mode``, unregister; ioctls."""
         with self.open() as u:
             _api(u, features)
-            ioctls = u.register(mapping.addr, mapping.length, mode)
-            u.unregister(mapping.addr, mapping.length)
+            ioctls = u.register(mapping.addr, mapping.size, mode)
+            u.unregister(mapping.addr, mapping.size)
             return ioctls
 
 
@@ -234,7 +235,7 @@ def _check_api_ioctls(ctx: _Ctx) -> Check:
 
 def _check_anon_register(ctx: _Ctx, page: int) -> Check:
     try:
-        with hostmem.anonymous(page) as m:
+        with memory.anonymous(page) as m:
             ioctls = ctx.registration(m, 0, RegisterMode.MISSING)
     except OSError as e:
         return Check("anon-register", FAIL, f"registering an anonymous test area failed: {e}",
@@ -251,7 +252,7 @@ def _check_anon_register(ctx: _Ctx, page: int) -> Check:
 
 
 def _check_munlockall() -> Check:
-    before = hostmem.locked_kib()
+    before = memory.locked_kib()
     try:
         _munlockall()
     except OSError as e:
@@ -273,8 +274,8 @@ def _check_hugetlbfs(ctx: _Ctx) -> list[Check]:
                          "upgrade the kernel (Linux >= 4.11) to postcopy huge-page RAM"))
         out.append(Check("hugetlbfs-register", SKIP, "needs MISSING_HUGETLBFS"))
         return out
-    size = hostmem.default_hugepage_size()
-    free = hostmem.free_hugepages()
+    size = memory.default_hugepage_size()
+    free = memory.free_hugepages()
     total = _read(SYSCTL_HUGEPAGES) or "?"
     if not size or free <= 0:
         out.append(Check("hugetlbfs-register", SKIP,
@@ -284,7 +285,7 @@ def _check_hugetlbfs(ctx: _Ctx) -> list[Check]:
                          "(N huge pages of the default size)"))
         return out
     try:
-        with hostmem.hugetlb() as m:
+        with memory.hugetlb() as m:
             ioctls = ctx.registration(m, Feature.MISSING_HUGETLBFS, RegisterMode.MISSING)
     except OSError as e:
         out.append(Check("hugetlbfs-register", WARN, f"registering a {size // 1024} KiB hugetlbfs area failed: {e}",
@@ -312,7 +313,7 @@ def _check_shmem(ctx: _Ctx, page: int) -> list[Check]:
         return out
     out.append(Check("shmem-feature", PASS, "MISSING_SHMEM: shared memory (memfd, shmem) can be postcopied"))
     try:
-        with hostmem.memfd(page, "postcopy-probe") as m:
+        with memory.memfd(page, "postcopy-probe") as m:
             ioctls = ctx.registration(m, Feature.MISSING_SHMEM, RegisterMode.MISSING)
     except OSError as e:
         out.append(Check("shmem-register", WARN, f"registering a memfd area failed: {e}",
@@ -335,17 +336,6 @@ def _check_thread_id(ctx: _Ctx) -> Check:
                  "upgrade the kernel (Linux >= 4.14) for postcopy-blocktime")
 
 
-def _pagemap_scan(pm: int, start: int, end: int, flags: int, vec, n: int) -> int:
-    arg = ffi.new("struct pc_pm_scan_arg *", {
-        "size": ffi.sizeof("struct pc_pm_scan_arg"), "flags": flags, "start": start, "end": end,
-        "vec": int(ffi.cast("uintptr_t", vec)), "vec_len": n,
-        "category_mask": lib.PC_PAGE_IS_WRITTEN, "return_mask": lib.PC_PAGE_IS_WRITTEN})
-    r = lib.pc_pagemap_scan(pm, arg)
-    if r < 0:
-        raise OSError(-r, f"PAGEMAP_SCAN: {os.strerror(-r)}")
-    return r
-
-
 def _check_wp_async(ctx: _Ctx, page: int) -> Check:
     name = "wp-async-pagemap-scan"
     have = ctx.features & (Feature.WP_ASYNC | Feature.WP_UNPOPULATED | Feature.PAGEFAULT_FLAG_WP)
@@ -354,25 +344,21 @@ def _check_wp_async(ctx: _Ctx, page: int) -> Check:
                      "upgrade the kernel (Linux >= 6.7 for WP_ASYNC and PAGEMAP_SCAN) for `migrate --attach`")
     pages = 4
     try:
-        with hostmem.anonymous(pages * page) as m, ctx.open() as u:
+        with memory.anonymous(pages * page) as m, ctx.open() as u:
             _api(u, Feature.WP_ASYNC | Feature.WP_UNPOPULATED)
-            u.register(m.addr, m.length, RegisterMode.WP)
+            u.register(m.addr, m.size, RegisterMode.WP)
             try:
-                pm = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    vec = ffi.new("struct pc_page_region[]", pages)
+                with PagemapScanner(os.getpid()) as scanner:
+                    start, end = m.addr, m.addr + m.size
                     # protect everything (and reset written state), dirty page 2, look for it
-                    _pagemap_scan(pm, m.addr, m.addr + m.length,
-                                  lib.PC_PM_SCAN_WP_MATCHING | lib.PC_PM_SCAN_CHECK_WPASYNC, vec, pages)
-                    if _pagemap_scan(pm, m.addr, m.addr + m.length, 0, vec, pages) != 0:
+                    scanner.written(start, end)
+                    if scanner.written(start, end, reprotect=False):
                         raise OSError(errno.EIO, "pages still written after re-protecting")
-                    m.mmap[2 * page] = 1
-                    n = _pagemap_scan(pm, m.addr, m.addr + m.length, 0, vec, pages)
-                    got = [((vec[i].start - m.addr) // page, (vec[i].end - m.addr) // page) for i in range(n)]
-                finally:
-                    os.close(pm)
+                    m.map[2 * page] = 1
+                    got = [((a - start) // page, (b - start) // page)
+                           for a, b in scanner.written(start, end, reprotect=False)]
             finally:
-                u.unregister(m.addr, m.length)
+                u.unregister(m.addr, m.size)
     except OSError as e:
         return Check(name, WARN, f"WP_ASYNC offered but live dirty tracking failed: {e}",
                      "upgrade the kernel (Linux >= 6.7) for PAGEMAP_SCAN on /proc/PID/pagemap")
@@ -390,7 +376,7 @@ def _check_minor(ctx: _Ctx, page: int) -> Check:
                                     "no UFFDIO_CONTINUE on shared memory",
                      "upgrade the kernel (Linux >= 5.13) for minor-fault (page cache) postcopy")
     try:
-        with hostmem.memfd(page, "postcopy-probe-minor") as m:
+        with memory.memfd(page, "postcopy-probe-minor") as m:
             ioctls = ctx.registration(m, Feature.MINOR_SHMEM, RegisterMode.MINOR)
     except OSError as e:
         return Check("minor", WARN, f"MINOR registration of a memfd area failed: {e}", "upgrade the kernel")
@@ -406,7 +392,7 @@ def _check_thp() -> Check:
         return Check("thp", SKIP, "transparent huge pages not available (no " + THP_ENABLED + ")")
     mode = text[text.find("[") + 1:text.find("]")] if "[" in text else text
     if mode == "always":
-        return Check("thp", WARN, f"THP enabled=always: RAM may be backed by huge pages; postcopy turns THP "
+        return Check("thp", WARN, "THP enabled=always: RAM may be backed by huge pages; postcopy turns THP "
                                   "off per block (MADV_NOHUGEPAGE) so faults stay one page",
                      f"optional: `echo madvise > {THP_ENABLED}`")
     return Check("thp", PASS, f"THP enabled={mode}")
@@ -415,7 +401,7 @@ def _check_thp() -> Check:
 def run_probe(target_page_size: int = TARGET_PAGE_SIZE) -> ProbeReport:
     """Run every check and return the report (never raises for host problems)."""
     t0 = time.perf_counter()
-    host_page = hostmem.page_size()
+    host_page = memory.page_size()
     ctx = _Ctx()
     checks: list[Check] = [_check_page_size(host_page, target_page_size), _check_userfaultfd(ctx)]
     if ctx.opener is None:

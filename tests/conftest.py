@@ -38,9 +38,9 @@ def sysctl():
 def hugepages(sysctl):
     """Reserve 4 default-size huge pages for the test (vm.nr_hugepages restored after)."""
     sysctl("/proc/sys/vm/nr_hugepages", 4)
-    from postcopy_cli import hostmem
+    from postcopy_cli import memory
 
-    if hostmem.free_hugepages() < 1:
+    if memory.free_hugepages() < 1:
         pytest.skip("could not reserve huge pages on this host")
     return 4
 
@@ -49,9 +49,9 @@ def hugepages(sysctl):
 def no_hugepages(sysctl):
     """No huge pages reserved for the test (vm.nr_hugepages restored after)."""
     sysctl("/proc/sys/vm/nr_hugepages", 0)
-    from postcopy_cli import hostmem
+    from postcopy_cli import memory
 
-    if hostmem.free_hugepages() > 0:
+    if memory.free_hugepages() > 0:
         pytest.skip("huge pages remain reserved (surplus or in use)")
 
 

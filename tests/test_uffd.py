@@ -16,13 +16,13 @@ import threading
 
 import pytest
 
-from postcopy_cli import hostmem
+from postcopy_cli import memory
 from postcopy_cli.uffd import (Event, Feature, ForkMsg, Ioctl, PagefaultFlag, PagefaultMsg, PartialCopy,
                                RegisterMode, RemapMsg, RemoveMsg, UffdError, Userfaultfd, UnknownMsg,
                                UnmapMsg, flag_names, parse_message, parse_messages)
 from postcopy_cli.uffd import fd as fdmod
 
-PAGE = hostmem.page_size()
+PAGE = memory.page_size()
 TIMEOUT = 5.0
 
 
@@ -36,17 +36,17 @@ def uffd():
 
 @pytest.fixture
 def region(uffd):
-    m = hostmem.anonymous(4 * PAGE)
-    uffd.register(m.addr, m.length, RegisterMode.MISSING)
+    m = memory.anonymous(4 * PAGE)
+    uffd.register(m.addr, m.size, RegisterMode.MISSING)
     yield m
-    uffd.unregister(m.addr, m.length)
+    uffd.unregister(m.addr, m.size)
     m.close()
 
 
 class Toucher(threading.Thread):
     """Touches one page of ``mapping`` from kernel code with the GIL released."""
 
-    def __init__(self, mapping: hostmem.Mapping, page: int, write: bool):
+    def __init__(self, mapping: memory.Mapping, page: int, write: bool):
         super().__init__(daemon=True)
         self.mapping, self.page, self.write = mapping, page, write
         self.result: bytes | None = None
@@ -58,7 +58,7 @@ class Toucher(threading.Thread):
 
     def run(self):
         self.tid = threading.get_native_id()
-        mv = memoryview(self.mapping.mmap)[self.page * PAGE:(self.page + 1) * PAGE]
+        mv = memoryview(self.mapping.map)[self.page * PAGE:(self.page + 1) * PAGE]
         try:
             if self.write:  # the kernel writes the pipe's bytes into the page
                 os.readv(self.r, [mv])
@@ -97,7 +97,7 @@ def test_api_handshake():
 
 
 def test_register_reports_range_ioctls(uffd):
-    with hostmem.anonymous(PAGE) as m:
+    with memory.anonymous(PAGE) as m:
         ioctls = uffd.register(m.addr, PAGE, RegisterMode.MISSING)
         assert Ioctl.WAKE | Ioctl.COPY | Ioctl.ZEROPAGE in ioctls
         uffd.unregister(m.addr, PAGE)
@@ -112,7 +112,7 @@ def test_write_fault_resolved_by_copy(uffd, region):
     assert msg.thread_id == t.tid  # THREAD_ID was asked for
     assert uffd.copy_from(msg.address, b"\x11" * PAGE) == PAGE
     t.finish()
-    assert region.mmap[PAGE:2 * PAGE] == b"\xab" * PAGE  # readv completed into the placed page
+    assert region.map[PAGE:2 * PAGE] == b"\xab" * PAGE  # readv completed into the placed page
     # a second COPY onto the present page fails with EEXIST, naming the operation
     with pytest.raises(UffdError) as ei:
         uffd.copy_from(msg.address, b"\x22" * PAGE)
@@ -143,7 +143,7 @@ def test_dontwake_copy_then_wake(uffd, region):
     assert t.is_alive(), "DONTWAKE copy woke the faulting thread"
     uffd.wake(msg.address, PAGE)
     t.finish()
-    assert region.mmap[2 * PAGE:3 * PAGE] == b"\xab" * PAGE
+    assert region.map[2 * PAGE:3 * PAGE] == b"\xab" * PAGE
 
 
 def test_partial_copy_reported(monkeypatch, uffd, region):
@@ -169,7 +169,7 @@ def test_partial_copy_reported(monkeypatch, uffd, region):
 
 
 def test_error_names_operation_and_errno(uffd):
-    with hostmem.anonymous(PAGE) as m:
+    with memory.anonymous(PAGE) as m:
         with pytest.raises(UffdError) as ei:
             uffd.register(m.addr, PAGE, 0)  # no mode: EINVAL
     assert ei.value.errno == errno.EINVAL
@@ -226,9 +226,9 @@ def test_parse_every_event_kind():
 
 def test_shmem_fault_resolved(uffd):
     """MISSING on a memfd (MAP_SHARED): the same path for shared memory."""
-    with Userfaultfd(nonblocking=True) as u, hostmem.memfd(2 * PAGE) as m:
+    with Userfaultfd(nonblocking=True) as u, memory.memfd(2 * PAGE) as m:
         u.api(Feature.MISSING_SHMEM)
-        u.register(m.addr, m.length, RegisterMode.MISSING)
+        u.register(m.addr, m.size, RegisterMode.MISSING)
         t = Toucher(m, 1, write=False)
         t.start()
         msg = wait_fault(u)
@@ -236,4 +236,4 @@ def test_shmem_fault_resolved(uffd):
         u.copy_from(msg.address, b"\x5a" * PAGE)
         t.finish()
         assert t.result == b"\x5a" * PAGE
-        u.unregister(m.addr, m.length)
+        u.unregister(m.addr, m.size)

@@ -11,8 +11,9 @@ from .decode import NEED_DATA, ReturnPathDecoder, StreamDecoder
 from .encode import (RamSectionEncoder, encode, encode_discard_payload, encode_name, encode_ram_section,
                      encode_rp)
 from .messages import (BlockInfo, Blocks, Eof, Header, OpenReturnPath, Ping, Pong, PostcopyAdvise,
-                       PostcopyListen, PostcopyRamDiscard, PreemptChannel, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero,
-                       RecvBitmap, RecvBitmapRequest, ReqPages, ReqPagesId, ResumeAck, Shut, State)
+                       PostcopyListen, PostcopyRamDiscard, PreemptChannel, PostcopyResume, PostcopyRun, RamEnd,
+                       RamPage, RamZero, RecvBitmap, RecvBitmapRequest, ReqPages, ReqPagesId, ResumeAck, Shut,
+                       State)
 
 __all__ = [
     "MAGIC", "VERSION", "TARGET_PAGE_SIZE", "RECV_BITMAP_ENDING", "MAX_DISCARDS_PER_COMMAND", "MAX_NAME_LENGTH",

@@ -20,9 +20,9 @@ from typing import Iterable, Iterator
 from ..errors import ProtocolError
 from .constants import (MAGIC, MAX_STATE_LENGTH, RAM_FLAGS_KNOWN, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE, VERSION,
                         Command, PostcopyState, RpType, Section)
-from .messages import (BlockInfo, Blocks, Eof, Header, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
-                       PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero, RecvBitmap,
-                       RecvBitmapRequest, ReqPagesId, ResumeAck, Shut, State)
+from .messages import (BlockInfo, Blocks, Eof, Header, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise,
+                       PostcopyListen, PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero,
+                       RecvBitmap, RecvBitmapRequest, ReqPagesId, ResumeAck, Shut, State)
 
 
 class _NeedData:
