@@ -629,7 +629,8 @@ class _Channel:
                 data = bytes(view[:n])
             decoder.feed(data)
             eof = self._decode_events(decoder)
-            if not eof and decoder.ram_block() is not None and 0 < decoder.buffered <= len(rb):
+            name = decoder.ram_block()
+            if not eof and name is not None and small_pages[index[name]] and 0 < decoder.buffered <= len(rb):
                 # back to the fast path: the decoder's unconsumed bytes go first
                 rest = decoder.take_unconsumed()
                 view[:len(rest)] = rest
