@@ -263,7 +263,8 @@ class Destination:
         if self.program:
             if not self.program.notify:
                 raise PostcopyError(f"the source discards pages of block {msg.block!r}, but the attached program "
-                                    f"did not ask to be told (no \"notify\" in its hand-over), so they cannot be dropped")
+                                    f"did not ask to be told (no \"notify\" in its hand-over), so they cannot be "
+                                    f"dropped")
             self._pending_discards.setdefault(msg.block, []).extend(msg.ranges)
             return
         for start, length in msg.ranges:
@@ -538,8 +539,9 @@ class _Channel:
             if not at_host_page and not contiguous:
                 # the seed refuses this too: a huge page is placed whole, so its
                 # target pages must arrive together and in order
-                raise ProtocolError(f"block {self.dest.blocks[run.block].name!r}: host page at "
-                                    f"{run.offset + run.pages * TP - run.pages * TP % self.dest.blocks[run.block].page_size:#x}"
+                hp = self.dest.blocks[run.block].page_size
+                host_page = run.offset + run.pages * TP - run.pages * TP % hp
+                raise ProtocolError(f"block {self.dest.blocks[run.block].name!r}: host page at {host_page:#x}"
                                     f" interrupted by page {offset:#x} of block {self.dest.blocks[bi].name!r}",
                                     section="RAM section", offset=self.decoder.offset)
             if at_host_page and (not contiguous or run.pages * TP >= len(run.buf)):
@@ -548,7 +550,7 @@ class _Channel:
             hp = self.dest.blocks[bi].page_size
             if offset % hp:
                 raise ProtocolError(f"block {self.dest.blocks[bi].name!r}: page {offset:#x} is not the first target "
-                                    f"page of its {hp}-byte host page", section="RAM section",
+                                    f"page of its {hp}-byte host page at {offset - offset % hp:#x}", section="RAM section",
                                     offset=self.decoder.offset)
             run.block, run.offset = bi, offset
             if len(run.buf) < hp:
