@@ -550,8 +550,8 @@ class _Channel:
             hp = self.dest.blocks[bi].page_size
             if offset % hp:
                 raise ProtocolError(f"block {self.dest.blocks[bi].name!r}: page {offset:#x} is not the first target "
-                                    f"page of its {hp}-byte host page at {offset - offset % hp:#x}", section="RAM section",
-                                    offset=self.decoder.offset)
+                                    f"page of its {hp}-byte host page at {offset - offset % hp:#x}",
+                                    section="RAM section", offset=self.decoder.offset)
             run.block, run.offset = bi, offset
             if len(run.buf) < hp:
                 run.buf = bytearray(hp)
