@@ -48,13 +48,33 @@ class ImageMemory:
         self.blocks = [codec.BlockInfo(block, length, page_size)]
         # mapped a page longer than the file where it ends mid-page: reads past
         # the end of the file within the last page see zeros (mmap(2))
-        self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ)
+        self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if length <= -(-size // TP) * TP else \
+            self._map_over_zeros(size, length)
         self._view = memoryview(self._map)
         self._base = ffi.from_buffer(self._view)
         self._tail = None
         if size % TP:
             self._tail = ffi.new("uint8_t[]", TP)
             ffi.memmove(self._tail, self._view[size - size % TP:], size % TP)
+
+    def _map_over_zeros(self, size: int, length: int) -> mmap.mmap:
+        """The file mapped over zeros of the whole block: a host page size that does not divide the
+        file leaves whole target pages past its end, which must read as zeros, not fault."""
+        import ctypes
+
+        mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        addr = int(ffi.cast("uintptr_t", ffi.from_buffer(mm)))
+        MAP_FIXED = 0x10
+        if libc.mmap(addr, size, mmap.PROT_READ, mmap.MAP_PRIVATE | MAP_FIXED, self._fd, 0) != addr:
+            err = ctypes.get_errno()
+            mm.close()
+            os.close(self._fd)
+            raise UsageError(f"cannot map image {self.path!r}: {os.strerror(err)}")
+        return mm
 
     pid = 0   # the pages are in our own memory
 
@@ -67,7 +87,7 @@ class ImageMemory:
 
     def pages(self, block: int, offset: int, count: int, slot: int = 0):
         """Pointer to ``count`` contiguous target pages from ``offset`` (the mapping: always valid)."""
-        if self._tail is not None and offset + count * TP > self.size:
+        if self._tail is not None and offset < self.size < offset + count * TP:
             if count > 1:
                 raise ValueError("the partial last page of an image must be read alone")
             return self._tail
