@@ -19,9 +19,24 @@ def _rate(text: str | None) -> float:
         raise UsageError(f"--max-bandwidth {text!r}: {e}") from None
 
 
+def _page_size(text: str | None) -> int:
+    if text is None:
+        return 4096
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise UsageError(f"--page-size {text!r}: {e}") from None
+    if size < 4096 or size & (size - 1):
+        raise UsageError(f"--page-size {text!r}: must be a power of two of at least 4096 bytes")
+    return size
+
+
 @click.command("migrate")
 @click.option("--to", "to", required=True, metavar="URI", help="The destination's serve-dest: tcp:HOST:PORT or unix:PATH.")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Serve this memory image lazily (block 'mem').")
+@click.option("--page-size", "page_size", metavar="BYTES", default=None,
+              help="--image: the host page size of block 'mem' (a power of two, at least 4096; default 4096), "
+                   "e.g. 2M for a destination whose memory is in 2 MiB huge pages.")
 @click.option("--attach", metavar="PATH", help="Migrate the live program that connects to this Unix socket.")
 @click.option("--state-file", type=click.Path(exists=True, dir_okay=False),
               help="Bytes handed to the destination program at RUN (the device state).")
@@ -37,12 +52,14 @@ def _rate(text: str | None) -> float:
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds to wait for the destination before giving up.")
 @common_options
-def migrate(as_json, to, image, attach, state_file, max_bandwidth, timeout, postcopy_after, precopy_passes,
-            kill_source, single_channel):
+def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, timeout, postcopy_after,
+            precopy_passes, kill_source, single_channel):
     """Migrate memory to a serve-dest: an image file (lazy restore) or a live program.
 
     With --image, the destination's requested pages are sent first and the rest
-    streams in background; zero pages go as ZERO records. With --attach, a
+    streams in background; zero pages go as ZERO records. --page-size serves
+    the image in host pages of that size (a destination whose memory is in
+    huge pages): requests and background runs are whole host pages. With --attach, a
     program on this host connects to PATH and hands over its memory and a
     userfaultfd registered for write-protect tracking (WP_ASYNC): pre-copy
     passes while it runs, then it is paused, stale pages are discarded, and the
@@ -57,6 +74,9 @@ def migrate(as_json, to, image, attach, state_file, max_bandwidth, timeout, post
         raise UsageError("give exactly one of --image FILE or --attach PATH")
     if image and (postcopy_after is not None or precopy_passes is not None or kill_source):
         raise UsageError("--postcopy-after, --precopy-passes and --kill-source go with --attach")
+    if attach and page_size is not None:
+        raise UsageError("--page-size goes with --image (a live program's page sizes come from its hand-over)")
+    host_page = _page_size(page_size)
     rate = _rate(max_bandwidth)
     state = b""
     if state_file:
@@ -67,7 +87,7 @@ def migrate(as_json, to, image, attach, state_file, max_bandwidth, timeout, post
                       single_channel)
         return
     address = transport.parse_address(to)
-    memory = ImageMemory(image)
+    memory = ImageMemory(image, page_size=host_page)
     try:
         conn = transport.connect(address, timeout=timeout)
         preempt = None if single_channel else transport.connect(address, timeout=timeout)
