@@ -63,22 +63,18 @@ class ProcessMemory:
             raise ValueError(f"read at most {READ_CHUNK_PAGES} pages at a time")
         b = self.ram_blocks[block]
         buf = self._bufs[slot]
-        done = 0
-        while done < count * TP:
-            addr = b.host_address(offset + done)
+        done, total = 0, count * TP
+        while done < total:
+            addr, room = b.host_span(offset + done)
+            want = min(room, total - done)
             if addr is None:   # a hole no region maps: zeros
-                ffi.memmove(buf + done, bytes(TP), TP)
-                done += TP
-                continue
-            # stay inside the segment holding addr
-            want = TP
-            while done + want < count * TP and b.host_address(offset + done + want) == addr + want:
-                want += TP
-            n = lib.pc_proc_read(self.pid, addr, buf + done, want)
-            if n < 0:
-                raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: {os.strerror(-n)}")
-            if n < want:
-                raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: short read ({n})")
+                ffi.memmove(buf + done, bytes(want), want)
+            else:
+                n = lib.pc_proc_read(self.pid, addr, buf + done, want)
+                if n < 0:
+                    raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: {os.strerror(-n)}")
+                if n < want:
+                    raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: short read ({n})")
             done += want
         return buf
 

@@ -257,13 +257,16 @@ class RamBlock:
 
     def host_address(self, offset: int) -> int | None:
         """Host address of ``offset`` in the block, or None where nothing is mapped."""
+        return self.host_span(offset)[0]
+
+    def host_span(self, offset: int) -> tuple[int | None, int]:
+        """(host address of ``offset`` or None, bytes from there on that stay mapped / unmapped alike)."""
         i = bisect.bisect_right(self._starts, offset) - 1
-        if i < 0:
-            return None
-        seg = self.segments[i]
-        if offset >= seg.offset + seg.size:
-            return None
-        return seg.host_addr + (offset - seg.offset)
+        seg = self.segments[i] if i >= 0 else None
+        if seg is None or offset >= seg.offset + seg.size:
+            following = self._starts[i + 1] if i + 1 < len(self._starts) else self.length
+            return None, following - offset
+        return seg.host_addr + (offset - seg.offset), seg.offset + seg.size - offset
 
     def unmapped_ranges(self) -> list[tuple[int, int]]:
         """(offset, length) of the holes in the block that no segment covers."""

@@ -335,9 +335,7 @@ class PageStreamer:
         elapsed = time.monotonic() - self._t0
         sent = self.stats["bytes"]
         if self._server is not None:
-            # requested pages count against the cap too (the server waits as well)
-            self._server.bg_bytes = sent
-            sent += self._server.st.bytes
+            sent += self._server.st.bytes   # requested pages count against the cap too
         ahead = sent / self.max_bandwidth - elapsed
         return max(0.0, ahead)
 

@@ -111,15 +111,15 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
 }
 
-/* --max-bandwidth covers requested pages too: wait until the bytes sent on
- * both channels are back within the cap (they go first, the background
- * thread then waits correspondingly longer) */
+/* --max-bandwidth covers requested pages too, but they come first: their
+ * bytes count against the cap, so the background thread (which counts both)
+ * slows down to make room; a request itself waits only when requests alone
+ * exceed the cap */
 static void within_cap(struct pc_src *s)
 {
     if (s->max_bandwidth <= 0)
         return;
-    double sent = (double)(__atomic_load_n(&s->bg_bytes, __ATOMIC_RELAXED) +
-                           __atomic_load_n(&s->st.bytes, __ATOMIC_RELAXED));
+    double sent = (double)__atomic_load_n(&s->st.bytes, __ATOMIC_RELAXED);
     double ahead = sent / s->max_bandwidth - (double)(now_ns() - s->t0_ns) / 1e9;
     if (ahead > 0) {
         struct timespec t = { (time_t)ahead, (long)((ahead - (double)(time_t)ahead) * 1e9) };

@@ -46,7 +46,6 @@ struct pc_src {
     uint64_t consumed;    /* return-path bytes parsed here (the codec's stream offset) */
     double max_bandwidth; /* bytes/s for everything sent, both channels (0: no cap) */
     uint64_t t0_ns;       /* CLOCK_MONOTONIC start of the cap's accounting */
-    uint64_t bg_bytes;    /* bytes the background thread has sent (it keeps this current) */
     uint32_t rlen;        /* unparsed bytes in rbuf */
     uint8_t rbuf[65536];
     struct pc_src_stats st;
