@@ -161,25 +161,30 @@ static void inflight_put(struct pc_dest *d, uint64_t key, uint64_t t)
     for (size_t n = 0; n < 64; n++, h++) {
         struct pc_inflight *e = &d->inflight[h & mask];
         uint64_t expect = 0;
-        if (__atomic_compare_exchange_n(&e->key, &expect, key, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        /* claim the slot, fill it, then publish the key */
+        if (__atomic_compare_exchange_n(&e->key, &expect, UINT64_MAX, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
             __atomic_store_n(&e->t_ns, t, __ATOMIC_RELEASE);
+            __atomic_store_n(&e->key, key, __ATOMIC_RELEASE);
             return;
         }
     }
     /* table crowded: this request goes unmeasured */
 }
 
-static uint64_t inflight_take(struct pc_dest *d, uint64_t key)
+/* 1 if the page was requested (its entry is removed); *t gets the time the
+ * fault was read (0 for a request the table had no room to measure) */
+static int inflight_take(struct pc_dest *d, uint64_t key, uint64_t *t)
 {
     size_t mask = d->inflight_cap - 1, h = (key * 0x9E3779B97F4A7C15ULL) >> 40;
     for (size_t n = 0; n < 64; n++, h++) {
         struct pc_inflight *e = &d->inflight[h & mask];
         if (__atomic_load_n(&e->key, __ATOMIC_ACQUIRE) == key) {
-            uint64_t t = __atomic_load_n(&e->t_ns, __ATOMIC_ACQUIRE);
+            *t = __atomic_exchange_n(&e->t_ns, 0, __ATOMIC_ACQ_REL);
             __atomic_store_n(&e->key, 0, __ATOMIC_RELEASE);
-            return t ? t : 1;
+            return 1;
         }
     }
+    *t = 0;
     return 0;
 }
 
@@ -467,9 +472,10 @@ static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, ui
 {
     struct pc_dest_block *b = &d->blocks[block];
     for (uint64_t o = off; o < off + len; o += b->page_size) {
-        uint64_t t0 = inflight_take(d, key_of(block, o));
-        if (t0) {
-            record_latency(d, t > t0 ? t - t0 : 0);
+        uint64_t t0;
+        if (inflight_take(d, key_of(block, o), &t0)) {
+            if (t0)
+                record_latency(d, t > t0 ? t - t0 : 0);
             __atomic_fetch_add(&d->st.demand_pages, b->page_size / TP, __ATOMIC_RELAXED);
         } else if (__atomic_load_n(&d->overwrite_ok, __ATOMIC_RELAXED)) {
             /* before RUN: a pre-copy page */
@@ -577,7 +583,8 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
             /* requested, then dropped by the program before it came: the
              * faulting thread still waits; it gets the zeros it dropped */
             uint64_t room, addr = host_addr(d, block, o, &room);
-            if (inflight_take(d, key_of(block, o)) && addr)
+            uint64_t t0;
+            if (inflight_take(d, key_of(block, o), &t0) && addr)
                 serve_late_fault(d, b, addr);
             o += b->page_size;
             continue;
