@@ -3,7 +3,7 @@
 The program connects to our Unix socket and hands over its memory mappings and
 a userfaultfd registered in write-protect mode with UFFD_FEATURE_WP_ASYNC
 (:mod:`postcopy_cli.handshake`; ``postcopy workload run`` does this).  We read
-its memory with /proc/PID/mem (the pid comes from SO_PEERCRED), find dirtied
+its memory with process_vm_readv (the pid comes from SO_PEERCRED), find dirtied
 pages with PAGEMAP_SCAN (:mod:`postcopy_cli.dirty`), run pre-copy passes, then
 pause it, send discards for pages dirtied since they were sent, STATE, LISTEN
 and RUN, and post-copy the rest with requested pages first.
@@ -332,7 +332,6 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
                  accept_timeout: float | None = 60.0) -> dict:
     """``migrate --attach``: wait for the program on ``attach_path``, then migrate it to ``to``."""
     listener = transport.listen(transport.Address("unix", path=attach_path))
-    os.chmod(attach_path, 0o600)
     program = None
     try:
         if on_ready:

@@ -41,7 +41,6 @@ class ServeDest:
         self.uffd_listener: socket.socket | None = None
         if opts.uffd_socket:
             self.uffd_listener = transport.listen(transport.Address("unix", path=opts.uffd_socket))
-            os.chmod(opts.uffd_socket, 0o600)
         self.mappings: list[AnonymousMapping] = []
         self.program: Handover | None = None
         self.dest: Destination | None = None

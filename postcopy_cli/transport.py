@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -82,7 +83,12 @@ def listen(addr: Address, *, insecure: bool = False) -> socket.socket:
             os.unlink(addr.path)
         except FileNotFoundError:
             pass
-        s.bind(addr.path)
+        # only our user (and root) may connect: the mode here, the uid at accept
+        old_umask = os.umask(0o177)
+        try:
+            s.bind(addr.path)
+        finally:
+            os.umask(old_umask)
     else:
         infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
         family, _, _, _, sockaddr = infos[0]
@@ -108,6 +114,12 @@ def accept(listener: socket.socket, timeout: float | None) -> socket.socket:
     except socket.timeout:
         raise PeerDisconnected(f"no connection arrived within {timeout:g} s") from None
     conn.settimeout(None)
+    if conn.family == socket.AF_UNIX:
+        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+        if uid not in (0, os.geteuid()):
+            conn.close()
+            raise PeerDisconnected(f"refused a connection from pid {pid}: uid {uid} is neither ours nor root")
     _tune(conn)
     return conn
 
