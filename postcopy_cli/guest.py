@@ -34,6 +34,7 @@ from ._native import ffi, lib
 from .errors import PostcopyError
 from .handshake import DEFAULT_BLOCK, ControlChannel, GuestRegion, HandshakeError, send_handover
 from .memory import MADV_DONTNEED, AnonymousMapping, madvise
+from .sched import make_latency_thread
 from .uffd import Feature, RegisterMode, UffdError, Userfaultfd
 
 log = logging.getLogger("postcopy.guest")
@@ -308,9 +309,13 @@ class _Reader:
         self.channel = ControlChannel(sock)
         self.queue: queue.Queue = queue.Queue()
         self.open = True
+        self.loop: NativeLoop | None = None   # once set, pause/resume are answered right here
         threading.Thread(target=self._run, name="control-reader", daemon=True).start()
 
     def _run(self) -> None:
+        # the pause is part of the migration's downtime: answer it at once, ahead
+        # of the loop thread that keeps the CPU busy (sched.make_latency_thread)
+        make_latency_thread()
         while True:
             try:
                 msg = self.channel.receive()
@@ -322,6 +327,14 @@ class _Reader:
             if msg is None:
                 self.queue.put(self.CLOSED)
                 return
+            loop = self.loop
+            if loop is not None and loop.running and msg.get("cmd") == "pause":
+                self.send({"event": "paused", "passes": loop.pause()})
+                continue
+            if loop is not None and loop.running and msg.get("cmd") == "resume":
+                loop.resume()
+                self.send({"event": "resumed"})
+                continue
             self.queue.put(msg)
 
     def get(self, timeout: float | None):
@@ -427,7 +440,9 @@ def run_source(size: int, path: str, *, step: int = PAGE, report_after: float | 
     if loop is None:
         loop = NativeLoop(ram.addr, size, step, fresh=True).start()
         loop.wait_started(10)
-    return _control(loop, _Reader(sock), ram, report_after, time.monotonic(), 0, source=True)
+    reader = _Reader(sock)
+    reader.loop = loop
+    return _control(loop, reader, ram, report_after, time.monotonic(), 0, source=True)
 
 
 def run_incoming(size: int, path: str, *, step: int = PAGE, report_after: float | None = None,

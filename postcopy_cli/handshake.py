@@ -34,6 +34,7 @@ import struct
 from dataclasses import dataclass, field
 
 from .errors import PostcopyError
+from .sched import make_latency_thread
 
 DEFAULT_BLOCK = "mem"
 MAX_HANDSHAKE_BYTES = 1 << 20
@@ -251,6 +252,7 @@ class ControlReader:
         threading.Thread(target=self._read, name=name, daemon=True).start()
 
     def _read(self) -> None:
+        make_latency_thread()   # answers such as "paused" are on the downtime's path
         try:
             while True:
                 msg = self.channel.receive()

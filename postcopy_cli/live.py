@@ -185,6 +185,22 @@ def _pages_in(block: RamBlock, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
+def _clean_spans(to_send: bytearray, seg) -> list[tuple[int, int]]:
+    """Host ranges of segment ``seg`` whose pages are not due to be sent (to_send 0)."""
+    spans = []
+    first, last = seg.offset // TP, (seg.offset + seg.size) // TP
+    pos = first
+    while pos < last:
+        a = to_send.find(0, pos, last)
+        if a < 0:
+            break
+        e = to_send.find(1, a, last)
+        e = last if e < 0 else e
+        spans.append((seg.host_addr + (a - first) * TP, seg.host_addr + (e - first) * TP))
+        pos = e
+    return spans
+
+
 def _stale_runs(to_send: bytearray, sent: bytearray) -> list[tuple[int, int]]:
     """Runs of pages both still to send and sent before: the destination's copy is stale."""
     runs = []
@@ -220,20 +236,51 @@ class LiveMigration:
         self.ram_blocks = blocks_from_regions(program.handover.regions)
         self.memory = ProcessMemory(program.pid, self.ram_blocks)
         self.scanner = PagemapScanner(program.pid)
+        self.scanner2 = PagemapScanner(program.pid)
         self.streamer = PageStreamer(conn, self.memory, max_bandwidth=opts.max_bandwidth, timeout=opts.timeout,
                                      track_sent=True, preempt=preempt)
         self.stats: dict = {}
         self.run_sent = False   # POSTCOPY_RUN handed to the kernel: the destination may be running the program
 
-    def _written(self, *, reprotect: bool = True) -> list[list[tuple[int, int]]]:
-        """Per block, the page runs written since the last scan (and, with ``reprotect``, protect them again)."""
-        out = []
-        for b in self.ram_blocks:
-            runs = []
+    def _written(self, *, reprotect: bool = True, only_clean: bool = False) -> list[list[tuple[int, int]]]:
+        """Per block, the page runs written since the last scan (and, with ``reprotect``, protect them again).
+
+        ``only_clean``: scan only pages not already due to be sent (the scan's
+        cost is that of walking the page tables, whatever is dirty).
+        """
+        spans = []   # (block, start, end)
+        for bi, b in enumerate(self.ram_blocks):
             for s in b.segments:
-                for a, e in self.scanner.written(s.host_addr, s.host_addr + s.size, reprotect=reprotect):
-                    runs.extend(_pages_in(b, a, e))
-            out.append(runs)
+                if only_clean:
+                    spans += [(bi, a, e) for a, e in _clean_spans(self.streamer.to_send[bi], s)]
+                else:
+                    spans.append((bi, s.host_addr, s.host_addr + s.size))
+        # the walk of the page tables is the cost: two scanners share it (the
+        # ioctl runs with the GIL released), one on each half of the bytes
+        total = sum(e - a for _, a, e in spans)
+        halves: list[list] = [[], []]
+        done = 0
+        for bi, a, e in spans:
+            cut = min(e, max(a, a + (total // 2 - done)))
+            cut -= (cut - a) % TP
+            if cut > a:
+                halves[0].append((bi, a, cut))
+            if e > cut:
+                halves[1].append((bi, cut, e))
+            done += cut - a
+        found: list[list] = [[], []]
+
+        def scan(scanner, half, into):
+            for bi, a, e in half:
+                into += [(bi, r) for r in scanner.written(a, e, reprotect=reprotect)]
+
+        helper = threading.Thread(target=scan, args=(self.scanner2, halves[1], found[1]))
+        helper.start()
+        scan(self.scanner, halves[0], found[0])
+        helper.join()
+        out: list[list[tuple[int, int]]] = [[] for _ in self.ram_blocks]
+        for bi, (a, e) in found[0] + found[1]:
+            out[bi].extend(_pages_in(self.ram_blocks[bi], a, e))
         return out
 
     def _check_tracking(self) -> None:
@@ -252,9 +299,9 @@ class LiveMigration:
                         f"with UFFDIO_REGISTER_MODE_WP after UFFDIO_API with UFFD_FEATURE_WP_ASYNC "
                         f"(PAGEMAP_SCAN: {os.strerror(e.errno)})") from None
 
-    def _refill(self, *, reprotect: bool = True) -> None:
+    def _refill(self, *, reprotect: bool = True, only_clean: bool = False) -> None:
         """End of a pre-copy pass: what was dirtied meanwhile goes again."""
-        for bi, runs in enumerate(self._written(reprotect=reprotect)):
+        for bi, runs in enumerate(self._written(reprotect=reprotect, only_clean=only_clean)):
             ts = self.streamer.to_send[bi]
             for first, count in runs:
                 ts[first:first + count] = b"\x01" * count
@@ -277,8 +324,9 @@ class LiveMigration:
         t_paused = time.monotonic()
         # everything dirtied since the last scan goes again in post-copy; of what
         # goes again, whatever the destination already has a version of is stale.
-        # The program is paused: no need to write-protect again (cheaper scan).
-        self._refill(reprotect=False)
+        # The program is paused: no need to write-protect again, nor to scan
+        # what goes again anyway (both cut the downtime).
+        self._refill(reprotect=False, only_clean=True)
         t_scanned = time.monotonic()
         discards = 0
         commands: list[bytes] = []
@@ -326,6 +374,7 @@ class LiveMigration:
     def close(self):
         self.memory.close()
         self.scanner.close()
+        self.scanner2.close()
 
 
 def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None, switchover=None,
