@@ -145,6 +145,8 @@ class Destination:
         self._preempt_thread: threading.Thread | None = None
         self._preempt_error: PostcopyError | None = None
         self._preempt_conn: socket.socket | None = None
+        self._preempt_lock = threading.Lock()
+        self._closed = False
         self._pending_discards: dict[str, list] = {}
         self._last_ping: tuple[int, float] | None = None
         self._prev_command = None
@@ -373,10 +375,12 @@ class Destination:
         except OSError:
             pass
         channel = _Channel(self, conn, codec.StreamDecoder(preempt_blocks=main.decoder.blocks))
-        self._preempt_conn = conn
-        self._preempt_thread = threading.Thread(target=self._run_preempt, args=(channel,),
-                                                name="postcopy/preempt", daemon=True)
-        self._preempt_thread.start()
+        thread = threading.Thread(target=self._run_preempt, args=(channel,), name="postcopy/preempt", daemon=True)
+        with self._preempt_lock:   # close() may be running in the stream's thread
+            if self._closed:
+                return False
+            thread.start()
+            self._preempt_conn, self._preempt_thread = conn, thread
         return True
 
     def _run_preempt(self, channel: "_Channel"):
@@ -483,13 +487,15 @@ class Destination:
 
     def close(self):
         """Stop the fault thread, unregister, restore mlock; the uffd itself is closed by its owner."""
-        if self._preempt_conn is not None:
+        with self._preempt_lock:
+            self._closed = True
+            conn, thread = self._preempt_conn, self._preempt_thread
+        if conn is not None:
             try:
-                self._preempt_conn.shutdown(socket.SHUT_RDWR)
+                conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            if self._preempt_thread is not None:
-                self._preempt_thread.join(5)
+            thread.join(5)
         self.fault_thread.close()
         if self.t_complete is None:
             self._unregister_all()
