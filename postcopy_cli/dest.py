@@ -383,6 +383,10 @@ class Destination:
             self._preempt_conn, self._preempt_thread = conn, thread
         return True
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _run_preempt(self, channel: "_Channel"):
         make_latency_thread()
         try:

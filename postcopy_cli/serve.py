@@ -106,7 +106,8 @@ class ServeDest:
             except OSError:
                 return
             if not self.dest.add_preempt(conn):
-                log.warning("refused an extra connection to %s during the migration", self.bound)
+                if not self.dest.closed:   # (after the end, a late preempt channel is no news)
+                    log.warning("refused an extra connection to %s during the migration", self.bound)
                 conn.close()
 
     def _report(self, progress, stop: threading.Event):
