@@ -130,6 +130,22 @@ def postcopy_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "postcopy_cli", *args]
 
 
+def child_env() -> dict:
+    """The environment of our subprocesses: they import the very postcopy_cli this one runs.
+
+    ``python -m`` puts the current directory first on sys.path, where a source
+    tree (without its compiled extension) would shadow the installed package:
+    PYTHONSAFEPATH (3.11+) leaves it out, and PYTHONPATH names where ours is.
+    """
+    import postcopy_cli
+
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(postcopy_cli.__file__)))
+    env["PYTHONSAFEPATH"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    return env
+
+
 class Procs:
     """Subprocesses of one case; every one still running at exit is killed."""
 
@@ -138,7 +154,7 @@ class Procs:
 
     def start(self, *args: str) -> subprocess.Popen:
         p = subprocess.Popen(postcopy_argv(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True, env=child_env())
         self.procs.append(p)
         return p
 

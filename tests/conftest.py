@@ -5,6 +5,17 @@ import os
 
 import pytest
 
+import postcopy_cli as _package
+
+# The programs the tests start (python -m postcopy_cli, python -c ...) must import
+# the postcopy_cli under test, not the source tree in the current directory (which
+# has no compiled extension after a plain `pip install .`): Python 3.11's
+# PYTHONSAFEPATH keeps the current directory off sys.path, PYTHONPATH names ours.
+os.environ["PYTHONSAFEPATH"] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (os.path.dirname(os.path.dirname(os.path.abspath(_package.__file__))), os.environ.get("PYTHONPATH"))
+    if p)
+
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
 
