@@ -116,15 +116,9 @@ def make_image(path, size: int = SIZE) -> bytes:
 
 
 def start_toucher(sock_path, image) -> subprocess.Popen:
+    # (conftest points PYTHONPATH at the postcopy_cli under test)
     return subprocess.Popen([sys.executable, "-c", TOUCHER, str(sock_path), str(SIZE), str(image)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": _repo_path()})
-
-
-def _repo_path() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    extra = os.environ.get("PYTHONPATH")
-    return root + (os.pathsep + extra if extra else "")
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:

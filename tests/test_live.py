@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+import postcopy_cli
+
 from conftest import PROC_TIMEOUT, ServeDestProc, needs_root, postcopy_cmd, single_stderr_line
 
 pytestmark = needs_root
@@ -407,7 +409,8 @@ BAD_PROGRAM = textwrap.dedent("""
 
 def _bad_program(live_run: Live, mode: str) -> subprocess.Popen:
     script = live_run.tmp / "bad_program.py"
-    script.write_text(BAD_PROGRAM.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    # the postcopy_cli under test (a source tree may have no compiled extension)
+    script.write_text(BAD_PROGRAM.format(root=os.path.dirname(os.path.dirname(os.path.abspath(postcopy_cli.__file__)))))
     p = subprocess.Popen([sys.executable, str(script), mode, str(live_run.tmp / "src.sock")],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     live_run.procs.append(type("P", (), {"p": p, "kill": lambda self: p.poll() is None and p.kill()})())

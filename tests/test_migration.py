@@ -22,9 +22,11 @@ import pytest
 
 from conftest import PROC_TIMEOUT, postcopy_cmd, run_postcopy, write_image, zero_pages_of
 from postcopy_cli import codec
+import postcopy_cli
 from postcopy_cli.serve import ServeDest, ServeOptions
 
-REPO = Path(__file__).resolve().parent.parent
+# where the postcopy_cli under test lives (conftest also exports it in PYTHONPATH)
+REPO = Path(postcopy_cli.__file__).resolve().parent.parent
 PAGE = 4096
 MiB = 1 << 20
 
