@@ -178,16 +178,13 @@ class _Buffered:
         raise self._error
 
     def events(self) -> Iterator:
-        """Yield events until the decoder needs more data."""
+        """Yield events until the decoder needs more data (each decoder defines ``next_event``)."""
         nxt = self.next_event
         while True:
             ev = nxt()
             if ev is NEED_DATA:
                 return
             yield ev
-
-    def next_event(self):  # pragma: no cover - overridden
-        raise NotImplementedError
 
 
 def _check_name(raw: bytes, what: str, fail, offset: int) -> str:
