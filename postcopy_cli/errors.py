@@ -24,10 +24,6 @@ class UsageError(PostcopyError):
     exit_code = EXIT_USAGE
 
 
-class NotBuiltError(PostcopyError):
-    """A command or mode that this version does not provide (exit 1)."""
-
-
 class ProtocolError(PostcopyError):
     """The peer broke the protocol (exit 3).
 

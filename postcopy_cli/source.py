@@ -16,7 +16,6 @@ import select
 import socket
 import threading
 import time
-from dataclasses import dataclass
 
 from . import codec
 from ._native import ffi, lib
@@ -98,11 +97,6 @@ class ImageMemory:
         self._view.release()
         self._map.close()
         os.close(self._fd)
-
-
-@dataclass
-class SourceResult:
-    stats: dict
 
 
 class _Lane:

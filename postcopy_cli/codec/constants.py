@@ -10,7 +10,6 @@ import enum
 MAGIC = 0x50435059  # "PCPY"
 VERSION = 1
 TARGET_PAGE_SIZE = 4096
-TARGET_PAGE_MASK = ~(TARGET_PAGE_SIZE - 1) & 0xFFFFFFFFFFFFFFFF
 RECV_BITMAP_ENDING = 0x0123456789ABCDEF
 MAX_DISCARDS_PER_COMMAND = 12
 
@@ -61,7 +60,6 @@ class RamFlag(enum.IntFlag):
 
 #: Every flag bit a RAM record may carry; anything else in the low 12 bits is refused.
 RAM_FLAGS_KNOWN = int(RamFlag.ZERO | RamFlag.PAGE | RamFlag.EOS | RamFlag.CONTINUE)
-RAM_FLAGS_MASK = TARGET_PAGE_SIZE - 1
 
 
 class PostcopyState(enum.Enum):

@@ -220,10 +220,8 @@ class StreamDecoder(_Buffered):
         self.blocks: dict[str, BlockInfo] = {}
         self._by_raw: dict[bytes, BlockInfo] = {}
         self.state = PostcopyState.NONE
-        self.return_path_opened = False
         self._cur_name: str | None = None  # block of the previous record in this RAM section
         self._cur_len = 0
-        self._section_start = 0
         if preempt_blocks:
             self.blocks = dict(preempt_blocks)
             self._by_raw = {b.name.encode("utf-8"): b for b in preempt_blocks.values()}
@@ -329,7 +327,6 @@ class StreamDecoder(_Buffered):
             self._phase = _P_RAM
             self._cur_name = None
             self._cur_len = 0
-            self._section_start = start
             return self._ram_record()
         if kind == Section.COMMAND:
             return self._command(start)
@@ -564,7 +561,6 @@ class StreamDecoder(_Buffered):
             self.state = S.RUNNING
         elif cmd is Command.OPEN_RETURN_PATH:
             ev = OpenReturnPath()
-            self.return_path_opened = True
         elif cmd is Command.POSTCOPY_RESUME:
             ev = PostcopyResume()
         else:  # RECV_BITMAP

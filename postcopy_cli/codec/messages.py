@@ -179,6 +179,3 @@ class ResumeAck:
     value: int = 1
 
 
-STREAM_MESSAGES = (Header, Blocks, RamPage, RamZero, RamEnd, State, OpenReturnPath, Ping, PostcopyAdvise,
-                   PostcopyListen, PostcopyRun, PostcopyRamDiscard, PostcopyResume, RecvBitmapRequest, Eof)
-RETURN_PATH_MESSAGES = (Shut, Pong, ReqPagesId, ReqPages, RecvBitmap, ResumeAck)

@@ -8,7 +8,6 @@ import sys
 
 import click
 
-from ..errors import NotBuiltError
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -32,10 +31,6 @@ def emit_json(obj) -> None:
     """Write one JSON document to stdout."""
     sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
     sys.stdout.flush()
-
-
-def not_built(what: str):
-    raise NotBuiltError(f"{what} is not built yet in this version")
 
 
 class progress_display:
