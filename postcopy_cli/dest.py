@@ -17,6 +17,7 @@ import base64
 import errno
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -155,6 +156,9 @@ class Destination:
         self.t_run: float | None = None
         self.t_complete: float | None = None
         self._mlocked = False
+        # written when the program leaves: it wakes the stream's thread, which alone decides what that means
+        self._left_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if program else -1
+        self._left_lock = threading.Lock()
         if program:
             self._register_all()
             self._control = ControlReader(program.sock, name="postcopy/program", on_gone=self._program_left)
@@ -162,13 +166,20 @@ class Destination:
 
     # -- the attached program -----------------------------------------------------
     def _program_left(self):
-        """The attached program exited or closed its socket: wake the stream loop unless all is in."""
-        conn = self._conn
-        if conn is not None and self.t_complete is None and not self._all_received():
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        """The attached program exited or closed its socket (the control reader's thread): wake the stream's
+        thread, which decides (:meth:`_on_program_left`)."""
+        with self._left_lock:
+            if self._left_fd >= 0:
+                os.eventfd_write(self._left_fd, 1)
+
+    def _on_program_left(self):
+        """The stream's thread, woken because the program left: with every page in nothing is lost and the
+        migration goes on to its end; otherwise it failed."""
+        try:
+            os.eventfd_read(self._left_fd)
+        except BlockingIOError:
+            pass
+        self._check_program()
 
     @property
     def _program_gone(self) -> bool:
@@ -186,9 +197,12 @@ class Destination:
 
     def _check_program(self):
         # a program that leaves once every page is in has lost nothing
-        if self._program_gone and not self._all_received():
-            raise ProgramGone(f"the attached program (pid {self.program.pid}) exited or closed its socket "
-                              f"during the migration")
+        if self._program_gone:
+            missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+            if missing > 0:
+                raise ProgramGone(f"the attached program (pid {self.program.pid}) exited or closed its socket "
+                                  f"during the migration, with {missing} of {self.total_pages} pages not "
+                                  f"received yet")
 
     # -- registration ---------------------------------------------------------------
     def _register_all(self):
@@ -322,6 +336,11 @@ class Destination:
             self.downtime_ms = round(us / 1000 + (self.t_run - at) * 1000, 3)
 
     def _placement_failed(self, r: int, block: int, offset: int):
+        if r == -errno.ESRCH and self.program and self._control.gone.wait(self.timeout):
+            # UFFDIO_COPY found the program's address space gone: it is exiting
+            # (its socket closes just after: exit_mm() runs before exit_files())
+            self._check_program()
+            return   # every page is in: the other channel placed these too
         self._check_program()
         raise PostcopyError(f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}: "
                             f"{os.strerror(-r)}")
@@ -341,7 +360,7 @@ class Destination:
         """Receive the whole migration from ``conn``; returns when every page is in."""
         self._conn = conn
         lib.pc_dest_set_return_path(self._native, conn.fileno())
-        self._main = _Channel(self, conn, codec.StreamDecoder())
+        self._main = _Channel(self, conn, codec.StreamDecoder(), wake_fd=self._left_fd)
         conn.settimeout(self.timeout)
         try:
             self._main.receive_loop()
@@ -392,6 +411,8 @@ class Destination:
         try:
             channel.receive_loop()
         except PostcopyError as e:
+            if self._program_gone:
+                return   # the main stream's thread decides what the program's leaving means
             self._preempt_error = e
             try:
                 self._conn.shutdown(socket.SHUT_RDWR)   # wake the main stream loop
@@ -508,6 +529,10 @@ class Destination:
             import ctypes
             ctypes.CDLL(None).mlockall(3)  # MCL_CURRENT | MCL_FUTURE
             self._mlocked = False
+        with self._left_lock:
+            if self._left_fd >= 0:
+                os.close(self._left_fd)
+                self._left_fd = -1
 
 
 class _Channel:
@@ -517,10 +542,11 @@ class _Channel:
     placement itself is thread-safe native code shared by both channels.
     """
 
-    def __init__(self, dest: Destination, conn: socket.socket, decoder: codec.StreamDecoder):
+    def __init__(self, dest: Destination, conn: socket.socket, decoder: codec.StreamDecoder, *, wake_fd: int = -1):
         self.dest = dest
         self.conn = conn
         self.decoder = decoder
+        self.wake_fd = wake_fd    # the main stream: readable when the program left
         self._run = _Run()
 
     def _flush(self):
@@ -586,6 +612,8 @@ class _Channel:
         decoder = self.decoder
         dest = self.dest
         try:
+            if self.wake_fd >= 0:
+                self._wait_readable(conn)
             n = conn.recv_into(view)
         except socket.timeout:
             dest._check_program()
@@ -603,6 +631,25 @@ class _Channel:
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
                                    f"(stream offset {decoder.offset}, state {decoder.state.name})")
         return n
+
+    def _wait_readable(self, conn: socket.socket) -> None:
+        """Wait for the source's bytes (socket.timeout after the socket's timeout); a wake on the way means
+        the program left."""
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        poller.register(self.wake_fd, select.POLLIN)
+        timeout = conn.gettimeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            ready = dict(poller.poll(left))
+            if self.wake_fd in ready:
+                self.dest._on_program_left()
+                poller.unregister(self.wake_fd)
+            if conn.fileno() in ready:
+                return
+            if left == 0:
+                raise socket.timeout
 
     def receive_loop(self) -> None:
         """Bytes in; the bulk of each RAM section goes to the native pump, the rest to the codec.
@@ -628,11 +675,14 @@ class _Channel:
             name = decoder.ram_block()
             if name is not None and small_pages[index[name]] and not decoder.buffered:
                 self._flush()
-                r = lib.pc_dest_pump(native, fd, index[name], ptr, len(rb), span, span + 1, timeout_ms, fast)
+                r = lib.pc_dest_pump(native, fd, self.wake_fd, index[name], ptr, len(rb), span, span + 1, timeout_ms,
+                                     fast)
                 decoder.consumed_elsewhere(fast.consumed)
                 if fast.error:
                     dest._placement_failed(fast.error, index[name], fast.error_offset)
-                if r != lib.PC_PUMP_STOP:
+                if r == lib.PC_PUMP_WAKE:
+                    dest._on_program_left()
+                elif r != lib.PC_PUMP_STOP:
                     self._pump_ended(r)
                 data = bytes(view[span[0]:span[1]])
                 span[0] = span[1] = 0

@@ -121,6 +121,7 @@ void pc_dest_set_registered(struct pc_dest *d, int registered) { d->registered =
 void pc_dest_set_quit_fd(struct pc_dest *d, int quit_fd) { d->quit_fd = quit_fd; }
 void pc_dest_set_discarding(struct pc_dest *d, int discarding) { __atomic_store_n(&d->discarding, discarding, __ATOMIC_RELEASE); }
 void pc_dest_set_overwrite(struct pc_dest *d, int overwrite_ok) { __atomic_store_n(&d->overwrite_ok, overwrite_ok, __ATOMIC_RELEASE); }
+void pc_dest_set_test_place_delay(struct pc_dest *d, uint64_t ns) { __atomic_store_n(&d->test_place_delay_ns, ns, __ATOMIC_RELAXED); }
 
 static const struct pc_dest_seg *seg_by_addr(const struct pc_dest *d, uint64_t addr)
 {
@@ -492,39 +493,58 @@ static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, ui
         __atomic_fetch_add(&d->st.zero_pages, len / TP, __ATOMIC_RELAXED);
 }
 
-/* Place [off, off+len) of a block at host addr from src (NULL: zeros) and
- * account for what went in; returns 0 or -errno. A page found present
- * (EEXIST) was placed by the other channel meanwhile (or, before RUN, is
- * overwritten). */
-static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, const uint8_t *src, uint64_t len)
+/* A test hook: sleep between placing pages and accounting for them (0: off). */
+static void test_pause(const struct pc_dest *d)
 {
-    uint64_t page_size = d->blocks[block].page_size;
-    if (!d->registered) {
-        if (src)
-            memcpy((void *)(uintptr_t)addr, src, len);
-        else
-            memset((void *)(uintptr_t)addr, 0, len);
-        account(d, block, off, len, now_ns(), src == NULL);
+    uint64_t ns = __atomic_load_n(&d->test_place_delay_ns, __ATOMIC_RELAXED);
+    if (ns) {
+        struct timespec t = { (time_t)(ns / 1000000000ULL), (long)(ns % 1000000000ULL) };
+        nanosleep(&t, NULL);
+    }
+}
+
+/* UFFDIO_COPY / UFFDIO_ZEROPAGE of [addr, addr+len) without waking the
+ * faulting threads; 0 or -errno, *placed the bytes that went in */
+static int place_nowake(struct pc_dest *d, uint64_t addr, const uint8_t *src, uint64_t len, int64_t *placed)
+{
+    int rc;
+    if (src) {
+        struct uffdio_copy c = { addr, (uint64_t)(uintptr_t)src, len, UFFDIO_COPY_MODE_DONTWAKE, 0 };
+        rc = ioctl(d->uffd, UFFDIO_COPY, &c);
+        *placed = c.copy;
+    } else {
+        struct uffdio_zeropage z = { { addr, len }, UFFDIO_ZEROPAGE_MODE_DONTWAKE, 0 };
+        rc = ioctl(d->uffd, UFFDIO_ZEROPAGE, &z);
+        *placed = z.zeropage;
+    }
+    if (rc == 0) {
+        *placed = (int64_t)len;
+        test_pause(d);
         return 0;
     }
+    int err = errno;
+    if (*placed > 0)
+        test_pause(d);
+    return -err;
+}
+
+/* Place [off, off+len) of a block at host addr from src (NULL: zeros) and
+ * account for what went in, without waking the faulting threads (see
+ * place_run); returns 0 or -errno. A page found present (EEXIST) was placed
+ * by the other channel meanwhile (or, before RUN, is overwritten). */
+static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t addr, const uint8_t *src,
+                            uint64_t len)
+{
+    uint64_t page_size = d->blocks[block].page_size;
     uint64_t done = 0;
     while (done < len) {
-        int rc;
         int64_t placed;
-        if (src) {
-            struct uffdio_copy c = { addr + done, (uint64_t)(uintptr_t)(src + done), len - done, 0, 0 };
-            rc = ioctl(d->uffd, UFFDIO_COPY, &c);
-            placed = c.copy;
-        } else {
-            struct uffdio_zeropage z = { { addr + done, len - done }, 0, 0 };
-            rc = ioctl(d->uffd, UFFDIO_ZEROPAGE, &z);
-            placed = z.zeropage;
-        }
+        int rc = place_nowake(d, addr + done, src ? src + done : NULL, len - done, &placed);
         if (rc == 0) {
             account(d, block, off + done, len - done, now_ns(), src == NULL);
             return 0;
         }
-        int err = errno;
+        int err = -rc;
         if (placed > 0) {   /* partial: account for what went in, carry on after it */
             account(d, block, off + done, (uint64_t)placed, now_ns(), src == NULL);
             done += (uint64_t)placed;
@@ -535,14 +555,7 @@ static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, 
             return -err;
         /* some page of the run is present: go page by page from here */
         for (uint64_t o = done; o < len; o += page_size) {
-            int e;
-            if (src) {
-                struct uffdio_copy c = { addr + o, (uint64_t)(uintptr_t)(src + o), page_size, 0, 0 };
-                e = ioctl(d->uffd, UFFDIO_COPY, &c) ? errno : 0;
-            } else {
-                struct uffdio_zeropage z = { { addr + o, page_size }, 0, 0 };
-                e = ioctl(d->uffd, UFFDIO_ZEROPAGE, &z) ? errno : 0;
-            }
+            int e = -place_nowake(d, addr + o, src ? src + o : NULL, page_size, &placed);
             if (e == 0) {
                 account(d, block, off + o, page_size, now_ns(), src == NULL);
             } else if (e == EEXIST) {
@@ -564,6 +577,26 @@ static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, 
         return 0;
     }
     return 0;
+}
+
+/* The program must not run on a page before it is accounted for: a thread
+ * woken by UFFDIO_COPY may read its last page and exit while the received
+ * bitmap still says a page is missing. So pages go in with DONTWAKE, are
+ * accounted, and then one UFFDIO_WAKE covers the run (waking a page still
+ * missing only makes its thread fault again). */
+static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, const uint8_t *src, uint64_t len)
+{
+    if (!d->registered) {
+        if (src)
+            memcpy((void *)(uintptr_t)addr, src, len);
+        else
+            memset((void *)(uintptr_t)addr, 0, len);
+        account(d, block, off, len, now_ns(), src == NULL);
+        return 0;
+    }
+    int r = place_run_nowake(d, block, off, addr, src, len);
+    int w = wake_range(d, addr, len);
+    return r ? r : w;
 }
 
 static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *data, uint64_t len)

@@ -72,6 +72,7 @@ struct pc_dest {
     int overwrite_ok;           /* before RUN: a present page may be overwritten */
     int registered;             /* 0: own memory not registered yet -> plain memcpy */
     int discarding;             /* the program is dropping discarded ranges itself */
+    uint64_t test_place_delay_ns; /* tests only: pause between placing pages and accounting for them */
 };
 
 struct pc_dest *pc_dest_new(int uffd, int quit_fd, int pid);
@@ -82,6 +83,7 @@ void pc_dest_set_registered(struct pc_dest *d, int registered);
 void pc_dest_set_quit_fd(struct pc_dest *d, int quit_fd);
 void pc_dest_set_discarding(struct pc_dest *d, int discarding);
 void pc_dest_set_overwrite(struct pc_dest *d, int overwrite_ok);
+void pc_dest_set_test_place_delay(struct pc_dest *d, uint64_t ns);
 void pc_dest_set_return_path(struct pc_dest *d, int rp_fd);
 int pc_dest_enable_requests(struct pc_dest *d);
 int pc_dest_rp_send(struct pc_dest *d, const uint8_t *buf, size_t len);

@@ -97,11 +97,11 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
  * the GIL released, until something the fast path does not take.
  * buf[*start, *end) holds unconsumed bytes on entry and on return.
  * Returns PC_PUMP_STOP (a record or section for the codec at buf[*start]),
- * PC_PUMP_EOF (the peer closed), -ETIMEDOUT (nothing for timeout_ms), or
- * -errno; out->consumed counts every byte consumed, out->error any placement
+ * PC_PUMP_EOF (the peer closed), PC_PUMP_WAKE (wake_fd is readable; -1:
+ * none), -ETIMEDOUT (nothing for timeout_ms), or -errno; out->consumed counts every byte consumed, out->error any placement
  * error (then the return is PC_PUMP_STOP). */
-int pc_dest_pump(struct pc_dest *d, int fd, int block, uint8_t *buf, uint64_t cap, uint64_t *start, uint64_t *end,
-                 int timeout_ms, struct pc_ram_fast *out)
+int pc_dest_pump(struct pc_dest *d, int fd, int wake_fd, int block, uint8_t *buf, uint64_t cap, uint64_t *start,
+                 uint64_t *end, int timeout_ms, struct pc_ram_fast *out)
 {
     struct pc_ram_fast step;
     uint64_t consumed = 0, records = 0;
@@ -130,13 +130,18 @@ int pc_dest_pump(struct pc_dest *d, int fd, int block, uint8_t *buf, uint64_t ca
             *end -= *start;
             *start = 0;
         }
-        struct pollfd p = { fd, POLLIN, 0 };
-        int pr = poll(&p, 1, timeout_ms);
+        struct pollfd p[2] = { { fd, POLLIN, 0 }, { wake_fd, POLLIN, 0 } };
+        int pr = poll(p, 2, timeout_ms);
         if (pr < 0 && errno == EINTR)
             continue;
         if (pr == 0) {
             memset(out, 0, sizeof *out);
             r = -ETIMEDOUT;
+            break;
+        }
+        if (p[1].revents) {
+            memset(out, 0, sizeof *out);
+            r = PC_PUMP_WAKE;
             break;
         }
         ssize_t n = recv(fd, buf + *end, cap - *end, 0);

@@ -16,8 +16,9 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
 #define PC_PUMP_STOP 1
 #define PC_PUMP_EOF 2
 #define PC_PUMP_FAULT_THREAD 3
-int pc_dest_pump(struct pc_dest *d, int fd, int block, uint8_t *buf, uint64_t cap, uint64_t *start, uint64_t *end,
-                 int timeout_ms, struct pc_ram_fast *out);
+#define PC_PUMP_WAKE 4
+int pc_dest_pump(struct pc_dest *d, int fd, int wake_fd, int block, uint8_t *buf, uint64_t cap, uint64_t *start,
+                 uint64_t *end, int timeout_ms, struct pc_ram_fast *out);
 
 /* Source: send `npages` target pages of block memory at `data` (block offset
  * `offset`) as RAM records, zero pages as ZERO records; the first record names
