@@ -413,9 +413,16 @@ class PageStreamer:
                     raise PeerDisconnected(f"the destination connection failed: {os.strerror(-r)}")
                 self._take_from_server()
                 lane.named = srv.named
-                self._handle_return_path(b"")
-                if self.requests:
-                    self._send_requested(lane)
+                while True:
+                    self._handle_return_path(b"")
+                    if self.requests:
+                        self._send_requested(lane)
+                    # a message longer than the server's buffer (a RECV_BITMAP for a block over
+                    # 2 GiB): the codec reads the rest of it here
+                    if self.decoder.buffered < len(srv.rbuf):
+                        break
+                    if not self._receive_long():
+                        return
                 srv.named = lane.named
                 last = self.decoder.last_block
                 srv.last_block = self.index[last] if last is not None else -1
@@ -427,6 +434,26 @@ class PageStreamer:
         except BaseException as e:   # handed to the streaming thread
             self._error = e
             self._shut_event.set()
+
+    def _receive_long(self) -> bool:
+        """More of a long return-path message, for the codec; False when told to quit."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._quit_fd, select.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if self._quit_fd in ready:
+                return False
+            if self._fd in ready:
+                break
+        try:
+            data = self.conn.recv(1 << 20)
+        except OSError as e:
+            raise PeerDisconnected(f"the destination connection failed: {e.strerror or e}") from None
+        if not data:
+            raise PeerDisconnected("the destination disconnected before answering SHUT")
+        self.decoder.feed(data)
+        return True
 
     def _take_from_server(self) -> None:
         """The server's unparsed bytes and REQ_PAGES state go (back) to the codec."""
