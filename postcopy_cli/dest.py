@@ -569,11 +569,8 @@ class _Channel:
         run.buf[start:start + TP] = data
         run.pages += 1
 
-    def _zero(self, bi: int, offset: int, fill: int):
+    def _zero(self, bi: int, offset: int):
         block = self.dest.blocks[bi]
-        if fill:
-            self._page(bi, offset, bytes([fill]) * TP)
-            return
         if block.page_size > TP:
             self._page(bi, offset, bytes(TP))
             return
@@ -680,7 +677,7 @@ class _Channel:
             elif t is RamZero:
                 if dest._pending_discards:
                     dest._apply_discards()
-                self._zero(index[ev.block], ev.offset, ev.fill)
+                self._zero(index[ev.block], ev.offset)
             elif t is codec.RamEnd:
                 self._flush()
             elif t is codec.PreemptChannel:

@@ -194,8 +194,8 @@ class RamSectionEncoder:
             raise LocalProtocolError(f"a PAGE record carries {TARGET_PAGE_SIZE} bytes, not {len(data)}")
         return self.record_header(block, offset, RamFlag.PAGE) + bytes(data)
 
-    def zero(self, block: str, offset: int, fill: int = 0) -> bytes:
-        return self.record_header(block, offset, RamFlag.ZERO) + _U8.pack(_uint(fill, 8, "zero fill byte"))
+    def zero(self, block: str, offset: int) -> bytes:
+        return self.record_header(block, offset, RamFlag.ZERO) + b"\x00"
 
     def end(self) -> bytes:
         self._last = None
@@ -211,7 +211,7 @@ def encode_ram_section(records: Iterable) -> bytes:
         if t is RamPage:
             parts.append(enc.page(r.block, r.offset, r.data))
         elif t is RamZero:
-            parts.append(enc.zero(r.block, r.offset, r.fill))
+            parts.append(enc.zero(r.block, r.offset))
         elif t is RamEnd:
             break
         else:
