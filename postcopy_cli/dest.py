@@ -270,10 +270,10 @@ class Destination:
             self._pending_discards.setdefault(msg.block, []).extend(msg.ranges)
             return
         for start, length in msg.ranges:
-            pos = start
-            while pos < start + length:
-                addr = block.host_address(pos)
-                step = min(block.page_size, start + length - pos)
+            pos, end = start, start + length
+            while pos < end:       # one madvise per mapped span of the range
+                addr, span = block.host_span(pos)
+                step = min(span, end - pos)
                 if addr is not None:
                     madvise(addr, step, MADV_DONTNEED)
                 pos += step
