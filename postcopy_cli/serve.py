@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -36,11 +35,18 @@ class ServeDest:
             raise PostcopyError("serve-dest needs memory: --uffd-socket PATH or --ram NAME=SIZE")
         self.opts = opts
         self.address = transport.parse_address(opts.listen)
-        self.listener = transport.listen(self.address, insecure=opts.insecure)
+        self.listener = transport.listen(self.address, insecure=opts.insecure, what="--listen")
         self.bound = transport.bound_address(self.listener, self.address)
         self.uffd_listener: socket.socket | None = None
         if opts.uffd_socket:
-            self.uffd_listener = transport.listen(transport.Address("unix", path=opts.uffd_socket))
+            try:
+                self.uffd_listener = transport.listen(transport.Address("unix", path=opts.uffd_socket),
+                                                      what="--uffd-socket")
+            except BaseException:
+                self.listener.close()
+                if self.address.kind == "unix":
+                    transport.release_unix_path(self.address.path)
+                raise
         self.mappings: list[AnonymousMapping] = []
         self.program: Handover | None = None
         self.dest: Destination | None = None
@@ -122,10 +128,7 @@ class ServeDest:
         if self.address.kind == "unix":
             paths.append(self.address.path)    # the listening socket's file, left behind otherwise
         for path in paths:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            transport.release_unix_path(path)
         if self.uffd is not None:
             self.uffd.close()
         if self.program is not None:
