@@ -31,7 +31,12 @@ def encode_name(name: str) -> bytes:
     """A block name as its UTF-8 bytes, checked (1..255 bytes, no NUL)."""
     if not isinstance(name, str):
         raise LocalProtocolError(f"block name must be a str, not {type(name).__name__}")
-    raw = name.encode("utf-8")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        # undecodable bytes of a command line arrive as lone surrogates (PEP 383)
+        raise LocalProtocolError(f"block name {name.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8") \
+            from None
     if not 1 <= len(raw) <= MAX_NAME_LENGTH:
         raise LocalProtocolError(f"block name {name!r} must be 1..{MAX_NAME_LENGTH} bytes (is {len(raw)})")
     if b"\0" in raw:
