@@ -284,10 +284,10 @@ class Destination:
             self._pending_discards.setdefault(msg.block, []).extend(msg.ranges)
             return
         for start, length in msg.ranges:
-            pos = start
-            while pos < start + length:
-                addr = block.host_address(pos)
-                step = min(block.page_size, start + length - pos)
+            pos, end = start, start + length
+            while pos < end:       # one madvise per mapped span of the range
+                addr, span = block.host_span(pos)
+                step = min(span, end - pos)
                 if addr is not None:
                     madvise(addr, step, MADV_DONTNEED)
                 pos += step
@@ -595,11 +595,8 @@ class _Channel:
         run.buf[start:start + TP] = data
         run.pages += 1
 
-    def _zero(self, bi: int, offset: int, fill: int):
+    def _zero(self, bi: int, offset: int):
         block = self.dest.blocks[bi]
-        if fill:
-            self._page(bi, offset, bytes([fill]) * TP)
-            return
         if block.page_size > TP:
             self._page(bi, offset, bytes(TP))
             return
@@ -730,7 +727,7 @@ class _Channel:
             elif t is RamZero:
                 if dest._pending_discards:
                     dest._apply_discards()
-                self._zero(index[ev.block], ev.offset, ev.fill)
+                self._zero(index[ev.block], ev.offset)
             elif t is codec.RamEnd:
                 self._flush()
             elif t is codec.PreemptChannel:

@@ -380,7 +380,7 @@ class LiveMigration:
 def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None, switchover=None,
                  accept_timeout: float | None = 60.0) -> dict:
     """``migrate --attach``: wait for the program on ``attach_path``, then migrate it to ``to``."""
-    listener = transport.listen(transport.Address("unix", path=attach_path))
+    listener = transport.listen(transport.Address("unix", path=attach_path), what="--attach")
     program = None
     try:
         if on_ready:
@@ -418,7 +418,4 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
         if program is not None:
             program.close()
         listener.close()
-        try:
-            os.unlink(attach_path)
-        except OSError:
-            pass
+        transport.release_unix_path(attach_path)

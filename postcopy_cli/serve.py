@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -36,15 +35,27 @@ class ServeDest:
             raise PostcopyError("serve-dest needs memory: --uffd-socket PATH or --ram NAME=SIZE")
         self.opts = opts
         self.address = transport.parse_address(opts.listen)
-        self.listener = transport.listen(self.address, insecure=opts.insecure)
-        self.bound = transport.bound_address(self.listener, self.address)
-        self.uffd_listener: socket.socket | None = None
-        if opts.uffd_socket:
-            self.uffd_listener = transport.listen(transport.Address("unix", path=opts.uffd_socket))
         self.mappings: list[AnonymousMapping] = []
+        self.listener: socket.socket | None = None
+        self.uffd_listener: socket.socket | None = None
         self.program: Handover | None = None
         self.dest: Destination | None = None
         self.uffd: Userfaultfd | None = None
+        try:
+            for name, size in opts.ram:     # before anything listens: a source never meets a failed --ram
+                try:
+                    self.mappings.append(AnonymousMapping(size))
+                except OSError as e:
+                    raise PostcopyError(f"--ram {name}: cannot map {size} bytes ({size / 2**30:g} GiB): {e.strerror}") \
+                        from None
+            self.listener = transport.listen(self.address, insecure=opts.insecure, what="--listen")
+            self.bound = transport.bound_address(self.listener, self.address)
+            if opts.uffd_socket:
+                self.uffd_listener = transport.listen(transport.Address("unix", path=opts.uffd_socket),
+                                                      what="--uffd-socket")
+        except BaseException:
+            self.close()
+            raise
         if on_listening:
             on_listening(self)
 
@@ -63,9 +74,7 @@ class ServeDest:
 
     def _own_memory(self) -> list[RamBlock]:
         blocks = []
-        for name, size in self.opts.ram:
-            m = AnonymousMapping(size)
-            self.mappings.append(m)
+        for (name, size), m in zip(self.opts.ram, self.mappings):
             blocks.append(RamBlock(name, size, 4096, [Segment(0, m.addr, size)]))
         self.uffd = own_memory_uffd()
         return blocks
@@ -115,17 +124,16 @@ class ServeDest:
             progress(self.dest.progress())
 
     def close(self):
+        paths = []
+        if self.listener is not None and self.address.kind == "unix":
+            paths.append(self.address.path)    # the listening socket's file, left behind otherwise
+        if self.uffd_listener is not None:
+            paths.append(self.opts.uffd_socket)
         for s in (self.listener, self.uffd_listener):
             if s is not None:
                 s.close()
-        paths = [self.opts.uffd_socket] if self.opts.uffd_socket else []
-        if self.address.kind == "unix":
-            paths.append(self.address.path)    # the listening socket's file, left behind otherwise
         for path in paths:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            transport.release_unix_path(path)
         if self.uffd is not None:
             self.uffd.close()
         if self.program is not None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import stat
 import struct
 import time
 from dataclasses import dataclass
 
-from .errors import PeerDisconnected, UsageError
+from .errors import PeerDisconnected, PostcopyError, UsageError
 
 
 @dataclass(frozen=True)
@@ -72,21 +73,108 @@ def _tune(sock: socket.socket) -> None:
             pass
 
 
-def listen(addr: Address, *, insecure: bool = False) -> socket.socket:
+# sock_diag(7): a SOCK_DIAG_BY_FAMILY dump request (struct unix_diag_req,
+# linux/unix_diag.h) for AF_UNIX sockets in TCP_LISTEN state (10) with
+# UDIAG_SHOW_VFS answers, per listening socket, the inode and device of the file
+# it is bound to (UNIX_DIAG_VFS: struct unix_diag_vfs).  The device is the
+# kernel's dev_t (MAJOR << 20 | MINOR, include/linux/kdev_t.h).
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_UNIX_DIAG_VFS = 1
+_NLMSG = struct.Struct("=IHHII")
+_UNIX_DIAG_REQ = struct.Struct("=BBHIIIII")
+
+
+def parse_unix_diag_vfs(data: bytes) -> tuple[set[tuple[int, int, int]], bool]:
+    """(the (major, minor, inode) of each bound file in a sock_diag answer, whether it ended).  Pure."""
+    files, pos, done = set(), 0, False
+    while pos + _NLMSG.size <= len(data):
+        length, kind, _, _, _ = _NLMSG.unpack_from(data, pos)
+        if length < _NLMSG.size or pos + length > len(data):
+            break
+        if kind == _NLMSG_DONE:
+            done = True
+        elif kind == _NLMSG_ERROR:
+            (err,) = struct.unpack_from("=i", data, pos + _NLMSG.size)
+            raise OSError(-err, os.strerror(-err))
+        elif kind == _SOCK_DIAG_BY_FAMILY:
+            at, end = pos + _NLMSG.size + 16, pos + length      # after struct unix_diag_msg
+            while at + 4 <= end:
+                alen, atype = struct.unpack_from("=HH", data, at)
+                if alen < 4:
+                    break
+                if atype == _UNIX_DIAG_VFS and alen >= 12:
+                    ino, dev = struct.unpack_from("=II", data, at + 4)
+                    files.add((dev >> 20, dev & 0xFFFFF, ino))
+                at += (alen + 3) & ~3
+        pos += (length + 3) & ~3
+    return files, done
+
+
+def _listening_unix_files() -> set[tuple[int, int, int]]:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG) as nl:
+        req = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 1 << 10, 0, 0x2, 0xFFFFFFFF, 0xFFFFFFFF)
+        nl.sendto(_NLMSG.pack(_NLMSG.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0) + req, (0, 0))
+        files: set[tuple[int, int, int]] = set()
+        while True:
+            more, done = parse_unix_diag_vfs(nl.recv(1 << 16))
+            files |= more
+            if done:
+                return files
+
+
+def unix_path_has_listener(path: str) -> bool:
+    """True if a socket is listening on the socket file at ``path``."""
+    st = os.stat(path)
+    return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in _listening_unix_files()
+
+
+def claim_unix_path(path: str, what: str) -> None:
+    """Make room to bind ``path``: a stale socket file goes; anything else there is a usage error (exit 2)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{what} {path}: refusing to replace it, it exists and is not a socket")
+    try:
+        live = unix_path_has_listener(path)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot tell whether another process listens on it "
+                         f"(sock_diag: {e.strerror}); remove it if it is stale") from None
+    if live:
+        raise UsageError(f"{what} {path}: another process is listening on it")
+    os.unlink(path)
+
+
+def release_unix_path(path: str) -> None:
+    """Remove the socket file we bound at ``path`` (after closing our listener), unless it is not ours now."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode) and not unix_path_has_listener(path):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def listen(addr: Address, *, insecure: bool = False, what: str = "listening socket") -> socket.socket:
     """A listening socket for one incoming migration."""
     if not addr.is_local and not insecure:
         raise UsageError(f"refusing to listen on {addr}: a migration stream is raw memory and this version has "
                          f"no authentication; use a loopback or unix: address, or pass --insecure explicitly")
     if addr.kind == "unix":
+        claim_unix_path(addr.path, what)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            os.unlink(addr.path)
-        except FileNotFoundError:
-            pass
         # only our user (and root) may connect: the mode here, the uid at accept
         old_umask = os.umask(0o177)
         try:
             s.bind(addr.path)
+        except OSError as e:
+            s.close()
+            raise PostcopyError(f"cannot listen on {addr}: {e.strerror}") from None
         finally:
             os.umask(old_umask)
     else:
@@ -94,7 +182,11 @@ def listen(addr: Address, *, insecure: bool = False) -> socket.socket:
         family, _, _, _, sockaddr = infos[0]
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(sockaddr)
+        try:
+            s.bind(sockaddr)
+        except OSError as e:
+            s.close()
+            raise PostcopyError(f"cannot listen on {addr}: {e.strerror}") from None
     s.listen(4)
     return s
 

@@ -108,7 +108,7 @@ def make_image(path, size: int = SIZE) -> bytes:
         for p in pages:
             at = hp * HP + p * TP
             data[at:at + TP] = bytes(TP)
-    # a target page of one repeated non-zero byte (a ZERO record with a fill byte, if the source sends it so)
+    # a target page of one repeated non-zero byte (a PAGE record: a ZERO record means all zeros)
     data[4 * HP + 7 * TP:4 * HP + 8 * TP] = b"\x5a" * TP
     with open(path, "wb") as f:
         f.write(data[:size])

@@ -479,12 +479,15 @@ class StreamDecoder(_Buffered):
         if not self._ensure(hdr + body):
             return NEED_DATA
         pos = self._pos
+        if kind == _ZERO and self._buf[pos + hdr]:
+            fail(f"ZERO record for page {off:#x} of block {name!r} has fill byte {self._buf[pos + hdr]:#04x} "
+                 f"(it must be 0)")
         self._cur_name = name
         self._cur_len = length
         self._pos = pos + hdr + body
         if kind == _PAGE:
             return RamPage(name, off, self._mv[pos + hdr:pos + hdr + 4096])
-        return RamZero(name, off, self._buf[pos + hdr])
+        return RamZero(name, off)
 
     # -- STATE -------------------------------------------------------------
     def _state(self, start: int):

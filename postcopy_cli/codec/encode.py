@@ -31,7 +31,12 @@ def encode_name(name: str) -> bytes:
     """A block name as its UTF-8 bytes, checked (1..255 bytes, no NUL)."""
     if not isinstance(name, str):
         raise LocalProtocolError(f"block name must be a str, not {type(name).__name__}")
-    raw = name.encode("utf-8")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        # undecodable bytes of a command line arrive as lone surrogates (PEP 383)
+        raise LocalProtocolError(f"block name {name.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8") \
+            from None
     if not 1 <= len(raw) <= MAX_NAME_LENGTH:
         raise LocalProtocolError(f"block name {name!r} must be 1..{MAX_NAME_LENGTH} bytes (is {len(raw)})")
     if b"\0" in raw:
@@ -194,8 +199,8 @@ class RamSectionEncoder:
             raise LocalProtocolError(f"a PAGE record carries {TARGET_PAGE_SIZE} bytes, not {len(data)}")
         return self.record_header(block, offset, RamFlag.PAGE) + bytes(data)
 
-    def zero(self, block: str, offset: int, fill: int = 0) -> bytes:
-        return self.record_header(block, offset, RamFlag.ZERO) + _U8.pack(_uint(fill, 8, "zero fill byte"))
+    def zero(self, block: str, offset: int) -> bytes:
+        return self.record_header(block, offset, RamFlag.ZERO) + b"\x00"
 
     def end(self) -> bytes:
         self._last = None
@@ -211,7 +216,7 @@ def encode_ram_section(records: Iterable) -> bytes:
         if t is RamPage:
             parts.append(enc.page(r.block, r.offset, r.data))
         elif t is RamZero:
-            parts.append(enc.zero(r.block, r.offset, r.fill))
+            parts.append(enc.zero(r.block, r.offset))
         elif t is RamEnd:
             break
         else:

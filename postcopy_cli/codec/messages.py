@@ -59,11 +59,14 @@ class RamPage:
 
 @dataclass(frozen=True, slots=True)
 class RamZero:
-    """A ZERO record: the page at ``offset`` is filled with byte ``fill`` (always 0 from us)."""
+    """A ZERO record: the page at ``offset`` is all zeros.
+
+    The record carries one byte after its header, QEMU's old "fill" byte; it
+    must be 0 (QEMU's ram_load refuses a zero page with any other value).
+    """
 
     block: str
     offset: int
-    fill: int = 0
 
 
 @dataclass(frozen=True, slots=True)

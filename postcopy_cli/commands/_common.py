@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from ..units import parse_size
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
@@ -25,6 +26,50 @@ def common_options(f):
         return f(*args, **kwargs)
 
     return wrapper
+
+
+class SizeParam(click.ParamType):
+    """Bytes as users write them: 4096, 64K, 512M, 1G (powers of 1024)."""
+
+    name = "SIZE"
+
+    def __init__(self, *, power_of_two: bool = False, minimum: int = 1):
+        self.power_of_two = power_of_two
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            size = parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        if size < self.minimum:
+            self.fail(f"{value!r} is less than {self.minimum}", param, ctx)
+        if self.power_of_two and size & (size - 1):
+            self.fail(f"{value!r} is not a power of two", param, ctx)
+        return size
+
+
+class BlockNameParam(click.ParamType):
+    """A RAM block name as the wire carries it: 1..255 bytes of UTF-8 without NUL."""
+
+    name = "NAME"
+
+    def convert(self, value, param, ctx):
+        check_block_name(value, param, ctx)
+        return value
+
+
+def check_block_name(value: str, param=None, ctx=None) -> None:
+    """Fail as a usage error (exit 2) unless ``value`` is a block name the wire can carry."""
+    from ..codec import encode_name
+    from ..errors import LocalProtocolError
+
+    try:
+        encode_name(value)
+    except LocalProtocolError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
 
 def emit_json(obj) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import PostcopyError
-from ._common import common_options, emit_json
+from ._common import SizeParam, common_options, emit_json
 
 
 class PostcopyUnsupported(PostcopyError):
@@ -37,7 +37,7 @@ def _render(report) -> None:
 
 
 @click.command("probe")
-@click.option("--target-page-size", type=click.IntRange(min=512), default=4096, show_default=True,
+@click.option("--target-page-size", type=SizeParam(minimum=512), default=4096, show_default=True,
               help="Page size of the migrated program's memory (QEMU's target page size).")
 @common_options
 def probe(as_json: bool, target_page_size: int) -> None:

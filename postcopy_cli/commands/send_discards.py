@@ -10,7 +10,7 @@ import logging
 import click
 
 from ..errors import LocalProtocolError, UsageError
-from ._common import common_options, emit_json
+from ._common import BlockNameParam, SizeParam, common_options, emit_json
 
 log = logging.getLogger("postcopy.send_discards")
 
@@ -68,12 +68,12 @@ class _Output:
 
 
 @click.command("send-discards")
-@click.option("--block", "block", required=True, metavar="NAME", help="RAM block the pages belong to.")
+@click.option("--block", "block", required=True, type=BlockNameParam(), help="RAM block the pages belong to.")
 @click.option("--bitmap", "bitmap_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               metavar="FILE", help="Dirty-page bitmap: little-endian, bit i of byte i/8 = page i ('-' = stdin).")
 @click.option("--pages", "pages", default=None, metavar="LIST", help="Dirty pages, e.g. 3,7-9 (inclusive ranges).")
-@click.option("--page-size", type=int, default=4096, show_default=True,
-              help="Bytes per page of the bitmap / page list.")
+@click.option("--page-size", type=SizeParam(), default=4096, show_default=True,
+              help="Bytes per page of the bitmap / page list (e.g. 4096, 2M).")
 @click.option("--max-per-command", type=int, default=12, show_default=True,
               help="Most ranges in one POSTCOPY_RAM_DISCARD command.")
 @click.option("--format", "fmt", type=click.Choice(["raw", "hex", "json"]), default="hex", show_default=True,
@@ -126,6 +126,10 @@ def send_discards(block: str, bitmap_path: str | None, pages: str | None, page_s
             raise UsageError(f"--bitmap: cannot read {bitmap_path}: {e.strerror or e}") from None
     else:
         runs = discards.parse_page_list(pages)
+        last = runs[-1][0] + runs[-1][1]
+        if last * page_size > 1 << 64:
+            raise UsageError(f"--pages: page {last - 1} is beyond the 64-bit byte range of a block "
+                             f"(pages of {page_size} bytes)")
 
     name_len = len(block.encode("utf-8"))
     write_cmds = not (as_json and output == "-")

@@ -6,24 +6,43 @@ import sys
 
 import click
 
+import os
+
 from ..errors import UsageError
 from ..units import parse_size
-from ._common import common_options, emit_json, progress_display
+from ._common import check_block_name, common_options, emit_json, progress_display
 
 
 def _parse_ram(values) -> list[tuple[str, int]]:
-    out = []
+    out: dict[str, int] = {}
     for v in values:
         name, sep, size = v.partition("=")
         if not sep or not name:
             raise UsageError(f"--ram {v!r}: expected NAME=SIZE, e.g. mem=1G")
         try:
-            out.append((name, parse_size(size)))
+            check_block_name(name)
+        except click.BadParameter as e:
+            raise UsageError(f"--ram: {e.message}") from None
+        if name in out:
+            raise UsageError(f"--ram: block {name!r} is given twice")
+        try:
+            out[name] = parse_size(size)
         except ValueError as e:
             raise UsageError(f"--ram {v!r}: {e}") from None
-        if out[-1][1] % 4096:
+        if out[name] % 4096:
             raise UsageError(f"--ram {v!r}: size must be a multiple of 4096")
-    return out
+    return list(out.items())
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Before anything listens: the file can be written at the end (its folder exists and is writable)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
 
 
 @click.command("serve-dest")
@@ -36,7 +55,7 @@ def _parse_ram(values) -> list[tuple[str, int]]:
               help="Receive into memory of this process instead (repeatable; library use and tests).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds without data from the source before giving up.")
-@click.option("--stats", "stats_file", type=click.Path(dir_okay=False, writable=True),
+@click.option("--stats", "stats_file", metavar="FILE",
               help="Also write the final statistics as JSON to this file.")
 @click.option("--insecure", is_flag=True, help="Allow listening on a non-loopback TCP address without authentication.")
 @common_options
@@ -54,6 +73,8 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure)
 
     if bool(uffd_socket) == bool(ram):
         raise UsageError("give exactly one of --uffd-socket PATH or --ram NAME=SIZE")
+    if stats_file:
+        _check_writable(stats_file, "--stats")
     opts = ServeOptions(listen=listen, uffd_socket=uffd_socket, ram=_parse_ram(ram), timeout=timeout,
                         insecure=insecure)
 

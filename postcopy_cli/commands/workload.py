@@ -36,7 +36,7 @@ def _finish(report: dict | None) -> None:
 
 _attach = click.option("--attach", "path", required=True, metavar="PATH",
                        help="Unix socket to hand the memory over on (migrate --attach / serve-dest --uffd-socket).")
-_connect = click.option("--connect-timeout", type=float, default=5.0, show_default=True,
+_connect = click.option("--connect-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True,
                         help="Seconds to keep retrying while PATH does not exist yet.")
 _mem = click.option("--mem", "mem", required=True, metavar="SIZE", help="RAM size (e.g. 64M, 1G).")
 _step = click.option("--step", type=click.IntRange(min=1), default=4096, show_default=True,

@@ -1,6 +1,6 @@
 /* RAM-section fast paths. Record layout (QEMU's ram_save_page): be64
  * offset|flags, flags in the low bits (ZERO 0x02, PAGE 0x08, CONTINUE 0x20);
- * PAGE carries 4096 bytes, ZERO one fill byte. */
+ * PAGE carries 4096 bytes, ZERO one byte that must be 0. */
 #include "stream.h"
 #include <poll.h>
 #include <stdlib.h>
@@ -65,7 +65,7 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
         } else if (flags == (F_ZERO | F_CONT)) {
             if (len - pos < 9)
                 break;
-            if (buf[pos + 8] != 0) {   /* a non-zero fill byte: the slow path handles it */
+            if (buf[pos + 8] != 0) {   /* a non-zero fill byte: the codec refuses it */
                 out->stop = 1;
                 break;
             }
