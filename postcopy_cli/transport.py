@@ -151,10 +151,17 @@ def claim_unix_path(path: str, what: str) -> None:
     os.unlink(path)
 
 
+# the socket files this process bound: path -> identity of the file (a freed
+# inode number may be given to the next file at once: the change time tells them apart)
+_bound_files: dict[str, tuple[int, int, int]] = {}
+
+
 def release_unix_path(path: str) -> None:
-    """Remove the socket file we bound at ``path`` (after closing our listener), unless it is not ours now."""
+    """Remove the socket file we bound at ``path``, unless another one replaced it meanwhile."""
+    ours = _bound_files.pop(path, None)
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode) and not unix_path_has_listener(path):
+        st = os.lstat(path)
+        if ours == (st.st_dev, st.st_ino, st.st_ctime_ns):
             os.unlink(path)
     except OSError:
         pass
@@ -172,6 +179,8 @@ def listen(addr: Address, *, insecure: bool = False, what: str = "listening sock
         old_umask = os.umask(0o177)
         try:
             s.bind(addr.path)
+            st = os.lstat(addr.path)
+            _bound_files[addr.path] = (st.st_dev, st.st_ino, st.st_ctime_ns)
         except OSError as e:
             s.close()
             raise PostcopyError(f"cannot listen on {addr}: {e.strerror}") from None

@@ -118,8 +118,30 @@ def test_release_keeps_a_socket_another_process_bound_meanwhile(tmp_path):
         assert transport.unix_path_has_listener(path)
     finally:
         theirs.close()
-    transport.release_unix_path(path)      # now stale: ours to remove
+    transport.release_unix_path(path)      # not ours: stays, even with nobody listening
+    assert os.path.exists(path)
+
+
+def test_release_removes_ours_while_another_thread_still_polls_it(tmp_path):
+    """A thread blocked in accept() keeps the closed listener alive a moment: the file is ours all the same."""
+    import threading
+
+    path = str(tmp_path / "s.sock")
+    ours = transport.listen(transport.Address("unix", path=path))
+    ours.settimeout(0.5)
+
+    def accept():
+        try:
+            ours.accept()
+        except OSError:
+            pass
+
+    waiting = threading.Thread(target=accept, daemon=True)
+    waiting.start()
+    ours.close()
+    transport.release_unix_path(path)
     assert not os.path.exists(path)
+    waiting.join(2)
 
 
 def test_bind_error_names_the_address(tmp_path):
