@@ -77,6 +77,13 @@ def selftest(as_json: bool, size: str, only: tuple[str, ...], timeout: float) ->
     if unknown:
         raise UsageError(f"--case {unknown[0]!r}: unknown case; known: {', '.join(core.case_names())}")
 
+    # Without a usable userfaultfd every case would only time out: say why at once instead.
+    from ..probe import run_probe
+
+    host = run_probe()
+    if not host.supported:
+        raise core.SelftestFailed(f"selftest cannot run on this host: {host.why_unsupported()}")
+
     def progress(r: dict) -> None:
         if not as_json and sys.stderr.isatty():
             print(f"postcopy: {r['name']}: {'pass' if r['passed'] else 'FAIL'}", file=sys.stderr, flush=True)
