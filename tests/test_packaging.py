@@ -150,3 +150,103 @@ def test_no_deprecated_click_calls(capsys):
             assert run(argv) == 0, argv
         assert run(["send-discards", "--block", "mem", "--pages", "3"]) == 0
     capsys.readouterr()
+
+
+# -- README set-up, verbatim, in a fresh venv of the system Python ---------------------
+
+from conftest import needs_root  # noqa: E402
+
+README = os.path.join(ROOT, "README.md")
+SETUP_MARK = "<!-- setup-command -->"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def readme_setup_commands() -> list[str]:
+    """The shell blocks of README.md that follow the set-up marker, verbatim."""
+    with open(README, encoding="utf-8") as f:
+        parts = f.read().split(SETUP_MARK)[1:]
+    commands = []
+    for part in parts:
+        block = part.lstrip("\n")
+        assert block.startswith("```sh\n"), block[:80]
+        commands.append(block[len("```sh\n"):block.index("\n```")].strip())
+    return commands
+
+
+def test_readme_has_two_setup_commands_using_a_venv():
+    install, tests = readme_setup_commands()
+    assert install.startswith("python3 -m venv .venv && . .venv/bin/activate && ") and "postcopy probe" in install
+    assert tests.startswith("python3 -m venv .venv && . .venv/bin/activate && ") and tests.endswith("pytest")
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    # .ci/run installs the way the README says and runs its test command
+    install_part, test_part = tests.rsplit(" && ", 1)
+    assert f"\n{install_part}\n" in ci and f"\n{test_part} -q\n" in ci
+
+
+def test_no_link_or_path_outside_the_repository():
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    assert "../shared/DESIGN.md" not in text and "DESIGN.md" not in text
+    for target in re_links(text):
+        assert not target.startswith(("..", "/")), target
+    for name in ("restore_bench.py", "qemu_compare.py"):
+        with open(os.path.join(ROOT, "benchmarks", name)) as f:
+            assert "/work/" not in f.read(), name
+
+
+def re_links(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"\]\(([^)]+)\)", text)
+
+
+def test_benchmark_without_anchors_says_so_and_measures_our_side(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "restore_bench.py"),
+                           "--anchors", str(tmp_path / "none"), "--size", "1M", "--runs", "0", "--idle-wait", "0",
+                           "--image-dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "POSTCOPY_ANCHORS": "/nonexistent"})
+    assert f"C floor skipped: no uffd_floor.c in {tmp_path / 'none'}" in proc.stdout, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "qemu_compare.py"), "--skip-ours",
+                           "--scenarios", "nocap", "--idle-wait", "0"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "POSTCOPY_ANCHORS": str(tmp_path / "none")})
+    assert f"QEMU side skipped: no qemu/postcopy_run.py in {tmp_path / 'none'}" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@needs_root
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="no system Python at /usr/bin/python3")
+def test_readme_setup_commands_work_verbatim_in_a_fresh_venv(tmp_path):
+    """A fresh clone, `python3` = the system Python (externally managed on Debian), nothing installed by hand.
+
+    The test command runs verbatim too; PYTEST_ADDOPTS narrows its pytest to a few quick files (the
+    whole suite, this test included, is what CI runs).
+    """
+    install, tests = readme_setup_commands()
+    src = tmp_path / "postcopy"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "*.so", "*.o",
+                                                             "__pycache__", ".pytest_cache", ".venv"))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(SYSTEM_PYTHON, bindir / "python3")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONSAFEPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTEST_ADDOPTS", "MANPATH")
+           and not k.startswith("PYENV")}
+    env["PATH"] = f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+    proc = subprocess.run(["bash", "-c", install], cwd=src, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "postcopy is supported on this host" in proc.stdout
+    base = subprocess.run([src / ".venv" / "bin" / "python3", "-c", "import sys; print(sys.base_prefix)"],
+                          capture_output=True, text=True, timeout=60)
+    assert base.stdout.strip() == "/usr", "the venv is the system Python's"
+    found = subprocess.run(["man", "-w", "postcopy-probe"], env={**env, "PATH": f"{src / '.venv' / 'bin'}:{env['PATH']}"},
+                           capture_output=True, text=True, timeout=60) if shutil.which("man") else None
+    assert found is None or found.stdout.strip() == str(src / ".venv/share/man/man1/postcopy-probe.1"), found
+
+    env["PYTEST_ADDOPTS"] = "-q -p no:cacheprovider -m 'not slow' tests/test_probe.py tests/test_probe_output.py"
+    proc = subprocess.run(["bash", "-c", tests], cwd=src, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout.splitlines()[-1], proc.stdout[-1000:]
