@@ -71,7 +71,10 @@ def probe(as_json: bool, target_page_size: int) -> None:
     blocktime, WP_ASYNC with PAGEMAP_SCAN for live dirty tracking, MINOR faults
     with UFFDIO_CONTINUE, transparent huge pages). Each check is pass, fail,
     warn or skip with a detail and a remedy; the QEMU migration capabilities
-    the host supports are listed. Exits 1 when post-copy is not supported.
+    the host supports are listed. On a terminal: a table, each remedy a whole
+    line below it; in a pipe or a file: plain lines, "check status detail" and
+    an indented "remedy: ..." under it, nothing cut. Exits 1 when post-copy is
+    not supported.
     """
     from ..probe import run_probe
 
