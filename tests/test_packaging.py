@@ -27,8 +27,9 @@ def wheel(tmp_path_factory) -> str:
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "*.so", "*.o",
                                                              "__pycache__", ".pytest_cache", ".venv"))
     out = tmp / "dist"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--isolated", "-w", str(out), str(src)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SetuptoolsDeprecationWarning" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     (path,) = glob.glob(str(out / "postcopy-*.whl"))
@@ -96,13 +97,15 @@ def test_abi3_tag_matches_the_extension(wheel):
 def test_man_finds_the_pages_of_a_venv_install(wheel, tmp_path):
     """`pip install` puts the pages in PREFIX/share/man/man1; man derives that from PREFIX/bin on PATH."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    # not conftest's PYTHONPATH: pip would see the postcopy under test there as installed already
+    env = {k: v for k, v in os.environ.items() if k not in ("MANPATH", "PYTHONPATH", "PYTHONSAFEPATH")}
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120, env=env)
     proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                           "--no-deps", "--no-index", wheel], capture_output=True, text=True, timeout=300)
+                           "--no-deps", "--no-index", wheel], capture_output=True, text=True, timeout=300, env=env)
     if proc.returncode and "no such option: --python" in proc.stderr:
         pytest.skip("pip too old for --python")
     assert proc.returncode == 0, proc.stderr
-    env = {k: v for k, v in os.environ.items() if k not in ("MANPATH",)}
+    assert os.path.isfile(venv / "share" / "man" / "man1" / "postcopy.1"), proc.stdout
     env["PATH"] = f"{venv / 'bin'}:/usr/bin:/bin"
     for page in ("postcopy", "postcopy-probe", "postcopy-workload"):
         found = subprocess.run(["man", "-w", page], env=env, capture_output=True, text=True, timeout=60)
