@@ -6,7 +6,7 @@ Two scenarios, each side gets 1 s of pre-copy, then post-copy to completion:
   bw100   100 MiB/s cap        goal: our average demand-request latency <= 0.5x QEMU's
   both                         goal: downtime <= QEMU's; serve-dest memory <= 64 MiB
 
-QEMU side: shared/anchors/qemu/postcopy_run.py --mem 1024 --precopy-s 1 [--bw 100]
+QEMU side: ANCHORS/qemu/postcopy_run.py (see --anchors) --mem 1024 --precopy-s 1 [--bw 100]
 (needs Debian's qemu-system-x86 and nasm; uses KVM).
 Our side:
   postcopy serve-dest --listen tcp:127.0.0.1:0 --uffd-socket DST --json --stats F
@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import ForeignCPU, child_env, use_rev, wait_idle, StatusSampler, find_shared, kill_proc, postcopy_cmd, wait4  # noqa: E402
+from restore_bench import ForeignCPU, child_env, use_rev, wait_idle, StatusSampler, add_anchors_option, find_anchor, kill_proc, postcopy_cmd, wait4  # noqa: E402
 
 GOAL_POSTCOPY_X = 0.2
 GOAL_LATENCY_X = 0.5
@@ -78,11 +78,11 @@ def qemu_missing() -> str | None:
     return None
 
 
-def run_qemu(shared: str, mem_mib: int, bw: int, precopy_s: float, timeout: float) -> dict:
+def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: float) -> dict:
     why = qemu_missing()
     if why:
         return {"available": False, "error": why}
-    argv = [sys.executable, os.path.join(shared, "anchors", "qemu", "postcopy_run.py"), "--mem", str(mem_mib),
+    argv = [sys.executable, script, "--mem", str(mem_mib),
             "--precopy-s", str(precopy_s)]
     if bw:
         argv += ["--bw", str(bw)]
@@ -348,13 +348,18 @@ def main():
     ap.add_argument("--skip-qemu", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--keep-work", action="store_true")
+    add_anchors_option(ap)
     args = ap.parse_args()
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in scen if s not in SCENARIOS]
     if bad:
         ap.error(f"unknown scenario(s) {bad}; choose from {list(SCENARIOS)}")
 
-    shared = find_shared()
+    qemu_script = find_anchor(args.anchors, os.path.join("qemu", "postcopy_run.py"))
+    if qemu_script is None and not args.skip_qemu:
+        print(f"QEMU side skipped: no qemu/postcopy_run.py in {os.path.abspath(args.anchors)} "
+              f"(give the anchors' folder with --anchors DIR or POSTCOPY_ANCHORS); measuring our side only", flush=True)
+        args.skip_qemu = True
     machine = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "kernel": platform.release(), "nproc": os.cpu_count()}
     qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0] \
@@ -377,7 +382,7 @@ def main():
                 if args.idle_wait:
                     wait_idle(args.idle_wait, lambda *a: print(*a, flush=True))
                 print(f"[{name}] QEMU run {i + 1}/{args.runs} ...", flush=True)
-                q = run_qemu(shared, args.mem_mib, bw, args.precopy_s, args.timeout + 120)
+                q = run_qemu(qemu_script, args.mem_mib, bw, args.precopy_s, args.timeout + 120)
                 qruns.append(q)
                 print(f"  -> {json.dumps(q.get('raw') or q.get('error'))}  cpu {q.get('cpu')}", flush=True)
             if not args.skip_ours:

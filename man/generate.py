@@ -35,6 +35,59 @@ EXIT_STATUS = [
 ]
 
 
+# EXAMPLES of each page: (what it does, shell lines). Every one runs as written, in an
+# empty directory on a host where `postcopy probe` passes (tests/test_man.py runs them).
+_RESTORE = ("head -c 64M /dev/urandom > vm.mem",
+            "postcopy serve-dest --listen tcp:127.0.0.1:4444 --uffd-socket /tmp/uffd.sock &",
+            "postcopy workload touch --size 64M --attach /tmp/uffd.sock --image vm.mem --order random &",
+            "postcopy migrate --to tcp:127.0.0.1:4444 --image vm.mem",
+            "wait")
+_LIVE = ("postcopy serve-dest --listen tcp:127.0.0.1:4445 --uffd-socket /tmp/dst.sock &",
+         "postcopy workload incoming --mem 64M --attach /tmp/dst.sock --report-after 1 &",
+         "postcopy migrate --attach /tmp/src.sock --to tcp:127.0.0.1:4445 --postcopy-after 1 --kill-source &",
+         "postcopy workload run --mem 64M --attach /tmp/src.sock --warmup-passes 1",
+         "wait")
+EXAMPLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "": [
+        ("Check that this host can do post-copy, then run every migration case over loopback:",
+         ("postcopy probe && postcopy selftest",)),
+        ("Restore a 64 MiB image lazily into a program that touches every page:", _RESTORE),
+    ],
+    "probe": [
+        ("The host check, as a table on a terminal and as plain lines in a pipe:", ("postcopy probe",)),
+        ("The same report as one JSON document:", ("postcopy probe --json > probe.json",)),
+    ],
+    "serve-dest": [
+        ("Serve an attached program's memory from an image (destination, program, source):", _RESTORE),
+        ("Receive into serve-dest's own memory and write the statistics to a file:",
+         ("head -c 16M /dev/urandom > vm.mem",
+          "postcopy serve-dest --listen tcp:127.0.0.1:4446 --ram mem=16M --stats stats.json &",
+          "postcopy migrate --to tcp:127.0.0.1:4446 --image vm.mem",
+          "wait")),
+    ],
+    "migrate": [
+        ("Lazy restore of an image (`migrate --image`):", _RESTORE),
+        ("Live migration of a running program (`migrate --attach`), all four processes on one host:", _LIVE),
+    ],
+    "send-discards": [
+        ("Pages 3, 7 to 9 and 100 to 163 of block mem as QEMU's POSTCOPY_RAM_DISCARD commands, in hex:",
+         ("postcopy send-discards --block mem --pages 3,7-9,100-163",)),
+        ("The same as JSON byte ranges, and as raw bytes in a file:",
+         ("postcopy send-discards --block mem --pages 3,7-9,100-163 --format json",
+          "postcopy send-discards --block mem --pages 3,7-9,100-163 --format raw -o discards.bin")),
+    ],
+    "selftest": [
+        ("Every case with 64 MiB each:", ("postcopy selftest",)),
+        ("Only the live migration, with 16 MiB, as JSON:",
+         ("postcopy selftest --case live-migration --size 16M --json > selftest.json",)),
+    ],
+    "workload": [
+        ("workload touch as the program of a lazy restore:", _RESTORE),
+        ("workload run on the source and workload incoming on the destination of a live migration:", _LIVE),
+    ],
+}
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -131,6 +184,32 @@ def _takes_ctx(param: click.Parameter) -> bool:
         return False
 
 
+def examples(name: str) -> list[str]:
+    lines = [".SH EXAMPLES"] if EXAMPLES.get(name) else []
+    for i, (what, commands) in enumerate(EXAMPLES.get(name, [])):
+        lines += ([".PP"] if i else []) + [esc(what), ".PP", ".nf", ".RS 4",
+                                           *(esc(c) for c in commands), ".RE", ".fi"]
+    return lines
+
+
+def subcommands_section(group: click.Group, ctx: click.Context) -> list[str]:
+    """Each subcommand of a group: its synopsis, description and options."""
+    lines = [".SH COMMANDS"]
+    for sub_name in sorted(group.list_commands(ctx)):
+        sub = group.get_command(ctx, sub_name)
+        if sub is None or sub.hidden:
+            continue
+        sub_ctx = click.Context(sub, info_name=sub_name, parent=ctx, **(sub.context_settings or {}))
+        lines += [".SS " + esc(f"{ctx.command_path} {sub_name} " + " ".join(sub.collect_usage_pieces(sub_ctx)))]
+        lines += render_paragraphs(sub.help) or [esc(short_help(sub))]
+        lines += [".PP", "Options:"]
+        for param in sub.get_params(sub_ctx):
+            record = param.get_help_record(sub_ctx)
+            if record is not None:
+                lines += [".TP", bold(record[0])] + ([esc(record[1])] if record[1] else [])
+    return lines
+
+
 def exit_status() -> list[str]:
     lines = [".SH EXIT STATUS"]
     for code, text in EXIT_STATUS:
@@ -159,6 +238,7 @@ def page_for_group(group: click.Group) -> str:
         lines += [".TP", bold(f"{PROG} {name}"),
                   f"{esc(short_help(sub))}. See \\fB{PROG}\\-{esc(name)}\\fR(1)."]
     lines += exit_status()
+    lines += examples("")
     lines += [".SH SEE ALSO"]
     subs = [n for n in sorted(group.list_commands(ctx)) if not group.get_command(ctx, n).hidden]
     lines.append(",\n".join(f"\\fB{PROG}\\-{esc(n)}\\fR(1)" for n in subs))
@@ -176,7 +256,10 @@ def page_for_command(group: click.Group, name: str, cmd: click.Command) -> str:
               ".SH DESCRIPTION"]
     lines += render_paragraphs(cmd.help) or [esc(short_help(cmd))]
     lines += options_section(cmd, ctx)
+    if isinstance(cmd, click.Group):
+        lines += subcommands_section(cmd, ctx)
     lines += exit_status()
+    lines += examples(name)
     lines += [".SH SEE ALSO", f"\\fB{PROG}\\fR(1)"]
     return "\n".join(lines) + "\n"
 

@@ -11,12 +11,12 @@ import sys
 
 import click
 
-from . import errors
+from . import __version__, errors
 from .commands import ALL_COMMANDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="postcopy", prog_name="postcopy")
+@click.version_option(version=__version__, prog_name="postcopy")
 def cli() -> None:
     """Post-copy memory migration on Linux with userfaultfd.
 

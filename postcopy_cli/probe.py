@@ -78,6 +78,11 @@ class ProbeReport:
     def failed(self) -> list[Check]:
         return [c for c in self.checks if c.status == FAIL]
 
+    def why_unsupported(self) -> str:
+        """One line: each failed check, its detail and its remedy."""
+        return "; ".join(f"the {c.name} check failed: {c.detail}" + (f"; remedy: {c.remedy}" if c.remedy else "")
+                         for c in self.failed) or "a core check did not pass"
+
     def to_json(self) -> dict:
         return {
             "supported": self.supported,

@@ -208,8 +208,10 @@ def test_hugetlbfs_skip_without_reserved_pages(no_hugepages):
 
 # -- a real unprivileged run --------------------------------------------------
 
-def _unprivileged(argv: list[str], columns: int = 80) -> subprocess.CompletedProcess:
+def _unprivileged(argv: list[str], columns: int = 80, **run_kw) -> subprocess.CompletedProcess:
     """Run ``python -m postcopy_cli ARGV`` as uid/gid 65534 with no groups.
+
+    Output is captured as text unless ``run_kw`` says where it goes (e.g. a pty).
 
     The interpreter may live under a directory nobody cannot enter (/root is
     0700 here), so the run happens in a private mount namespace where that
@@ -242,7 +244,7 @@ def _unprivileged(argv: list[str], columns: int = 80) -> subprocess.CompletedPro
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME",)}
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         env["COLUMNS"] = str(columns)
-        return subprocess.run(full, capture_output=True, text=True, timeout=60, cwd="/", env=env)
+        return subprocess.run(full, timeout=60, cwd="/", env=env, **(run_kw or {"capture_output": True, "text": True}))
 
 
 @needs_root

@@ -14,21 +14,43 @@ class PostcopyUnsupported(PostcopyError):
 _STYLE = {"pass": "green", "fail": "bold red", "warn": "yellow", "skip": "dim"}
 
 
-def _render(report) -> None:
+def _render(report, console=None) -> None:
+    """A table on a terminal (long cells wrap, never cut); plain lines anywhere else.
+
+    Off a terminal (a pipe, a file) rich would squeeze the table to 80 columns and
+    cut long words with an ellipsis, so each check is printed as plain lines that
+    nothing shortens: ``check  status  detail`` and, indented, ``remedy: ...``.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    table = Table(title=f"postcopy probe: Linux {report.kernel}, host page {report.host_page_size} B",
-                  show_lines=False, expand=False)
+    console = console or Console()
+    title = f"postcopy probe: Linux {report.kernel}, host page {report.host_page_size} B"
+    caps = "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in report.capabilities.items())
+    verdict = "supported" if report.supported else "NOT supported"
+    if not console.is_terminal:
+        width = max(len(c.name) for c in report.checks)
+        lines = [title]
+        for c in report.checks:
+            lines.append(f"{c.name:<{width}}  {c.status:<4}  {c.detail}")
+            if c.remedy:
+                lines.append(f"{'':<{width}}  {'':<4}  remedy: {c.remedy}")
+        lines += [f"capabilities: {caps}", f"postcopy is {verdict} on this host ({report.elapsed_ms:.0f} ms)"]
+        console.file.write("\n".join(lines) + "\n")
+        console.file.flush()
+        return
+    table = Table(title=title, show_lines=False, expand=False)
     table.add_column("check", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    table.add_column("detail")
-    table.add_column("remedy")
+    # fold: a word wider than its column (a sysctl name, a path) breaks across lines instead of being cut
+    table.add_column("detail", overflow="fold")
     for c in report.checks:
-        table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", c.detail, c.remedy)
+        table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", c.detail)
     console.print(table)
-    caps = "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in report.capabilities.items())
+    # remedies hold commands to copy: whole lines below the table (the terminal wraps them), never cells
+    for c in report.checks:
+        if c.remedy:
+            console.print(f"remedy for {c.name}: {c.remedy}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"capabilities: {caps}", highlight=False)
     if report.supported:
         console.print(f"[green]postcopy is supported on this host[/] ({report.elapsed_ms:.0f} ms)")
@@ -49,7 +71,10 @@ def probe(as_json: bool, target_page_size: int) -> None:
     blocktime, WP_ASYNC with PAGEMAP_SCAN for live dirty tracking, MINOR faults
     with UFFDIO_CONTINUE, transparent huge pages). Each check is pass, fail,
     warn or skip with a detail and a remedy; the QEMU migration capabilities
-    the host supports are listed. Exits 1 when post-copy is not supported.
+    the host supports are listed. On a terminal: a table, each remedy a whole
+    line below it; in a pipe or a file: plain lines, "check status detail" and
+    an indented "remedy: ..." under it, nothing cut. Exits 1 when post-copy is
+    not supported.
     """
     from ..probe import run_probe
 

@@ -46,25 +46,45 @@ def _render(report: dict) -> None:
     console.print("[green]all cases passed[/]" if not failed else f"[red]failed: {', '.join(failed)}[/]")
 
 
-@click.command("selftest")
+def _help() -> str:
+    """The command's help, listing the cases from the selftest's own table."""
+    import textwrap
+
+    from .. import selftest as core
+
+    cases = "\n".join(f"{c.name}\n" + textwrap.indent(textwrap.fill(c.description, 72, break_on_hyphens=False), "    ")
+                      for c in core.CASES)
+    return f"""Run real migrations on this host over loopback and verify every byte.
+
+    First runs the checks of `postcopy probe`: on a host that cannot do
+    post-copy it exits 1 at once with the failed check and its remedy. Each case
+    then runs serve-dest, workload and migrate as real subprocesses (the
+    in-process case runs ServeDest and migrate_image in two threads), each
+    killed on --timeout. The cases, in the order they run (select with --case
+    NAME):
+
+    \b
+{textwrap.indent(cases, "    ")}
+
+    Output: a table with one row per case (case, result pass/FAIL, MiB/s,
+    reqs: demand requests, p50/p99 µs: demand-request service time as the upper
+    bound of its power-of-two bucket, blocktime ms), then one detail line per
+    case, then "all cases passed" or "failed: NAMES". On a terminal, stderr
+    shows "postcopy: NAME: pass|FAIL" as each case ends. With --json: one
+    document {{"passed", "size", "seconds", "cases": [{{"name", "passed",
+    "detail", "metrics"}}]}}. Exit 0 only if every case passed, 1 otherwise.
+    """
+
+
+@click.command("selftest", help=_help())
 @click.option("--size", "size", default="64M", show_default=True, metavar="SIZE",
               help="Memory migrated per case (K/M/G suffixes; a multiple of 4096).")
 @click.option("--case", "only", multiple=True, metavar="NAME",
-              help="Run only this case (repeatable); see the detail column for names.")
+              help="Run only this case (repeatable): one of the cases listed above.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=20.0, show_default=True,
               help="Seconds each case may take before its processes are killed.")
 @common_options
 def selftest(as_json: bool, size: str, only: tuple[str, ...], timeout: float) -> None:
-    """Run real migrations on this host over loopback and verify every byte.
-
-    Cases: image restore to an attached process touching pages at random (TCP)
-    and sequentially (unix:), image restore into serve-dest's own memory
-    (library), zero-page runs with an image size not a multiple of 4096, and a
-    malformed stream that serve-dest must refuse with exit 3. Each case runs
-    serve-dest, workload touch and migrate as real subprocesses, killed on
-    timeout. Prints a table (throughput, requests, latency p50/p99, blocktime)
-    or --json. Exit 0 only if every case passed, 1 otherwise.
-    """
     from .. import selftest as core
 
     try:
@@ -76,6 +96,13 @@ def selftest(as_json: bool, size: str, only: tuple[str, ...], timeout: float) ->
     unknown = [n for n in only if n not in core.case_names()]
     if unknown:
         raise UsageError(f"--case {unknown[0]!r}: unknown case; known: {', '.join(core.case_names())}")
+
+    # Without a usable userfaultfd every case would only time out: say why at once instead.
+    from ..probe import run_probe
+
+    host = run_probe()
+    if not host.supported:
+        raise core.SelftestFailed(f"selftest cannot run on this host: {host.why_unsupported()}")
 
     def progress(r: dict) -> None:
         if not as_json and sys.stderr.isatty():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import click
 
@@ -41,7 +42,7 @@ class _Output:
         if not self.enabled:
             return self
         if self.path == "-":
-            self.f = click.get_binary_stream("stdout")
+            self.f = sys.stdout.buffer
         else:
             try:
                 self.f = open(self.path, "wb")
@@ -118,7 +119,7 @@ def send_discards(block: str, bitmap_path: str | None, pages: str | None, page_s
     if bitmap_path is not None:
         try:
             if bitmap_path == "-":
-                bitmap = click.get_binary_stream("stdin").read()
+                bitmap = sys.stdin.buffer.read()
             else:
                 with open(bitmap_path, "rb") as f:
                     bitmap = f.read()
