@@ -85,7 +85,8 @@ def _watch(fd: int) -> None:
         if not data:
             break
         for signum in data:
-            _arrived(signum)
+            if signum in SIGNALS:   # the wakeup fd gets every signal with a Python handler (SIGUSR1 too)
+                _arrived(signum)
     os.close(fd)
 
 
