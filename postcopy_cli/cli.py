@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from . import __version__, errors
+from . import __version__, errors, signals
 from .commands import ALL_COMMANDS
 
 
@@ -35,32 +35,34 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
+def _interrupted(message: str, code: int) -> int:
+    # whatever a stop by a signal made fail, the cause is the signal
+    stop = signals.interruption()
+    return _fail(stop.exit_code, str(stop)) if stop is not None else _fail(code, message)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (no sys.exit, for tests and embedding)."""
-    try:
-        # without standalone mode, click returns ctx.exit()'s code instead of exiting
-        rv = cli.main(args=argv, prog_name="postcopy", standalone_mode=False)
-        return rv if isinstance(rv, int) else errors.EXIT_OK
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
-        return _fail(errors.EXIT_FAILED, "aborted")
-    except click.UsageError as e:
-        # one line, as every other error: the command, what was wrong, where to read more
-        ctx = e.ctx
-        where = ctx.command_path if ctx is not None else "postcopy"
-        hint = f" (see '{where} --help')" if ctx is not None else ""
-        return _fail(errors.EXIT_USAGE, f"{where.removeprefix('postcopy').strip() or 'usage'}: "
-                                        f"{e.format_message()}{hint}")
-    except click.ClickException as e:
-        e.show()
-        return errors.EXIT_FAILED
-    except errors.PostcopyError as e:
-        return _fail(e.exit_code, str(e))
-    except KeyboardInterrupt:
-        return _fail(errors.EXIT_FAILED, "interrupted")
-    except OSError as e:
-        return _fail(errors.EXIT_FAILED, str(e))
+    with signals.installed():
+        try:
+            # without standalone mode, click returns ctx.exit()'s code instead of exiting
+            rv = cli.main(args=argv, prog_name="postcopy", standalone_mode=False)
+            return rv if isinstance(rv, int) else errors.EXIT_OK
+        except click.exceptions.Exit as e:
+            return e.exit_code
+        except click.exceptions.Abort:
+            return _interrupted("aborted", errors.EXIT_FAILED)
+        except click.ClickException as e:
+            e.show()
+            return errors.EXIT_USAGE if isinstance(e, click.UsageError) else errors.EXIT_FAILED
+        except signals.Interrupted as e:
+            return _fail(e.exit_code, str(e))
+        except errors.PostcopyError as e:
+            return _interrupted(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            return _interrupted("interrupted", errors.EXIT_FAILED)
+        except OSError as e:
+            return _interrupted(str(e), errors.EXIT_FAILED)
 
 
 def main() -> None:

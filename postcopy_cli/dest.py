@@ -148,6 +148,7 @@ class Destination:
         self._preempt_conn: socket.socket | None = None
         self._preempt_lock = threading.Lock()
         self._closed = False
+        self._stop_error: PostcopyError | None = None
         self._pending_discards: dict[str, list] = {}
         self._last_ping: tuple[int, float] | None = None
         self._prev_command = None
@@ -366,11 +367,43 @@ class Destination:
             self._main.receive_loop()
             self._join_preempt()
             return self._finish(self._main.decoder)
-        except PostcopyError:
-            self._fail_shut()
-            raise
+        except PostcopyError as e:
+            err = self._stop_error or e
+            missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+            if self.program and missing > 0 and not self._program_gone:
+                # its memory stays registered (close()): the threads that touch a
+                # missing page wait for ever, so the program must not go on
+                err.args = (f"{err}: {missing} of {self.total_pages} pages never arrived; the attached program "
+                            f"(pid {self.program.pid}) must be stopped",)
+            self._fail_shut(str(err))
+            if err is e:
+                raise
+            raise err from None
         finally:
             self.close()
+
+    def stop(self, error: PostcopyError) -> bool:
+        """Make run() fail with ``error`` (e.g. a signal): it ends the source connection.
+
+        False if run() is not receiving (not started, or over)."""
+        conn = self._conn
+        if conn is None or self._closed:
+            return False
+        self._stop_error = error
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
+
+    def at_risk(self) -> str | None:
+        """Why stopping now would lose the attached program (it runs, pages are missing), or None."""
+        if self.program is None or self.t_run is None or self.t_complete is not None or self._closed:
+            return None
+        missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+        if missing <= 0:
+            return None
+        return f"the attached program (pid {self.program.pid}) runs here and {missing} of its pages are still missing"
 
     # -- the preempt channel ---------------------------------------------------------
     def add_preempt(self, conn: socket.socket) -> bool:
@@ -490,12 +523,12 @@ class Destination:
         self._tell_program({"event": "complete"})
         return DestinationResult(self.stats(), self.state_bytes, True)
 
-    def _fail_shut(self):
+    def _fail_shut(self, reason: str):
         try:
             self._send_rp(codec.encode_rp(codec.Shut(1)))
         except (OSError, PostcopyError):
             pass
-        self._tell_program({"event": "failed", "reason": "migration failed on the destination"})
+        self._tell_program({"event": "failed", "reason": reason})
 
     def stats(self) -> dict:
         raw = ffi.new("struct pc_dest_stats *")
@@ -511,7 +544,8 @@ class Destination:
                 "background": int(raw.background_pages), "faults": int(raw.faults), "requests": int(raw.requests)}
 
     def close(self):
-        """Stop the fault thread, unregister, restore mlock; the uffd itself is closed by its owner."""
+        """Stop the fault thread, unregister (not an attached program's missing memory), restore mlock;
+        the uffd itself is closed by its owner."""
         with self._preempt_lock:
             self._closed = True
             conn, thread = self._preempt_conn, self._preempt_thread
@@ -522,7 +556,10 @@ class Destination:
                 pass
             thread.join(5)
         self.fault_thread.close()
-        if self.t_complete is None:
+        # an attached program's memory stays registered until every page is in:
+        # unregistered, each missing page would read as a fresh zero page (its
+        # own open uffd keeps the registration once ours is closed)
+        if self.t_complete is None and (self.program is None or self._all_received()):
             self._unregister_all()
         lib.pc_dest_set_return_path(self._native, -1)
         if self._mlocked:

@@ -24,13 +24,13 @@ import logging
 import mmap
 import os
 import queue
-import signal
 import socket
 import sys
 import threading
 import time
 
 from ._native import ffi, lib
+from . import signals
 from .errors import PostcopyError
 from .handshake import DEFAULT_BLOCK, ControlChannel, GuestRegion, HandshakeError, send_handover
 from .memory import MADV_DONTNEED, AnonymousMapping, madvise
@@ -268,8 +268,12 @@ def attach(path: str, ram: AnonymousMapping, *, mode: str, connect_timeout: floa
     (blocktime per thread), each only where the kernel offers it.
 
     The hand-over asks to be notified (``notify``): the returned socket then
-    carries the control messages (:class:`ControlChannel`).  Our copy of the
-    userfaultfd is closed once handed over.
+    carries the control messages (:class:`ControlChannel`).  On the destination
+    side our copy of the userfaultfd stays open for the life of the program:
+    the registration lives as long as one copy does, and once the last copy is
+    closed the kernel unregisters the memory and wakes the faulting threads, so
+    every page that had not arrived would read as a fresh zero page.  The
+    ``ram`` is never unmapped either (:func:`_keep_for_life`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
@@ -292,9 +296,26 @@ def attach(path: str, ram: AnonymousMapping, *, mode: str, connect_timeout: floa
             except OSError as e:
                 sock.close()
                 raise WorkloadError(f"hand-over on {path} failed: {e.strerror or e}") from None
+            if mode != "run":
+                _keep_for_life(ram, os.dup(uffd.fileno()))
         return sock
     except UffdError as e:
         raise WorkloadError(f"userfaultfd: {e.strerror}") from None
+
+
+_kept: list = []
+
+
+def _keep_for_life(*things) -> None:
+    """Never unmap these mappings nor close these fds (ints): a native thread may run in the
+    memory, or wait in it for a page, until the process exits (exit kills the threads first)."""
+    import ctypes
+
+    for t in things:
+        if not isinstance(t, int) and not any(k is t for k in _kept):
+            # a reference never given back: not even the interpreter's finalization unmaps it
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(t))
+        _kept.append(t)
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +330,7 @@ class _Reader:
         self.channel = ControlChannel(sock)
         self.queue: queue.Queue = queue.Queue()
         self.open = True
+        self.paused = False                   # paused by migrate (answered right here)
         self.loop: NativeLoop | None = None   # once set, pause/resume are answered right here
         threading.Thread(target=self._run, name="control-reader", daemon=True).start()
 
@@ -329,10 +351,12 @@ class _Reader:
                 return
             loop = self.loop
             if loop is not None and loop.running and msg.get("cmd") == "pause":
+                self.paused = True
                 self.send({"event": "paused", "passes": loop.pause()})
                 continue
             if loop is not None and loop.running and msg.get("cmd") == "resume":
                 loop.resume()
+                self.paused = False
                 self.send({"event": "resumed"})
                 continue
             self.queue.put(msg)
@@ -388,20 +412,6 @@ def _discard(ram: AnonymousMapping, msg: dict) -> None:
         madvise(ram.addr + start, length, MADV_DONTNEED)
 
 
-class _Terminate(Exception):
-    pass
-
-
-def _on_signal(signum, frame):
-    raise _Terminate()
-
-
-def _install_signals() -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-
-
 def _report(loop: NativeLoop, passes_before: int, seconds: float) -> dict:
     passes_after = loop.pause()
     bad = loop.check()
@@ -428,6 +438,7 @@ def run_source(size: int, path: str, *, step: int = PAGE, report_after: float | 
     guest once it has booted), then hands the memory over while running.
     """
     ram = AnonymousMapping(size)
+    _keep_for_life(ram)   # the native loop runs in it until the process exits
     loop = None
     if warmup_passes:
         loop = NativeLoop(ram.addr, size, step, fresh=True).start()
@@ -458,83 +469,92 @@ def run_incoming(size: int, path: str, *, step: int = PAGE, report_after: float 
 
 def _wait_run(reader: _Reader, ram: AnonymousMapping) -> None:
     """Handle messages until RUN; WorkloadError when the migration failed."""
-    _install_signals()
-    try:
-        while True:
-            msg = reader.get(None)
-            if msg is _Reader.CLOSED:
-                raise WorkloadError("the serving side closed the socket before RUN (hand-over refused?)")
-            kind = _kind(msg)
-            if kind == "run":
-                state = msg.get("state", "")
-                try:
-                    base64.b64decode(state or "", validate=True)
-                except (ValueError, TypeError):
-                    raise WorkloadError("control message: run event with a state that is not base64") \
-                        from None
-                return
-            if kind == "discard":
-                _discard(ram, msg)
-                reader.send({"event": "discarded"})
-            elif kind == "failed":
-                raise WorkloadError(f"migration failed: {msg.get('reason', 'no reason given')}")
-            else:
-                log.info("control message before RUN ignored: %s", kind)
-    except _Terminate:
-        raise WorkloadError("interrupted before RUN") from None
+    while True:
+        msg = reader.get(None)
+        if msg is _Reader.CLOSED:
+            raise WorkloadError("the serving side closed the socket before RUN (hand-over refused?)")
+        kind = _kind(msg)
+        if kind == "run":
+            state = msg.get("state", "")
+            try:
+                base64.b64decode(state or "", validate=True)
+            except (ValueError, TypeError):
+                raise WorkloadError("control message: run event with a state that is not base64") \
+                    from None
+            return
+        if kind == "discard":
+            _discard(ram, msg)
+            reader.send({"event": "discarded"})
+        elif kind == "failed":
+            raise WorkloadError(f"migration failed: {msg.get('reason', 'no reason given')}")
+        else:
+            log.info("control message before RUN ignored: %s", kind)
 
 
 def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_after: float | None,
              t0: float, passes_before: int | None, *, source: bool) -> dict | None:
-    _install_signals()
-    migrated = False
+    migrated = complete = False
+
+    def at_risk() -> str | None:
+        if source:
+            return "migrate is moving it and reads its pages from here" if reader.paused and not migrated else None
+        return None if complete else "it runs here and some of its pages are still missing"
+
     deadline = t0 + report_after if report_after is not None else None
     try:
-        while True:
-            if not loop.running:
-                raise WorkloadError(f"workload loop ended: {loop.failed() or 'stopped'}")
-            if passes_before is None and loop.started:
-                passes_before = loop.start_passes
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                if passes_before is None:
-                    loop.wait_started(PAUSE_TIMEOUT)
+        with signals.guard(at_risk=at_risk):
+            while True:
+                if not loop.running:
+                    raise WorkloadError(f"workload loop ended: {loop.failed() or 'stopped'}")
+                if passes_before is None and loop.started:
                     passes_before = loop.start_passes
-                return _report(loop, passes_before, now - t0)
-            wait = 0.2 if deadline is None else min(0.2, deadline - now)
-            msg = reader.get(wait)
-            if msg is None:
-                continue
-            if msg is _Reader.CLOSED:
-                if migrated:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    if passes_before is None:
+                        loop.wait_started(PAUSE_TIMEOUT)
+                        passes_before = loop.start_passes
+                    return _report(loop, passes_before, now - t0)
+                wait = 0.2 if deadline is None else min(0.2, deadline - now)
+                msg = reader.get(wait)
+                if msg is None:
                     continue
-                _note("the control socket closed without quit; still running with memory intact")
-                continue
-            kind = _kind(msg)
-            if kind == "pause":
-                reader.send({"event": "paused", "passes": loop.pause()})
-            elif kind == "resume":
-                loop.resume()
-                reader.send({"event": "resumed"})
-            elif kind == "quit":
-                loop.stop()
-                return None
-            elif kind == "failed":
-                if not source:
-                    raise WorkloadError(f"migration failed: {msg.get('reason', 'no reason given')}")
-                _note(f"migration failed: {msg.get('reason', 'no reason given')}")
-            elif kind == "complete":
-                log.info("migration complete: every page is in")
-            elif kind == "migrated" and source:
-                # the program now runs on the destination; this copy stays
-                # paused (QEMU's postmigrate) until it is ended
-                migrated = True
-                _note("migrated: this copy stays paused until it is ended")
-            else:
-                log.info("control message ignored: %s", kind)
-    except _Terminate:
-        loop.stop(1.0)
-        return None
+                if msg is _Reader.CLOSED:
+                    if not source and not complete:
+                        # nobody will place the missing pages: the loop would wait for them for ever
+                        raise WorkloadError("the serving side closed the control socket before every page arrived")
+                    if migrated or complete:
+                        continue
+                    _note("the control socket closed without quit; still running with memory intact")
+                    continue
+                kind = _kind(msg)
+                if kind == "pause":
+                    reader.send({"event": "paused", "passes": loop.pause()})
+                elif kind == "resume":
+                    loop.resume()
+                    reader.send({"event": "resumed"})
+                elif kind == "quit":
+                    loop.stop()
+                    return None
+                elif kind == "failed":
+                    if not source:
+                        raise WorkloadError(f"migration failed: {msg.get('reason', 'no reason given')}")
+                    _note(f"migration failed: {msg.get('reason', 'no reason given')}")
+                elif kind == "complete":
+                    complete = True
+                    log.info("migration complete: every page is in")
+                elif kind == "migrated" and source:
+                    # the program now runs on the destination; this copy stays
+                    # paused (QEMU's postmigrate) until it is ended
+                    migrated = True
+                    _note("migrated: this copy stays paused until it is ended")
+                else:
+                    log.info("control message ignored: %s", kind)
+    except signals.Interrupted:
+        if source and migrated:
+            # this copy stays paused until it is ended: ending it is its normal end
+            loop.stop(1.0)
+            return None
+        raise
 
 
 def run_touch(size: int, path: str, *, image: str | None = None, order: str = "sequential", seed: int = 0,
@@ -556,10 +576,45 @@ def run_touch(size: int, path: str, *, image: str | None = None, order: str = "s
         reader = _Reader(attach(path, ram, mode="touch", connect_timeout=connect_timeout))
         if wait_run:
             _wait_run(reader, ram)
-        return touch_memory(ram.addr, size, expected=expected, order=order, seed=seed)
+        return _touch_watched(reader, ram, expected, order, seed)
     finally:
         if f is not None:
             f.close()
+
+
+def _touch_watched(reader: _Reader, ram: AnonymousMapping, expected, order: str, seed: int) -> dict:
+    """Touch in a thread (native, GIL released) while the control messages are watched: told that
+    the migration failed, or left by the serving side, stop without reading on."""
+    if expected is not None:
+        _keep_for_life(expected)   # compared with in native code until the end
+    done = object()
+    out: dict = {}
+
+    def touch():
+        try:
+            out["report"] = touch_memory(ram.addr, ram.size, expected=expected, order=order, seed=seed)
+        except WorkloadError as e:
+            out["error"] = e
+        reader.queue.put(done)
+
+    thread = threading.Thread(target=touch, name="workload-touch", daemon=True)
+    thread.start()
+    complete = False
+    with signals.guard(at_risk=lambda: None if complete else "it is touching pages that are still missing"):
+        while True:
+            msg = reader.get(None) if not complete else done
+            if msg is done:
+                thread.join()
+                if "error" in out:
+                    raise out["error"]
+                return out["report"]
+            if msg is _Reader.CLOSED:
+                raise WorkloadError("the serving side closed the control socket before every page arrived")
+            kind = _kind(msg)
+            if kind == "failed":
+                raise WorkloadError(f"migration failed: {msg.get('reason', 'no reason given')}")
+            if kind == "complete":
+                complete = True   # every page is in: the touch ends
 
 
 __all__ = ["PAGE", "STATE_MAGIC", "WorkloadError", "NativeLoop", "attach", "check_memory", "touch_memory",

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import codec, transport
+from . import codec, signals, transport
 from ._native import ffi, lib
 from .dirty import PagemapScanner
 from .discards import DiscardEncoder
@@ -377,6 +377,17 @@ class LiveMigration:
         self.scanner2.close()
 
 
+def shut_connections(*conns) -> bool:
+    """End the connections: the sending loops (native, GIL released) fail and return."""
+    for c in conns:
+        if c is not None:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+    return True
+
+
 def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None, switchover=None,
                  accept_timeout: float | None = 60.0) -> dict:
     """``migrate --attach``: wait for the program on ``attach_path``, then migrate it to ``to``."""
@@ -393,14 +404,20 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
         try:
             preempt = transport.connect(address, timeout=opts.timeout) if opts.preempt else None
             mig = LiveMigration(program, conn, opts, switchover=switchover, preempt=preempt)
-            stats = mig.run()
+            with signals.guard(at_risk=lambda: "it runs on the destination and its missing pages are read "
+                                               "from it here" if mig.run_sent else None,
+                               wake=lambda error: shut_connections(conn, preempt)):
+                stats = mig.run()
         except BaseException as e:
             ran = mig is not None and mig.run_sent
             if not ran:
                 # before RUN the program is still the only copy: let it go on
                 was_paused = program.resume()
+                note = "was resumed" if was_paused else "keeps running"
+                stop = signals.interruption()
+                if stop is not None and not isinstance(e, signals.Interrupted):
+                    raise signals.Interrupted(stop.signum, f" (the program {note} on the source)") from None
                 if isinstance(e, PostcopyError):
-                    note = "was resumed" if was_paused else "keeps running"
                     e.args = (f"{e.args[0] if e.args else e} (the program {note} on the source)",)
             raise
         finally:

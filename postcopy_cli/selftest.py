@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import PostcopyError
+from .signals import Interrupted
 
 PAGE = 4096
 DEFAULT_SIZE = 64 << 20
@@ -547,6 +548,8 @@ def run_selftest(*, size: int = DEFAULT_SIZE, timeout: float = DEFAULT_CASE_TIME
             t = time.monotonic()
             try:
                 r = case.run(ctx)
+            except Interrupted:
+                raise    # its children are killed and the temporary directory removed on the way out
             except Exception as e:
                 r = result(case.name, False, f"{type(e).__name__}: {e}")
             r.setdefault("metrics", {})

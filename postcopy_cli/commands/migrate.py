@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from .. import signals
 from ..errors import UsageError
 from ..units import parse_size
 from ._common import common_options, emit_json
@@ -68,6 +69,7 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
     malformed return path; 4 if the destination disconnected.
     """
     from .. import transport
+    from ..live import shut_connections
     from ..source import ImageMemory, migrate_image
 
     if bool(image) == bool(attach):
@@ -92,7 +94,11 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
         conn = transport.connect(address, timeout=timeout)
         preempt = None if single_channel else transport.connect(address, timeout=timeout)
         try:
-            stats = migrate_image(conn, memory, state=state, max_bandwidth=rate, timeout=timeout, preempt=preempt)
+            # RUN goes right after the preamble: from here the destination's program runs
+            with signals.guard(at_risk=lambda: "the destination's program runs and its missing pages come from here",
+                               wake=lambda error: shut_connections(conn, preempt)):
+                stats = migrate_image(conn, memory, state=state, max_bandwidth=rate, timeout=timeout,
+                                      preempt=preempt)
         finally:
             conn.close()
             if preempt is not None:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
-import os
-
+from .. import signals
 from ..errors import UsageError
 from ..units import parse_size
 from ._common import check_block_name, common_options, emit_json, progress_display
@@ -84,7 +84,9 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure)
 
     server = ServeDest(opts, on_listening=announce)
     try:
-        with progress_display(enabled=not as_json, title="receiving") as progress:
+        with signals.guard(at_risk=lambda: server.dest.at_risk() if server.dest else None,
+                           wake=lambda error: server.dest is not None and server.dest.stop(error)), \
+                progress_display(enabled=not as_json, title="receiving") as progress:
             result = server.run(progress=progress)
     finally:
         server.close()
