@@ -52,9 +52,16 @@ def run(argv: list[str] | None = None) -> int:
             return e.exit_code
         except click.exceptions.Abort:
             return _interrupted("aborted", errors.EXIT_FAILED)
+        except click.UsageError as e:
+            # one line, as every other error: the command, what was wrong, where to read more
+            ctx = e.ctx
+            where = ctx.command_path if ctx is not None else "postcopy"
+            hint = f" (see '{where} --help')" if ctx is not None else ""
+            return _fail(errors.EXIT_USAGE, f"{where.removeprefix('postcopy').strip() or 'usage'}: "
+                                            f"{e.format_message()}{hint}")
         except click.ClickException as e:
             e.show()
-            return errors.EXIT_USAGE if isinstance(e, click.UsageError) else errors.EXIT_FAILED
+            return errors.EXIT_FAILED
         except signals.Interrupted as e:
             return _fail(e.exit_code, str(e))
         except errors.PostcopyError as e:
