@@ -171,3 +171,30 @@ def single_stderr_line(err: str) -> str:
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def waits_in_userfault(pid: int) -> bool:
+    """True if a thread of ``pid`` sleeps in the kernel waiting for a missing page (fs/userfaultfd.c)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                if f.read().strip() == "handle_userfault":
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def wait_until(cond, what: str, timeout: float = PROC_TIMEOUT) -> None:
+    """Poll ``cond()`` until true; fail naming ``what`` after ``timeout`` (a hang detector, not a timing)."""
+    import time as _time
+
+    deadline = _time.monotonic() + timeout
+    while not cond():
+        if _time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        _time.sleep(0.02)

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, PROC_TIMEOUT, run_postcopy, single_stderr_line
+from conftest import IS_ROOT, PROC_TIMEOUT, run_postcopy, single_stderr_line, wait_until, waits_in_userfault
 from postcopy_cli import codec
 
 TP = 4096
@@ -313,7 +313,10 @@ def test_hugetlb_malformed_host_page_exit_3(tmp_path, serve_dest, hugepages_2m, 
                      codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(HP, TP)) +
                      codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()) + make(data))
         rc, out, err = sd.wait()
-        t_rc, t_out, t_err = finish(toucher)
+        # the program's missing pages stay registered: it waits on one, it never reads a wrong page
+        wait_until(lambda: waits_in_userfault(toucher.pid) or toucher.poll() is not None,
+                   "the toucher waits for a missing page")
+        assert toucher.poll() is None, toucher.communicate()
     finally:
         conn.close()
         if toucher.poll() is None:
@@ -324,6 +327,3 @@ def test_hugetlb_malformed_host_page_exit_3(tmp_path, serve_dest, hugepages_2m, 
     assert re.search(r"protocol error in .*RAM", line), line
     assert f"{host_page:#x}" in line, line
     assert out == ""
-    # the program does not hang: once serve-dest is gone its faults resolve (to zeros), so it sees wrong data
-    assert "Traceback" not in t_err
-    assert t_rc != 0 or json.loads(t_out)["mismatches"] > 0, (t_rc, t_out, t_err)
