@@ -105,10 +105,15 @@ class ServeDest:
                 continue
             except OSError:
                 return
-            if not self.dest.add_preempt(conn):
-                if not self.dest.closed:   # (after the end, a late preempt channel is no news)
-                    log.warning("refused an extra connection to %s during the migration", self.bound)
-                conn.close()
+            # each checked on its own: a connection that sends nothing delays no other
+            threading.Thread(target=self._offer_preempt, args=(conn,), name="postcopy/offer", daemon=True).start()
+
+    def _offer_preempt(self, conn: socket.socket):
+        reason = self.dest.add_preempt(conn)
+        if reason is not None:
+            if not self.dest.closed:   # (after the end, a late preempt channel is no news)
+                log.warning("refused an extra connection to %s during the migration: %s", self.bound, reason)
+            conn.close()
 
     def _report(self, progress, stop: threading.Event):
         while not stop.wait(0.25):
