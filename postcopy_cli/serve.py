@@ -100,7 +100,7 @@ class ServeDest:
         """The source may open a second connection: its preempt channel for requested pages."""
         while not stop.is_set():
             try:
-                conn = transport.accept(self.listener, 0.2)
+                conn = transport.accept(self.listener, 0.2, quiet=self._ended)
             except PostcopyError:
                 continue
             except OSError:
@@ -108,10 +108,14 @@ class ServeDest:
             # each checked on its own: a connection that sends nothing delays no other
             threading.Thread(target=self._offer_preempt, args=(conn,), name="postcopy/offer", daemon=True).start()
 
+    def _ended(self) -> bool:
+        """Every page is in (or the migration is over): a late connection is no news."""
+        return self.dest.closed or self.dest.t_complete is not None
+
     def _offer_preempt(self, conn: socket.socket):
         reason = self.dest.add_preempt(conn)
         if reason is not None:
-            if not self.dest.closed:   # (after the end, a late preempt channel is no news)
+            if not self._ended():
                 log.warning("refused an extra connection to %s during the migration: %s", self.bound, reason)
             conn.close()
 
