@@ -147,6 +147,8 @@ class Destination:
         self._preempt_error: PostcopyError | None = None
         self._preempt_conn: socket.socket | None = None
         self._preempt_lock = threading.Lock()
+        self._migration_known = threading.Event()   # the main stream's ID section (or its absence) is decoded
+        self._preempt_adopted = threading.Event()
         self._closed = False
         self._stop_error: PostcopyError | None = None
         self._pending_discards: dict[str, list] = {}
@@ -406,34 +408,64 @@ class Destination:
         return f"the attached program (pid {self.program.pid}) runs here and {missing} of its pages are still missing"
 
     # -- the preempt channel ---------------------------------------------------------
-    def add_preempt(self, conn: socket.socket) -> bool:
-        """A second connection from the source: its preempt channel (requested pages only).
+    def add_preempt(self, conn: socket.socket) -> str | None:
+        """A second connection: adopted as the source's preempt channel (requested pages only) if the
+        main stream's ID section announced one, only once, and only if it starts with that id.
 
-        Returns False (and the caller closes it) when there is one already or
-        the main stream has not announced its blocks yet.
+        Returns None once adopted, else why it is refused (the caller warns and closes it; the
+        migration goes on).
         """
         deadline = time.monotonic() + self.timeout
-        # the source connects it right after sending its preamble on the main stream
-        while (self._main is None or not self._main.decoder.blocks) and time.monotonic() < deadline:
-            time.sleep(0.001)
+        # the source may connect it before sending its preamble on the main stream
+        while not self._migration_known.wait(0.05):
+            if self._closed or time.monotonic() > deadline:
+                return "the main stream has announced no preempt channel"
         main = self._main
-        if self._preempt_thread is not None or main is None or not main.decoder.blocks:
-            return False
-        conn.settimeout(None)   # idle whenever nothing is requested; it ends with the main stream
-        # requests no longer queue behind background pages on the main stream:
-        # it may keep more in flight (fewer wake-ups per byte)
+        migration = main.decoder.migration
+        if not migration.preempt_channels:
+            return "the main stream announced no preempt channel"
+        if self._preempt_thread is not None:
+            return "the preempt channel is connected already"
+        decoder = codec.StreamDecoder(preempt_blocks=main.decoder.blocks)
+        # exactly the header and the PREEMPT section: nothing of the channel's RAM is read here
+        want = 8 + 1 + codec.MIGRATION_ID_LENGTH
+        marker = None
         try:
-            self._conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        except OSError:
-            pass
-        channel = _Channel(self, conn, codec.StreamDecoder(preempt_blocks=main.decoder.blocks))
+            while decoder.offset + decoder.buffered < want:
+                conn.settimeout(max(0.001, deadline - time.monotonic()))
+                data = conn.recv(want - decoder.offset - decoder.buffered)
+                if not data:
+                    return "it closed before sending a preempt channel header"
+                decoder.feed(data)
+                for ev in decoder.events():   # Header, PreemptChannel: raises on anything else
+                    if type(ev) is codec.PreemptChannel:
+                        marker = ev.id
+        except socket.timeout:
+            return f"it sent no preempt channel header within {self.timeout:g} s"
+        except OSError as e:
+            return f"it failed before sending a preempt channel header: {e.strerror or e}"
+        except ProtocolError as e:
+            return str(e)
+        if marker != migration.id:
+            return "its preempt channel header names another migration id"
+        conn.settimeout(None)   # idle whenever nothing is requested; it ends with the main stream
+        channel = _Channel(self, conn, decoder)
         thread = threading.Thread(target=self._run_preempt, args=(channel,), name="postcopy/preempt", daemon=True)
         with self._preempt_lock:   # close() may be running in the stream's thread
             if self._closed:
-                return False
+                return "the migration has ended"
+            if self._preempt_thread is not None:
+                return "the preempt channel is connected already"
+            # requests no longer queue behind background pages on the main stream:
+            # it may keep more in flight (fewer wake-ups per byte)
+            try:
+                self._conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            except OSError:
+                pass
             thread.start()
             self._preempt_conn, self._preempt_thread = conn, thread
-        return True
+            self._preempt_adopted.set()
+        return None
 
     @property
     def closed(self) -> bool:
@@ -455,7 +487,14 @@ class Destination:
             channel.conn.close()
 
     def _join_preempt(self):
-        """At EOF on the main stream: the preempt channel ends too (its EOF comes first)."""
+        """At EOF on the main stream: an announced preempt channel must have connected and ended
+        (the source sent some requested pages only there)."""
+        migration = self._main.decoder.migration
+        if migration is not None and migration.preempt_channels and not self._all_received():
+            if not self._preempt_adopted.wait(self.timeout):
+                missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+                raise PeerTimeout(f"the source announced a preempt channel that did not connect within "
+                                  f"{self.timeout:g} s of EOF; {missing} of {self.total_pages} pages never arrived")
         t = self._preempt_thread
         if t is not None:
             t.join(self.timeout)
@@ -469,6 +508,8 @@ class Destination:
 
     def _command(self, ev, decoder) -> bool:
         off = decoder.offset
+        if decoder.migration is not None and not self._migration_known.is_set():
+            self._migration_known.set()
         t = type(ev)
         if self._pending_discards and t is not codec.PostcopyRamDiscard:
             self._apply_discards()

@@ -312,7 +312,7 @@ class LiveMigration:
         t0 = time.monotonic()
         # protect everything now: from here on, writes are tracked
         self._check_tracking()
-        send_preamble(self.conn, self.memory.blocks)
+        send_preamble(self.conn, self.memory.blocks, streamer.migration)
         deadline = float("inf") if opts.postcopy_after is None else t0 + opts.postcopy_after
         if opts.postcopy_after is None and opts.precopy_passes is None:
             deadline = t0   # no pre-copy at all

@@ -109,15 +109,24 @@ class ServeDest:
         """The source may open a second connection: its preempt channel for requested pages."""
         while not stop.is_set():
             try:
-                conn = transport.accept(self.listener, 0.2)
+                conn = transport.accept(self.listener, 0.2, quiet=self._ended)
             except PostcopyError:
                 continue
             except OSError:
                 return
-            if not self.dest.add_preempt(conn):
-                if not self.dest.closed:   # (after the end, a late preempt channel is no news)
-                    log.warning("refused an extra connection to %s during the migration", self.bound)
-                conn.close()
+            # each checked on its own: a connection that sends nothing delays no other
+            threading.Thread(target=self._offer_preempt, args=(conn,), name="postcopy/offer", daemon=True).start()
+
+    def _ended(self) -> bool:
+        """Every page is in (or the migration is over): a late connection is no news."""
+        return self.dest.closed or self.dest.t_complete is not None
+
+    def _offer_preempt(self, conn: socket.socket):
+        reason = self.dest.add_preempt(conn)
+        if reason is not None:
+            if not self._ended():
+                log.warning("refused an extra connection to %s during the migration: %s", self.bound, reason)
+            conn.close()
 
     def _report(self, progress, stop: threading.Event):
         while not stop.wait(0.25):

@@ -159,6 +159,9 @@ class PageStreamer:
         self._lock = threading.Lock()       # page bookkeeping shared by the two threads
         self.main = _Lane(conn, 0)
         self.preempt = _Lane(preempt, 1) if preempt is not None else None
+        # the main stream's ID section: the destination adopts a preempt
+        # channel only if announced there, and only with this id
+        self.migration = codec.MigrationId(os.urandom(codec.MIGRATION_ID_LENGTH), 1 if preempt is not None else 0)
         conn.setblocking(True)
         self._server = None
         if preempt is not None:
@@ -166,7 +169,8 @@ class PageStreamer:
             # requests no longer queue behind background pages: the main stream
             # may keep more in flight (fewer wake-ups per byte)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BULK_BUFFER)
-            self._send(self.preempt, [codec.encode(codec.Header()), codec.encode(codec.PreemptChannel())])
+            self._send(self.preempt, [codec.encode(codec.Header()),
+                                      codec.encode(codec.PreemptChannel(self.migration.id))])
             self._server = self._request_server()
 
     def _request_server(self):
@@ -520,14 +524,15 @@ class PageStreamer:
         return self.stats
 
 
-def send_preamble(conn: socket.socket, blocks: list) -> None:
-    """Header, BLOCKS, OPEN_RETURN_PATH and POSTCOPY_ADVISE."""
+def send_preamble(conn: socket.socket, blocks: list, migration: codec.MigrationId) -> None:
+    """Header, BLOCKS, ID, OPEN_RETURN_PATH and POSTCOPY_ADVISE."""
     summary = 0
     for b in blocks:
         summary |= b.page_size
     conn.sendall(b"".join([
         codec.encode(codec.Header()),
         codec.encode(codec.Blocks(tuple(blocks))),
+        codec.encode(migration),
         codec.encode(codec.OpenReturnPath()),
         codec.encode(codec.PostcopyAdvise(summary, TP)),
     ]))
@@ -540,8 +545,8 @@ def migrate_image(conn: socket.socket, image: ImageMemory, *, state: bytes = b""
     ``preempt``: a second connection to the destination for requested pages.
     """
     t0 = time.monotonic()
-    send_preamble(conn, image.blocks)
     streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout, preempt=preempt)
+    send_preamble(conn, image.blocks, streamer.migration)
     conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
                  codec.encode(codec.PostcopyRun()))
     stats = streamer.run()

@@ -7,6 +7,7 @@ have, so such an address is refused unless ``insecure`` is given explicitly.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import stat
@@ -15,6 +16,8 @@ import time
 from dataclasses import dataclass
 
 from .errors import PeerDisconnected, PostcopyError, UsageError
+
+log = logging.getLogger("postcopy.transport")
 
 
 @dataclass(frozen=True)
@@ -208,21 +211,103 @@ def bound_address(listener: socket.socket, addr: Address) -> Address:
     return Address("tcp", host=host, port=port)
 
 
-def accept(listener: socket.socket, timeout: float | None) -> socket.socket:
-    listener.settimeout(timeout)
-    try:
-        conn, _ = listener.accept()
-    except socket.timeout:
-        raise PeerDisconnected(f"no connection arrived within {timeout:g} s") from None
-    conn.settimeout(None)
+# /proc/net/tcp and tcp6 (proc(5)): one socket a line, "sl local_address rem_address st
+# tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode ...", addresses as the kernel's
+# 32-bit words in hex in host byte order (%08X each), ports in hex; st is the TCP state.
+_TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+# A peer's socket whose uid means something: connected (01), or on the listening side
+# not accepted yet (03 SYN_RECV, or 01 with the listener's uid).  A socket its owner has
+# closed may be a time-wait entry, which shows uid 0.
+_TCP_LIVE_STATES = ("01", "03")
+
+
+def _table_endpoint(field: str) -> tuple:
+    addr, port = field.split(":")
+    raw = b"".join(struct.pack("=I", int(addr[i:i + 8], 16)) for i in range(0, len(addr), 8))
+    return _endpoint(ipaddress.ip_address(raw), int(port, 16))
+
+
+def _endpoint(ip, port: int) -> tuple:
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped   # a v4 peer of a v6 socket shows as ::ffff:a.b.c.d
+    return ip, port
+
+
+def tcp_socket_owner(table: str, local: tuple, remote: tuple) -> tuple[int, str] | None:
+    """(uid, state) of the socket bound to ``local`` and connected to ``remote`` ((ip, port) each)
+    in the text of /proc/net/tcp or tcp6; None if it has no such line."""
+    for line in table.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 8:
+            continue
+        try:
+            if _table_endpoint(f[1]) == local and _table_endpoint(f[2]) == remote:
+                return int(f[7]), f[3]
+        except ValueError:
+            continue
+    return None
+
+
+def peer_refusal(conn: socket.socket) -> str | None:
+    """Why the peer of ``conn`` may not take part in a migration, or None.
+
+    Only our user and root may: a Unix peer's uid comes with the connection
+    (SO_PEERCRED: the connecting process, or the listening one when we
+    connected); a loopback TCP peer's from the kernel's socket table, which
+    names the owner of the socket at the other end.  Other TCP peers are not
+    checked here (they need TLS).
+    """
+    ours = (0, os.geteuid())
     if conn.family == socket.AF_UNIX:
         pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                           struct.calcsize("3i")))
-        if uid not in (0, os.geteuid()):
-            conn.close()
-            raise PeerDisconnected(f"refused a connection from pid {pid}: uid {uid} is neither ours nor root")
-    _tune(conn)
-    return conn
+        return None if uid in ours else f"pid {pid} runs as uid {uid}, neither ours nor root"
+    if conn.family not in (socket.AF_INET, socket.AF_INET6):
+        return f"unexpected socket family {conn.family!r}"
+    me, peer = conn.getsockname(), conn.getpeername()
+    me, peer = (_endpoint(ipaddress.ip_address(a[0].split("%")[0]), a[1]) for a in (me, peer))
+    if not peer[0].is_loopback:
+        return None
+    for attempt in range(20):
+        for path in _TCP_TABLES:
+            try:
+                with open(path) as f:
+                    found = tcp_socket_owner(f.read(), peer, me)
+            except FileNotFoundError:
+                continue
+            if found is not None:
+                uid, state = found
+                if state not in _TCP_LIVE_STATES:
+                    return f"the peer's socket at port {peer[1]} is closing (TCP state {state})"
+                return None if uid in ours else f"the peer's socket at port {peer[1]} belongs to uid {uid}, " \
+                                                f"neither ours nor root"
+        time.sleep(0.005)   # (a listener's end moves from its SYN queue to its accept queue)
+    return f"the peer's socket at port {peer[1]} is not in the kernel's socket table"
+
+
+def accept(listener: socket.socket, timeout: float | None, *, quiet=None) -> socket.socket:
+    """The next connection whose peer :func:`peer_refusal` lets in; a refused one is closed with a
+    warning (unless ``quiet()`` says it is no news) and the wait goes on, up to ``timeout`` in all."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        listener.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
+        try:
+            conn, _ = listener.accept()
+        except socket.timeout:
+            raise PeerDisconnected(f"no connection arrived within {timeout:g} s") from None
+        conn.settimeout(None)
+        try:
+            reason = peer_refusal(conn)
+        except OSError as e:   # (it went away already)
+            reason = f"the peer failed: {e.strerror or e}"
+        if reason is None:
+            _tune(conn)
+            return conn
+        conn.close()
+        if quiet is None or not quiet():
+            name = listener.getsockname()
+            where = f"unix:{name}" if listener.family == socket.AF_UNIX else f"tcp:{name[0]}:{name[1]}"
+            log.warning("refused a connection to %s: %s", where, reason)
 
 
 def connect(addr: Address, *, timeout: float = 10.0) -> socket.socket:
@@ -236,6 +321,11 @@ def connect(addr: Address, *, timeout: float = 10.0) -> socket.socket:
             else:
                 s = socket.create_connection((addr.host, addr.port), timeout=timeout)
             s.settimeout(None)
+            # not a byte to a destination run by another user
+            reason = peer_refusal(s)
+            if reason is not None:
+                s.close()
+                raise PeerDisconnected(f"refused the destination at {addr}: {reason}")
             _tune(s)
             return s
         except (ConnectionRefusedError, FileNotFoundError) as e:

@@ -6,6 +6,7 @@ import struct
 import pytest
 
 from postcopy_cli.codec import (MAGIC, NEED_DATA, RECV_BITMAP_ENDING, BlockInfo, Blocks, Command, Eof, Header,
+                                MigrationId,
                                 OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen, PostcopyRamDiscard,
                                 PostcopyResume, PostcopyRun, PostcopyState, RamEnd, RamFlag, RamPage,
                                 RamSectionEncoder, RamZero, RecvBitmap, RecvBitmapRequest, ReqPages, ReqPagesId,
@@ -56,6 +57,9 @@ RAM = (h("02")
        + h("0000000000003022" "00")
        + h("0000000000200002" "03 766761" "00")
        + h("0000000000000010"))
+# section 0x04 ID right after BLOCKS: 16-byte migration id, u8 preempt channels
+MIG_ID = bytes(range(0xa0, 0xb0))
+ID = h("04" "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf" "01")
 RAM_EVENTS = [RamPage("pc.ram", 0x1000, PAGE_A), RamPage("pc.ram", 0x2000, PAGE_B), RamZero("pc.ram", 0x3000),
               RamZero("vga", 0x200000), RamEnd()]
 
@@ -76,6 +80,9 @@ STREAM_TABLE = [
     ("eof", P, [Eof()], h("10"), None),
     ("ram_section", P, RAM_EVENTS[:-1], RAM, RAM_EVENTS),
     ("ram_section_empty", P, [], h("02 0000000000000010"), [RamEnd()]),
+    ("migration_id", P, [MigrationId(MIG_ID, 1)], ID, None),
+    ("migration_id_single_channel", P, [MigrationId(bytes(16), 0)], h("04") + bytes(16) + h("00"), None),
+    ("open_return_path_after_id", P + ID, [OpenReturnPath()], OPEN_RP, None),
 ]
 
 RP_TABLE = [
@@ -241,9 +248,12 @@ def test_ram_encoder_record_headers():
     lambda: RamSectionEncoder().page("pc.ram", 0x1000, b"short"),
     lambda: RamSectionEncoder().record_header("pc.ram", 0, RamFlag.PAGE | RamFlag.ZERO),
     lambda: RamSectionEncoder().record_header("pc.ram", 0, RamFlag.EOS),
+    lambda: encode(MigrationId(bytes(15), 0)),
+    lambda: encode(MigrationId(bytes(16), 2)),
 ], ids=["name_too_long", "name_empty", "name_nul", "name_twice", "page_size", "length", "no_blocks",
         "discard_no_ranges", "discard_unaligned", "discard_len0", "ping_range", "ram_via_encode", "rp_via_encode",
-        "stream_via_encode_rp", "record_unaligned", "page_short", "page_and_zero", "eos_header"])
+        "stream_via_encode_rp", "record_unaligned", "page_short", "page_and_zero", "eos_header",
+        "id_short", "id_two_channels"])
 def test_encode_refuses(call):
     with pytest.raises(LocalProtocolError):
         call()
@@ -452,6 +462,12 @@ STREAM_REFUSALS = [
     ("listen_twice", PL, LISTEN, "COMMAND POSTCOPY_LISTEN", None, "sent twice"),
     ("run_before_listen", PA, RUN, "COMMAND POSTCOPY_RUN", None, "before POSTCOPY_LISTEN"),
     ("run_twice", PRUN, RUN, "COMMAND POSTCOPY_RUN", None, "sent twice"),
+    ("id_before_blocks", HDR, ID, "ID section", None, "BLOCKS must be the first section"),
+    ("id_not_right_after_blocks", P + OPEN_RP, ID, "ID section", None, "ID must come right after BLOCKS"),
+    ("id_after_ram", P + RAM, ID, "ID section", None, "ID must come right after BLOCKS"),
+    ("id_twice", P + ID, ID, "ID section", None, "ID sent twice"),
+    ("id_two_channels", P, ID[:-1] + h("02"), "ID section", None, "2 preempt channels announced"),
+    ("preempt_marker_on_main_stream", P, h("20") + MIG_ID, "stream", None, "preempt channel marker"),
     ("after_eof", P + h("10"), RAM, "stream", None, "data after EOF"),
     ("after_eof_one_byte", P + h("10"), h("10"), "stream", None, "data after EOF"),
 ]

@@ -97,9 +97,10 @@ def test_full_stream_then_shut_0(tmp_path, fake_dest):
     d.accept()
     events = d.read_until(_is(codec.Eof))
     kinds = [type(e) for e in events]
-    assert kinds[:4] == [codec.Header, codec.Blocks, codec.OpenReturnPath, codec.PostcopyAdvise]
+    assert kinds[:5] == [codec.Header, codec.Blocks, codec.MigrationId, codec.OpenReturnPath, codec.PostcopyAdvise]
     assert events[1].blocks == (codec.BlockInfo("mem", block_len, PAGE),)
-    assert events[3] == codec.PostcopyAdvise(PAGE, PAGE)
+    assert len(events[2].id) == 16 and events[2].id != bytes(16) and events[2].preempt_channels == 1
+    assert events[4] == codec.PostcopyAdvise(PAGE, PAGE)
     assert kinds.index(codec.PostcopyListen) < kinds.index(codec.PostcopyRun) < kinds.index(codec.RamPage)
     assert d.decoder.state == codec.PostcopyState.END
     got = {}
@@ -174,6 +175,8 @@ def test_requested_page_goes_on_the_preempt_channel(tmp_path, fake_dest):
         got += [codec.RamPage(e.block, e.offset, bytes(e.data)) if isinstance(e, codec.RamPage) else e
                 for e in pd.events()]
     assert [type(e) for e in got[:2]] == [codec.Header, codec.PreemptChannel]
+    # the preempt channel names the migration announced by the main stream's ID section
+    assert d.decoder.migration.preempt_channels == 1 and got[1].id == d.decoder.migration.id
     page = next(e for e in got if isinstance(e, codec.RamPage))
     assert (page.block, page.offset, page.data) == ("mem", last, data[last:])
     # the main stream still carries every page; then both channels end

@@ -204,10 +204,23 @@ def test_garbage_mid_ram_section_attached_toucher(tmp_path, serve_dest):
 # ---------------------------------------------------------------------------
 # 5. the source goes away or stalls -> exit 4
 
+def accepted(sd) -> socket.socket:
+    """A connection serve-dest has accepted (its PONG says so): from here on, closing it is a
+    disconnect (a loopback peer that closes before serve-dest checks its owner is refused)."""
+    conn = connect(sd)
+    conn.sendall(preamble() + codec.encode(codec.Ping(1)))
+    rp = codec.ReturnPathDecoder([BLOCK])
+    while not any(isinstance(e, codec.Pong) for e in rp.events()):
+        chunk = conn.recv(64)
+        assert chunk
+        rp.feed(chunk)
+    return conn
+
+
 def test_source_disconnects_mid_stream(serve_dest):
     sd = start_own(serve_dest)
-    conn = connect(sd)
-    conn.sendall(preamble() + LISTEN_RUN + ram(range(20)))
+    conn = accepted(sd)
+    conn.sendall(LISTEN_RUN + ram(range(20)))
     conn.close()
     rc, out, err = sd.wait()
     assert rc == 4, err
@@ -217,8 +230,8 @@ def test_source_disconnects_mid_stream(serve_dest):
 
 def test_source_disconnects_mid_record(serve_dest):
     sd = start_own(serve_dest)
-    conn = connect(sd)
-    full = preamble() + LISTEN_RUN + ram(range(5))
+    conn = accepted(sd)
+    full = LISTEN_RUN + ram(range(5))
     conn.sendall(full[:-2000])
     conn.close()
     rc, out, err = sd.wait()

@@ -5,22 +5,22 @@ No sockets and no files: :func:`encode` / :func:`encode_rp` /
 and :class:`ReturnPathDecoder` turn bytes fed in arbitrary pieces back into
 messages, validating everything a peer sends (``ProtocolError``).
 """
-from .constants import (MAGIC, MAX_DISCARDS_PER_COMMAND, MAX_NAME_LENGTH, MAX_STATE_LENGTH, RECV_BITMAP_ENDING,
+from .constants import (MAGIC, MAX_DISCARDS_PER_COMMAND, MIGRATION_ID_LENGTH, MAX_NAME_LENGTH, MAX_STATE_LENGTH, RECV_BITMAP_ENDING,
                         TARGET_PAGE_SIZE, VERSION, Command, PostcopyState, RamFlag, RpType, Section)
 from .decode import NEED_DATA, ReturnPathDecoder, StreamDecoder
 from .encode import (RamSectionEncoder, encode, encode_discard_payload, encode_name, encode_ram_section,
                      encode_rp)
-from .messages import (BlockInfo, Blocks, Eof, Header, OpenReturnPath, Ping, Pong, PostcopyAdvise,
+from .messages import (NO_MIGRATION_ID, BlockInfo, Blocks, Eof, Header, MigrationId, OpenReturnPath, Ping, Pong, PostcopyAdvise,
                        PostcopyListen, PostcopyRamDiscard, PreemptChannel, PostcopyResume, PostcopyRun, RamEnd,
                        RamPage, RamZero, RecvBitmap, RecvBitmapRequest, ReqPages, ReqPagesId, ResumeAck, Shut,
                        State)
 
 __all__ = [
     "MAGIC", "VERSION", "TARGET_PAGE_SIZE", "RECV_BITMAP_ENDING", "MAX_DISCARDS_PER_COMMAND", "MAX_NAME_LENGTH",
-    "MAX_STATE_LENGTH", "Section", "Command", "RpType", "RamFlag", "PostcopyState",
+    "MAX_STATE_LENGTH", "MIGRATION_ID_LENGTH", "Section", "Command", "RpType", "RamFlag", "PostcopyState",
     "Header", "BlockInfo", "Blocks", "RamPage", "RamZero", "RamEnd", "State", "OpenReturnPath", "Ping",
     "PostcopyAdvise", "PostcopyListen", "PostcopyRun", "PostcopyRamDiscard", "PostcopyResume",
-    "RecvBitmapRequest", "Eof", "PreemptChannel", "Shut", "Pong", "ReqPagesId", "ReqPages", "RecvBitmap", "ResumeAck",
+    "RecvBitmapRequest", "Eof", "MigrationId", "NO_MIGRATION_ID", "PreemptChannel", "Shut", "Pong", "ReqPagesId", "ReqPages", "RecvBitmap", "ResumeAck",
     "encode", "encode_rp", "encode_name", "encode_discard_payload", "RamSectionEncoder", "encode_ram_section",
     "StreamDecoder", "ReturnPathDecoder", "NEED_DATA",
 ]

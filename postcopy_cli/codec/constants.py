@@ -17,12 +17,17 @@ MAX_DISCARDS_PER_COMMAND = 12
 MAX_STATE_LENGTH = 64 * 1024 * 1024
 #: The largest block name (u8 length on the wire).
 MAX_NAME_LENGTH = 255
+#: Bytes of a migration id (the ID and PREEMPT sections).
+MIGRATION_ID_LENGTH = 16
 
 
 class Section(enum.IntEnum):
     BLOCKS = 0x01
     RAM = 0x02
     STATE = 0x03
+    #: Right after BLOCKS: the migration id (16 random bytes) and the number of
+    #: preempt channels (0 or 1) the source will open.
+    ID = 0x04
     COMMAND = 0x08
     EOF = 0x10
     #: First section of a second connection: the preempt channel (QEMU's

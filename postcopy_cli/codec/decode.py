@@ -18,9 +18,9 @@ from collections import deque
 from typing import Iterable, Iterator
 
 from ..errors import ProtocolError
-from .constants import (MAGIC, MAX_STATE_LENGTH, RAM_FLAGS_KNOWN, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE, VERSION,
+from .constants import (MAGIC, MAX_STATE_LENGTH, MIGRATION_ID_LENGTH, RAM_FLAGS_KNOWN, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE, VERSION,
                         Command, PostcopyState, RpType, Section)
-from .messages import (BlockInfo, Blocks, Eof, Header, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise,
+from .messages import (NO_MIGRATION_ID, BlockInfo, Blocks, Eof, Header, MigrationId, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise,
                        PostcopyListen, PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero,
                        RecvBitmap, RecvBitmapRequest, ReqPagesId, ResumeAck, Shut, State)
 
@@ -222,6 +222,9 @@ class StreamDecoder(_Buffered):
         self.state = PostcopyState.NONE
         self._cur_name: str | None = None  # block of the previous record in this RAM section
         self._cur_len = 0
+        #: The main stream's ID section (NO_MIGRATION_ID if the section after BLOCKS is another one);
+        #: None until that section has been seen.
+        self.migration: MigrationId | None = None
         if preempt_blocks:
             self.blocks = dict(preempt_blocks)
             self._by_raw = {b.name.encode("utf-8"): b for b in preempt_blocks.values()}
@@ -313,14 +316,21 @@ class StreamDecoder(_Buffered):
                 if kind != Section.PREEMPT:
                     self._fail(f"section {kind:#04x} where the preempt channel marker belongs", "preempt channel",
                                start)
+                if not self._ensure(1 + MIGRATION_ID_LENGTH):
+                    return NEED_DATA
                 self._marked = True
-                self._pos += 1
-                return PreemptChannel()
+                ident = bytes(self._mv[self._pos + 1:self._pos + 1 + MIGRATION_ID_LENGTH])
+                self._pos += 1 + MIGRATION_ID_LENGTH
+                return PreemptChannel(ident)
             if kind not in (Section.RAM, Section.EOF):
                 self._fail(f"section {kind:#04x}: the preempt channel carries only RAM sections and EOF",
                            "preempt channel", start)
         elif kind == Section.PREEMPT:
             self._fail("preempt channel marker on the main stream", "stream", start)
+        if kind == Section.ID:
+            return self._migration_id(start)
+        if self.migration is None and self.blocks:
+            self.migration = NO_MIGRATION_ID   # no ID section right after BLOCKS
         if kind == Section.RAM:
             self._require_blocks("RAM section", start)
             self._pos += 1
@@ -345,6 +355,23 @@ class StreamDecoder(_Buffered):
     def _require_blocks(self, section: str, start: int) -> None:
         if not self.blocks:
             self._fail("BLOCKS must be the first section", section, start)
+
+    # -- ID ----------------------------------------------------------------
+    def _migration_id(self, start: int):
+        sec = "ID section"
+        self._require_blocks(sec, start)
+        if self.migration is not None:
+            self._fail("ID sent twice" if self.migration is not NO_MIGRATION_ID else
+                       "ID must come right after BLOCKS", sec, start)
+        if not self._ensure(2 + MIGRATION_ID_LENGTH):
+            return NEED_DATA
+        pos = self._pos
+        channels = self._buf[pos + 1 + MIGRATION_ID_LENGTH]
+        if channels > 1:
+            self._fail(f"{channels} preempt channels announced (a source opens 0 or 1)", sec, start)
+        self.migration = MigrationId(bytes(self._mv[pos + 1:pos + 1 + MIGRATION_ID_LENGTH]), channels)
+        self._pos = pos + 2 + MIGRATION_ID_LENGTH
+        return self.migration
 
     # -- BLOCKS ------------------------------------------------------------
     def _blocks(self, start: int):

@@ -5,9 +5,9 @@ import struct
 from typing import Iterable
 
 from ..errors import LocalProtocolError
-from .constants import (MAGIC, MAX_NAME_LENGTH, MAX_STATE_LENGTH, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE,
+from .constants import (MAGIC, MAX_NAME_LENGTH, MIGRATION_ID_LENGTH, MAX_STATE_LENGTH, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE,
                         Command, RamFlag, RpType, Section)
-from .messages import (Blocks, Eof, Header, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
+from .messages import (Blocks, Eof, Header, MigrationId, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
                        PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero, RecvBitmap,
                        RecvBitmapRequest, ReqPages, ReqPagesId, ResumeAck, Shut, State)
 
@@ -48,6 +48,12 @@ def _uint(value, bits: int, what: str) -> int:
     if not isinstance(value, int) or value < 0 or value >> bits:
         raise LocalProtocolError(f"{what} must be an unsigned {bits}-bit integer, got {value!r}")
     return value
+
+
+def _migration_id(value) -> bytes:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != MIGRATION_ID_LENGTH:
+        raise LocalProtocolError(f"a migration id is {MIGRATION_ID_LENGTH} bytes, not {value!r}")
+    return bytes(value)
 
 
 def _command(cmd: Command, payload: bytes = b"") -> bytes:
@@ -106,8 +112,12 @@ def encode(msg) -> bytes:
         if len(data) > MAX_STATE_LENGTH:
             raise LocalProtocolError(f"STATE of {len(data)} bytes exceeds the {MAX_STATE_LENGTH}-byte limit")
         return bytes((Section.STATE,)) + _BE32.pack(len(data)) + data
+    if t is MigrationId:
+        if msg.preempt_channels not in (0, 1):
+            raise LocalProtocolError(f"a source opens 0 or 1 preempt channels, not {msg.preempt_channels!r}")
+        return bytes((Section.ID,)) + _migration_id(msg.id) + _U8.pack(msg.preempt_channels)
     if t is PreemptChannel:
-        return bytes([Section.PREEMPT])
+        return bytes((Section.PREEMPT,)) + _migration_id(msg.id)
     if t is Eof:
         return bytes((Section.EOF,))
     if t is OpenReturnPath:

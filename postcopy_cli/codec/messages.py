@@ -2,7 +2,8 @@
 
 Main stream (source -> destination): :class:`Header`, :class:`Blocks`, RAM
 records (:class:`RamPage`, :class:`RamZero`, :class:`RamEnd`), :class:`State`,
-the commands and :class:`Eof`.  Return path (destination -> source):
+the commands, :class:`Eof`, and :class:`MigrationId`; a preempt channel starts with
+:class:`PreemptChannel`.  Return path (destination -> source):
 :class:`Shut`, :class:`Pong`, :class:`ReqPagesId`, :class:`ReqPages`,
 :class:`RecvBitmap`, :class:`ResumeAck`.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import TARGET_PAGE_SIZE, VERSION
+from .constants import MIGRATION_ID_LENGTH, TARGET_PAGE_SIZE, VERSION
 
 
 # ---- main stream -----------------------------------------------------------
@@ -129,8 +130,24 @@ class Eof:
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationId:
+    """The ID section, right after BLOCKS: the migration's 16 random bytes and the number of
+    preempt channels (0 or 1) the source will open.  A stream without one has id zero and no
+    preempt channel (:data:`NO_MIGRATION_ID`)."""
+
+    id: bytes
+    preempt_channels: int = 0
+
+
+#: What a stream that sends no ID section stands for.
+NO_MIGRATION_ID = MigrationId(bytes(MIGRATION_ID_LENGTH), 0)
+
+
+@dataclass(frozen=True, slots=True)
 class PreemptChannel:
-    """Marks a connection as the preempt channel of the migration under way."""
+    """Marks a connection as the preempt channel of the migration whose ID section carries ``id``."""
+
+    id: bytes
 
 
 # ---- return path -----------------------------------------------------------
