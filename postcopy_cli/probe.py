@@ -20,7 +20,7 @@ from typing import Callable
 
 from . import memory
 from ._native import lib
-from .dirty import PagemapScanner
+from .memory.pagemap import PagemapScanner
 from .uffd import Feature, Ioctl, RegisterMode, UffdError, Userfaultfd, flag_names
 
 TARGET_PAGE_SIZE = 4096

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from postcopy_cli import discards
+from postcopy_cli.codec import discards
 from postcopy_cli.codec import (BlockInfo, Blocks, Header, PostcopyAdvise, PostcopyRamDiscard, StreamDecoder,
                                 encode)
-from postcopy_cli.discards import DiscardEncoder, page_runs, page_runs_py, parse_page_list
+from postcopy_cli.codec.discards import DiscardEncoder, page_runs, page_runs_py, parse_page_list
 from postcopy_cli.errors import LocalProtocolError, UsageError
 
 needs_native = pytest.mark.skipif(not discards._HAVE_NATIVE, reason="native part not built")

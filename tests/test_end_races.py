@@ -21,8 +21,8 @@ import pytest
 
 from conftest import PROC_TIMEOUT, postcopy_cmd, run_postcopy, write_image
 from postcopy_cli._native import lib
-from postcopy_cli.dest import ProgramGone
-from postcopy_cli.serve import ServeDest, ServeOptions
+from postcopy_cli.dest.engine import ProgramGone
+from postcopy_cli.dest.serve import ServeDest, ServeOptions
 
 PAGE = 4096
 KiB = 1 << 10
@@ -152,8 +152,8 @@ def test_program_gone_with_pages_missing_is_named(tmp_path):
 # a program that hands over its memory, reads its first page, says so and waits
 _ONE_PAGE_THEN_WAIT = """
 import sys, ctypes, time
-from postcopy_cli import guest
-from postcopy_cli.memory import AnonymousMapping
+from postcopy_cli.guest import programs as guest
+from postcopy_cli.memory.mappings import AnonymousMapping
 ram = AnonymousMapping(int(sys.argv[2]))
 sock = guest.attach(sys.argv[1], ram, mode="touch")
 ctypes.string_at(ram.addr, 1)   # a fault served by the destination (this process has no GIL-bound helper)

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from postcopy_cli import codec, guest
+from postcopy_cli import codec
+from postcopy_cli.guest import programs as guest
 from conftest import postcopy_cmd, write_image
 
 PAGE = 4096
@@ -27,8 +28,8 @@ HANG = 60.0   # a hang guard, not a timing assertion
 PROG = r'''
 import json, socket, sys, threading, time
 from postcopy_cli._native import ffi, lib
-from postcopy_cli.handshake import GuestRegion, send_handover
-from postcopy_cli.memory import AnonymousMapping
+from postcopy_cli.channels.handover import GuestRegion, send_handover
+from postcopy_cli.memory.mappings import AnonymousMapping
 from postcopy_cli.uffd import RegisterMode, Userfaultfd
 path, image, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 exp = open(image, "rb").read()

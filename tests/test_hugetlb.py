@@ -38,8 +38,8 @@ NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 TOUCHER = textwrap.dedent("""
     import ctypes, json, mmap, socket, sys
     from postcopy_cli.uffd import RegisterMode, Userfaultfd
-    from postcopy_cli.handshake import GuestRegion, send_handover
-    from postcopy_cli.guest import touch_memory
+    from postcopy_cli.channels.handover import GuestRegion, send_handover
+    from postcopy_cli.guest.programs import touch_memory
 
     sock_path, size, image = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     MAP_HUGETLB = 0x40000

@@ -360,9 +360,9 @@ def test_source_program_killed_during_precopy(live):
 BAD_PROGRAM = textwrap.dedent("""
     import json, socket, sys, time, array
     sys.path.insert(0, {root!r})
-    from postcopy_cli.memory import AnonymousMapping
+    from postcopy_cli.memory.mappings import AnonymousMapping
     from postcopy_cli.uffd import Feature, RegisterMode, Userfaultfd
-    from postcopy_cli.handshake import GuestRegion, send_handover
+    from postcopy_cli.channels.handover import GuestRegion, send_handover
 
     mode, path = sys.argv[1], sys.argv[2]
     ram = AnonymousMapping(4 << 20)

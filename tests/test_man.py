@@ -75,7 +75,7 @@ def test_workload_page_lists_every_subcommand_and_option():
 
 
 def test_selftest_help_lists_every_case():
-    from postcopy_cli import selftest as core
+    from postcopy_cli.selftest import cases as core
     from postcopy_cli.commands.selftest import selftest
 
     text = selftest.help

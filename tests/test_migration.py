@@ -23,7 +23,7 @@ import pytest
 from conftest import PROC_TIMEOUT, postcopy_cmd, run_postcopy, write_image, zero_pages_of
 from postcopy_cli import codec
 import postcopy_cli
-from postcopy_cli.serve import ServeDest, ServeOptions
+from postcopy_cli.dest.serve import ServeDest, ServeOptions
 
 # where the postcopy_cli under test lives (conftest also exports it in PYTHONPATH)
 REPO = Path(postcopy_cli.__file__).resolve().parent.parent
@@ -200,8 +200,8 @@ def test_image_restore_serve_dest_ram_cli(tmp_path, serve_dest, transport):
 RAW_CLIENT = textwrap.dedent(r"""
     import array, ctypes, json, mmap, os, socket, sys, threading
     from postcopy_cli.uffd import Userfaultfd, RegisterMode, Feature
-    from postcopy_cli.guest import touch_memory
-    from postcopy_cli.memory import address_of, madvise, MADV_DONTNEED
+    from postcopy_cli.guest.programs import touch_memory
+    from postcopy_cli.memory.mappings import address_of, madvise, MADV_DONTNEED
 
     cfg = json.loads(sys.argv[1])
     PAGE = 4096

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import PROC_TIMEOUT, ServeDestProc, postcopy_cmd, run_postcopy, single_stderr_line, write_image
-from postcopy_cli import codec, transport
+from postcopy_cli import codec
+from postcopy_cli.channels import transport
 
 PAGE = 4096
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

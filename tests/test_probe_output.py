@@ -127,7 +127,7 @@ def test_unprivileged_selftest_fails_at_once_with_the_remedy(sysctl):
 
 
 def test_selftest_checks_the_host_before_any_case(monkeypatch, capsys):
-    from postcopy_cli import selftest as core
+    from postcopy_cli.selftest import cases as core
 
     _deny_uffd(monkeypatch)
     monkeypatch.setattr(core, "run_selftest", lambda **kw: pytest.fail("a case ran on a host without userfaultfd"))

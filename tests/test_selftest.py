@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from postcopy_cli import cli, selftest
+from postcopy_cli import cli
+from postcopy_cli.selftest import cases as selftest
 
 from conftest import needs_root
 

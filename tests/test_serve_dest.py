@@ -20,7 +20,7 @@ from conftest import PROC_TIMEOUT, postcopy_cmd, single_stderr_line
 from postcopy_cli import codec
 from postcopy_cli.cli import run as cli_run
 from postcopy_cli.errors import PeerDisconnected, ProtocolError
-from postcopy_cli.serve import ServeDest, ServeOptions
+from postcopy_cli.dest.serve import ServeDest, ServeOptions
 
 PAGE = 4096
 SIZE = 1 << 20
@@ -468,7 +468,7 @@ def test_discard_then_resend_own_memory_library(resend):
 
 def test_own_memory_discard_is_one_madvise_per_range(monkeypatch):
     """One DISCARD range over a 16 GiB block drops it with one madvise, not one per page (was 10 s)."""
-    import postcopy_cli.dest as dest_mod
+    import postcopy_cli.dest.engine as dest_mod
 
     big = 16 << 30
     calls = []

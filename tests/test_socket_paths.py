@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import PROC_TIMEOUT, postcopy_cmd, single_stderr_line
-from postcopy_cli import transport
+from postcopy_cli.channels import transport
 
 
 def argv(option: str, path: str, other: str) -> list[str]:

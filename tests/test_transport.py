@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from postcopy_cli import transport
+from postcopy_cli.channels import transport
 from postcopy_cli.errors import PeerDisconnected, UsageError
 
 

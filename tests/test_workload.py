@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from postcopy_cli import guest
+from postcopy_cli.guest import programs as guest
 from postcopy_cli._native import ffi, lib
-from postcopy_cli.handshake import ControlChannel, receive_handover
-from postcopy_cli.memory import AnonymousMapping
+from postcopy_cli.channels.handover import ControlChannel, receive_handover
+from postcopy_cli.memory.mappings import AnonymousMapping
 from postcopy_cli.uffd import PagefaultMsg, RemoveMsg, UffdError, Userfaultfd
 
 PAGE = guest.PAGE

@@ -68,9 +68,9 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
     failure (the source program is resumed if that happens before RUN); 3 on a
     malformed return path; 4 if the destination disconnected.
     """
-    from .. import transport
-    from ..live import shut_connections
-    from ..source import ImageMemory, migrate_image
+    from ..channels import transport
+    from ..source.live import shut_connections
+    from ..source.streamer import ImageMemory, migrate_image
 
     if bool(image) == bool(attach):
         raise UsageError("give exactly one of --image FILE or --attach PATH")
@@ -117,8 +117,8 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
     import signal
     import threading
 
-    from .. import transport
-    from ..live import LiveOptions, migrate_live
+    from ..channels import transport
+    from ..source.live import LiveOptions, migrate_live
 
     transport.parse_address(to)
     if postcopy_after is None and precopy_passes is None:

@@ -50,7 +50,7 @@ def _help() -> str:
     """The command's help, listing the cases from the selftest's own table."""
     import textwrap
 
-    from .. import selftest as core
+    from ..selftest import cases as core
 
     cases = "\n".join(f"{c.name}\n" + textwrap.indent(textwrap.fill(c.description, 72, break_on_hyphens=False), "    ")
                       for c in core.CASES)
@@ -85,7 +85,7 @@ def _help() -> str:
               help="Seconds each case may take before its processes are killed.")
 @common_options
 def selftest(as_json: bool, size: str, only: tuple[str, ...], timeout: float) -> None:
-    from .. import selftest as core
+    from ..selftest import cases as core
 
     try:
         nbytes = parse_size(size)

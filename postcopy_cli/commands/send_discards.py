@@ -1,6 +1,6 @@
 """`postcopy send-discards`: dirty pages -> POSTCOPY_RAM_DISCARD commands.
 
-Thin: parse options, call :mod:`postcopy_cli.discards`, render.
+Thin: parse options, call :mod:`postcopy_cli.codec.discards`, render.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def send_discards(block: str, bitmap_path: str | None, pages: str | None, page_s
     --max-per-command per command.  With --json a summary
     {"block","pages","ranges","commands","bytes"} is printed on stdout.
     """
-    from .. import discards
+    from ..codec import discards
 
     if (bitmap_path is None) == (pages is None):
         raise UsageError("give exactly one of --bitmap FILE or --pages LIST")
@@ -108,7 +108,7 @@ def send_discards(block: str, bitmap_path: str | None, pages: str | None, page_s
         raise UsageError(f"{opt}: {e}") from None
     conn = None
     if to is not None:
-        from .. import transport
+        from ..channels import transport
 
         if fmt != "raw" or output != "-":
             raise UsageError("--to sends raw commands: it goes without --format json|hex and --output")

@@ -69,7 +69,7 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure)
     Exit 0 when every page is in; 1 on failure (e.g. the program exited);
     3 on a protocol error from the source; 4 if the source disconnected.
     """
-    from ..serve import ServeDest, ServeOptions
+    from ..dest.serve import ServeDest, ServeOptions
 
     if bool(uffd_socket) == bool(ram):
         raise UsageError("give exactly one of --uffd-socket PATH or --ram NAME=SIZE")

@@ -24,11 +24,11 @@ def _finish(report: dict | None) -> None:
         return
     emit_json(report)
     if report.get("check", "ok") != "ok":
-        from ..guest import WorkloadError
+        from ..guest.programs import WorkloadError
 
         raise WorkloadError(f"memory check failed at page {report['first_bad_page']}")
     if report.get("mismatches"):
-        from ..guest import WorkloadError
+        from ..guest.programs import WorkloadError
 
         raise WorkloadError(f"{report['mismatches']} page(s) differ from the expected content, "
                                   f"first page {report['first_mismatch']}")
@@ -62,7 +62,7 @@ def workload() -> None:
 def run(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float, warmup_passes: int,
         as_json: bool) -> None:
     """Start fresh and hand the memory over to `postcopy migrate --attach` (write-protect tracking)."""
-    from .. import guest
+    from ..guest import programs as guest
 
     _finish(guest.run_source(_size(mem), path, step=step, report_after=report_after,
                               connect_timeout=connect_timeout, warmup_passes=warmup_passes))
@@ -78,7 +78,7 @@ def run(mem: str, path: str, step: int, report_after: float | None, connect_time
 def incoming(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float,
              as_json: bool) -> None:
     """Hand empty memory to `postcopy serve-dest --uffd-socket`, wait for RUN, continue the loop."""
-    from .. import guest
+    from ..guest import programs as guest
 
     _finish(guest.run_incoming(_size(mem), path, step=step, report_after=report_after,
                                 connect_timeout=connect_timeout))
@@ -97,7 +97,7 @@ def incoming(mem: str, path: str, step: int, report_after: float | None, connect
 def touch(size: str, path: str, image: str | None, order: str, seed: int, wait_run: bool, connect_timeout: float,
           as_json: bool) -> None:
     """Hand empty memory over, touch every page, report latencies; exit 0 only if every page matched."""
-    from .. import guest
+    from ..guest import programs as guest
 
     _finish(guest.run_touch(_size(size), path, image=image, order=order, seed=seed, wait_run=wait_run,
                              connect_timeout=connect_timeout))

@@ -2,9 +2,9 @@
 
 The program connects to our Unix socket and hands over its memory mappings and
 a userfaultfd registered in write-protect mode with UFFD_FEATURE_WP_ASYNC
-(:mod:`postcopy_cli.handshake`; ``postcopy workload run`` does this).  We read
+(:mod:`postcopy_cli.channels.handover`; ``postcopy workload run`` does this).  We read
 its memory with process_vm_readv (the pid comes from SO_PEERCRED), find dirtied
-pages with PAGEMAP_SCAN (:mod:`postcopy_cli.dirty`), run pre-copy passes, then
+pages with PAGEMAP_SCAN (:mod:`postcopy_cli.memory.pagemap`), run pre-copy passes, then
 pause it, send discards for pages dirtied since they were sent, STATE, LISTEN
 and RUN, and post-copy the rest with requested pages first.
 
@@ -23,15 +23,16 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import codec, signals, transport
-from ._native import ffi, lib
-from .dirty import PagemapScanner
-from .discards import DiscardEncoder
-from .errors import PostcopyError
-from .handshake import ControlReader, Handover, HandshakeError, receive_handover
-from .memory import RamBlock, blocks_from_regions
-from .source import TP, PageStreamer, send_preamble
-from .uffd import Userfaultfd
+from .. import codec, signals
+from ..channels import transport
+from .._native import ffi, lib
+from ..memory.pagemap import PagemapScanner
+from ..codec.discards import DiscardEncoder
+from ..errors import PostcopyError
+from ..channels.handover import ControlReader, Handover, HandshakeError, receive_handover
+from ..memory.mappings import RamBlock, blocks_from_regions
+from .streamer import TP, PageStreamer, send_preamble
+from ..uffd import Userfaultfd
 
 log = logging.getLogger("postcopy.live")
 

@@ -9,7 +9,7 @@ Three programs (``postcopy workload run|incoming|touch``) built from:
   cffi API-mode function, so the GIL is released while it runs (and while it is
   blocked on a missing page).
 * :func:`attach` - register the RAM with a userfaultfd and hand both over
-  through a Unix socket (Firecracker's handshake, ``postcopy_cli.handshake``).
+  through a Unix socket (Firecracker's handshake, ``postcopy_cli.channels.handover``).
 * :func:`check_memory` / :func:`touch_memory` - QEMU's memory check and a
   page toucher with latency statistics, both native.
 
@@ -29,13 +29,13 @@ import sys
 import threading
 import time
 
-from ._native import ffi, lib
-from . import signals
-from .errors import PostcopyError
-from .handshake import DEFAULT_BLOCK, ControlChannel, GuestRegion, HandshakeError, send_handover
-from .memory import MADV_DONTNEED, AnonymousMapping, madvise
-from .sched import make_latency_thread
-from .uffd import Feature, RegisterMode, UffdError, Userfaultfd
+from .._native import ffi, lib
+from .. import signals
+from ..errors import PostcopyError
+from ..channels.handover import DEFAULT_BLOCK, ControlChannel, GuestRegion, HandshakeError, send_handover
+from ..memory.mappings import MADV_DONTNEED, AnonymousMapping, madvise
+from ..sched import make_latency_thread
+from ..uffd import Feature, RegisterMode, UffdError, Userfaultfd
 
 log = logging.getLogger("postcopy.guest")
 

@@ -9,7 +9,7 @@ bitmap; SHUT 0 when every page is in; cleanup that unregisters and closes
 every fd.
 
 The memory is either our own (``--ram``, library use) or an attached
-program's, handed over with its userfaultfd (:mod:`postcopy_cli.handshake`).
+program's, handed over with its userfaultfd (:mod:`postcopy_cli.channels.handover`).
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import codec
-from ._native import ffi, lib
-from .errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
-from .handshake import ControlReader, Handover, HandshakeError
-from .memory import MADV_DONTNEED, RamBlock, madvise
-from .sched import make_latency_thread
+from .. import codec
+from .._native import ffi, lib
+from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
+from ..channels.handover import ControlReader, Handover, HandshakeError
+from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise
+from ..sched import make_latency_thread
 from .stats import dest_stats
-from .uffd import Feature, RegisterMode, UffdError, Userfaultfd
+from ..uffd import Feature, RegisterMode, UffdError, Userfaultfd
 
 log = logging.getLogger("postcopy.dest")
 

@@ -17,10 +17,10 @@ import socket
 import threading
 import time
 
-from . import codec
-from ._native import ffi, lib
-from .sched import make_latency_thread
-from .errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError, UsageError
+from .. import codec
+from .._native import ffi, lib
+from ..sched import make_latency_thread
+from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError, UsageError
 
 log = logging.getLogger("postcopy.source")
 

@@ -33,8 +33,8 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from .errors import PostcopyError
-from .sched import make_latency_thread
+from ..errors import PostcopyError
+from ..sched import make_latency_thread
 
 DEFAULT_BLOCK = "mem"
 MAX_HANDSHAKE_BYTES = 1 << 20

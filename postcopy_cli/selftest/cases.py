@@ -8,8 +8,8 @@ add theirs with :func:`register_case`.
 The cases run the real programs: ``serve-dest``, ``workload touch`` and
 ``migrate`` are subprocesses of ``sys.executable -m postcopy_cli``, each with a
 deadline after which it is killed, so nothing hangs and nothing is left behind.
-The in-process case drives :class:`~postcopy_cli.serve.ServeDest` and
-:func:`~postcopy_cli.source.migrate_image` in two threads of this process.
+The in-process case drives :class:`~postcopy_cli.dest.serve.ServeDest` and
+:func:`~postcopy_cli.source.streamer.migrate_image` in two threads of this process.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import PostcopyError
-from .signals import Interrupted
+from ..errors import PostcopyError
+from ..signals import Interrupted
 
 PAGE = 4096
 DEFAULT_SIZE = 64 << 20
@@ -336,9 +336,9 @@ def resident_pages(addr: int, size: int) -> int:
 
 @register_case("restore-in-process", "image restore into serve-dest's own memory (library: ServeDest + migrate_image)")
 def case_restore_in_process(ctx: SelftestContext) -> dict:
-    from . import transport
-    from .serve import ServeDest, ServeOptions
-    from .source import ImageMemory, migrate_image
+    from ..channels import transport
+    from ..dest.serve import ServeDest, ServeOptions
+    from ..source.streamer import ImageMemory, migrate_image
 
     name = "restore-in-process"
     path = ctx.image("random")
@@ -423,7 +423,7 @@ def case_zero_pages(ctx: SelftestContext) -> dict:
 
 @register_case("malformed-stream", "a RAM record beyond its block must be refused with exit 3")
 def case_malformed_stream(ctx: SelftestContext) -> dict:
-    from . import codec
+    from .. import codec
 
     name = "malformed-stream"
     block = 1 << 20

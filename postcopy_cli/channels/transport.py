@@ -15,7 +15,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .errors import PeerDisconnected, PostcopyError, UsageError
+from ..errors import PeerDisconnected, PostcopyError, UsageError
 
 log = logging.getLogger("postcopy.transport")
 

@@ -17,11 +17,13 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .codec import (MAX_DISCARDS_PER_COMMAND, TARGET_PAGE_SIZE, PostcopyRamDiscard, encode, encode_name)
-from .errors import LocalProtocolError, UsageError
+from .constants import MAX_DISCARDS_PER_COMMAND, TARGET_PAGE_SIZE
+from .encode import encode, encode_name
+from .messages import PostcopyRamDiscard
+from ..errors import LocalProtocolError, UsageError
 
 try:  # the optional fast path
-    from ._native import ffi as _ffi, lib as _lib
+    from .._native import ffi as _ffi, lib as _lib
     _HAVE_NATIVE = hasattr(_lib, "pc_discard_encode")
 except ImportError:  # pragma: no cover - native part not built
     _ffi = _lib = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ._native import ffi, lib
+from .._native import ffi, lib
 
 VEC_LEN = 4096
 

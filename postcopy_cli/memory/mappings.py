@@ -22,7 +22,7 @@ import mmap
 import os
 from dataclasses import dataclass, field
 
-from .units import parse_size  # noqa: F401  (re-exported)
+from ..units import parse_size  # noqa: F401  (re-exported)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -115,7 +115,7 @@ def address_of(buffer) -> int:
     try:
         c = ctypes.c_char.from_buffer(buffer)
     except TypeError:
-        from ._native import ffi  # read-only buffers (bytes)
+        from .._native import ffi  # read-only buffers (bytes)
 
         p = ffi.from_buffer(buffer)
         addr = int(ffi.cast("uintptr_t", p))

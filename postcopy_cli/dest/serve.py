@@ -7,12 +7,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import transport
-from .dest import Destination, DestinationResult, own_memory_uffd
-from .errors import PostcopyError
-from .handshake import Handover, receive_handover
-from .memory import AnonymousMapping, RamBlock, Segment, blocks_from_regions
-from .uffd import Userfaultfd
+from ..channels import transport
+from .engine import Destination, DestinationResult, own_memory_uffd
+from ..errors import PostcopyError
+from ..channels.handover import Handover, receive_handover
+from ..memory.mappings import AnonymousMapping, RamBlock, Segment, blocks_from_regions
+from ..uffd import Userfaultfd
 
 log = logging.getLogger("postcopy.serve")
 

@@ -1,0 +1,1 @@
+"""The destination engine (serve-dest): phases, channels, placement, the attached program."""

@@ -1,0 +1,1 @@
+"""The reference workload programs (postcopy workload)."""

@@ -1,0 +1,1 @@
+"""The selftest harness and its cases (shared with tests and benchmarks)."""

@@ -1,0 +1,1 @@
+"""The source engines (migrate): image and live memory, the background stream, requests."""
