@@ -115,7 +115,9 @@ def test_page_not_visible_before_it_is_counted(tmp_path):
 def test_program_gone_with_pages_missing_is_named(tmp_path):
     """A program that leaves while pages are missing: ProgramGone (exit 1) naming its pid and how many
     pages never arrived, not "the source disconnected"."""
-    size = 1 << 20
+    # 16 MiB at 128 KiB/s: after the first 1 MiB background chunk the next waits 8 s, so most
+    # of the memory is certainly still missing when the program goes
+    size = 16 << 20
     image = tmp_path / "mem.img"
     write_image(image, size, seed=6)
     serve = _InProcessServe(tmp_path)
