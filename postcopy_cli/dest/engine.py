@@ -17,26 +17,25 @@ import base64
 import errno
 import logging
 import os
-import select
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import codec
 from .._native import ffi, lib
-from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
+from ..errors import PeerTimeout, PostcopyError, ProtocolError
 from ..channels.handover import ControlReader, Handover, HandshakeError
 from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise
 from ..sched import make_latency_thread
+from .channel import _Channel
+from .faults import FaultThread
 from .stats import dest_stats
-from ..uffd import Feature, RegisterMode, UffdError, Userfaultfd
+from ..uffd import RegisterMode, UffdError, Userfaultfd
 
 log = logging.getLogger("postcopy.dest")
 
 TP = codec.TARGET_PAGE_SIZE
-RECV_CHUNK = 1 << 20
-RUN_PAGES = 256          # placement runs up to 1 MiB: UFFDIO_COPY is ~14x faster per byte at 64 KiB+ than at 4 KiB
 
 
 class ProgramGone(PostcopyError):
@@ -58,52 +57,11 @@ def _raise_errno(r: int, what: str) -> None:
         raise UffdError(-r, what)
 
 
-class FaultThread:
-    """The fault thread: the native loop reading the uffd, run with the GIL released.
-
-    It stops when its eventfd is written (the seed's "quit" eventfd).
-    """
-
-    def __init__(self, native):
-        self._native = native
-        self.quit_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        self.result: int | None = None
-        self._thread = threading.Thread(target=self._run, name="postcopy/fault", daemon=True)
-
-    def _run(self):
-        make_latency_thread()
-        self.result = lib.pc_dest_fault_loop(self._native)
-
-    def start(self):
-        self._thread.start()
-
-    def stop(self):
-        if self._thread.is_alive():
-            os.eventfd_write(self.quit_fd, 1)
-            self._thread.join()
-
-    def close(self):
-        self.stop()
-        if self.quit_fd >= 0:
-            os.close(self.quit_fd)
-            self.quit_fd = -1
-
-
 @dataclass
 class DestinationResult:
     stats: dict
     state: bytes
     complete: bool
-
-
-@dataclass
-class _Run:
-    """Target pages arriving back to back for one block: assembled, then placed in one go."""
-
-    block: int = -1
-    offset: int = 0
-    pages: int = 0
-    buf: bytearray = field(default_factory=lambda: bytearray(RUN_PAGES * TP))
 
 
 class Destination:
@@ -611,220 +569,3 @@ class Destination:
             if self._left_fd >= 0:
                 os.close(self._left_fd)
                 self._left_fd = -1
-
-
-class _Channel:
-    """One incoming connection: the main stream, or the preempt channel (RAM sections only).
-
-    Owns its decoder, receive buffer and the run of pages being assembled;
-    placement itself is thread-safe native code shared by both channels.
-    """
-
-    def __init__(self, dest: Destination, conn: socket.socket, decoder: codec.StreamDecoder, *, wake_fd: int = -1):
-        self.dest = dest
-        self.conn = conn
-        self.decoder = decoder
-        self.wake_fd = wake_fd    # the main stream: readable when the program left
-        self._run = _Run()
-
-    def _flush(self):
-        """Place the whole host pages assembled so far; a partial huge page stays."""
-        run = self._run
-        if not run.pages:
-            return
-        hp_pages = self.dest.blocks[run.block].page_size // TP
-        whole = run.pages - run.pages % hp_pages
-        if whole:
-            r = lib.pc_dest_place(self.dest._native, run.block, run.offset, ffi.from_buffer(run.buf), whole * TP)
-            if r < 0:
-                run.pages = 0
-                self.dest._placement_failed(r, run.block, run.offset)
-            rest = run.pages - whole
-            if rest:
-                run.buf[:rest * TP] = run.buf[whole * TP:run.pages * TP]
-            run.offset += whole * TP
-            run.pages = rest
-
-    def _page(self, bi: int, offset: int, data):
-        run = self._run
-        if run.pages:
-            contiguous = run.block == bi and offset == run.offset + run.pages * TP
-            at_host_page = (run.pages * TP) % self.dest.blocks[run.block].page_size == 0
-            if not at_host_page and not contiguous:
-                # the seed refuses this too: a huge page is placed whole, so its
-                # target pages must arrive together and in order
-                hp = self.dest.blocks[run.block].page_size
-                host_page = run.offset + run.pages * TP - run.pages * TP % hp
-                raise ProtocolError(f"block {self.dest.blocks[run.block].name!r}: host page at {host_page:#x}"
-                                    f" interrupted by page {offset:#x} of block {self.dest.blocks[bi].name!r}",
-                                    section="RAM section", offset=self.decoder.offset)
-            if at_host_page and (not contiguous or run.pages * TP >= len(run.buf)):
-                self._flush()
-        if not run.pages:
-            hp = self.dest.blocks[bi].page_size
-            if offset % hp:
-                raise ProtocolError(f"block {self.dest.blocks[bi].name!r}: page {offset:#x} is not the first target "
-                                    f"page of its {hp}-byte host page at {offset - offset % hp:#x}",
-                                    section="RAM section", offset=self.decoder.offset)
-            run.block, run.offset = bi, offset
-            if len(run.buf) < hp:
-                run.buf = bytearray(hp)
-        start = run.pages * TP
-        run.buf[start:start + TP] = data
-        run.pages += 1
-
-    def _zero(self, bi: int, offset: int):
-        block = self.dest.blocks[bi]
-        if block.page_size > TP:
-            self._page(bi, offset, bytes(TP))
-            return
-        self._flush()
-        r = lib.pc_dest_place_zero(self.dest._native, bi, offset, TP)
-        if r < 0:
-            self.dest._placement_failed(r, bi, offset)
-
-    def _recv_into(self, conn: socket.socket, view: memoryview) -> int:
-        decoder = self.decoder
-        dest = self.dest
-        try:
-            if self.wake_fd >= 0:
-                self._wait_readable(conn)
-            n = conn.recv_into(view)
-        except socket.timeout:
-            dest._check_program()
-            dest._check_preempt()
-            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s "
-                              f"(stream offset {decoder.offset})") from None
-        except OSError as e:
-            dest._check_program()
-            dest._check_preempt()
-            raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: "
-                                   f"{e.strerror or e}") from None
-        if not n:
-            dest._check_program()
-            dest._check_preempt()
-            raise PeerDisconnected(f"the source disconnected before the end of the migration "
-                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
-        return n
-
-    def _wait_readable(self, conn: socket.socket) -> None:
-        """Wait for the source's bytes (socket.timeout after the socket's timeout); a wake on the way means
-        the program left."""
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
-        poller.register(self.wake_fd, select.POLLIN)
-        timeout = conn.gettimeout()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            ready = dict(poller.poll(left))
-            if self.wake_fd in ready:
-                self.dest._on_program_left()
-                poller.unregister(self.wake_fd)
-            if conn.fileno() in ready:
-                return
-            if left == 0:
-                raise socket.timeout
-
-    def receive_loop(self) -> None:
-        """Bytes in; the bulk of each RAM section goes to the native pump, the rest to the codec.
-
-        Inside a RAM section, after its first (named) record, the native pump
-        receives and places runs of PAGE|CONTINUE and ZERO|CONTINUE records
-        with the GIL released, straight from the receive buffer; anything else
-        goes through the validating sans-IO decoder.
-        """
-        decoder, conn, dest = self.decoder, self.conn, self.dest
-        index = dest.index
-        native = dest._native
-        fast = ffi.new("struct pc_ram_fast *")
-        small_pages = [b.page_size == TP for b in dest.blocks]
-        rb = bytearray(RECV_CHUNK)
-        view = memoryview(rb)
-        ptr = ffi.from_buffer(rb)
-        span = ffi.new("uint64_t[2]")          # [start, end) of unconsumed bytes in rb
-        fd = conn.fileno()
-        timeout_ms = -1 if conn.gettimeout() is None else int(conn.gettimeout() * 1000)
-        eof = False
-        while not eof:
-            name = decoder.ram_block()
-            if name is not None and small_pages[index[name]] and not decoder.buffered:
-                self._flush()
-                r = lib.pc_dest_pump(native, fd, self.wake_fd, index[name], ptr, len(rb), span, span + 1, timeout_ms,
-                                     fast)
-                decoder.consumed_elsewhere(fast.consumed)
-                if fast.error:
-                    dest._placement_failed(fast.error, index[name], fast.error_offset)
-                if r == lib.PC_PUMP_WAKE:
-                    dest._on_program_left()
-                elif r != lib.PC_PUMP_STOP:
-                    self._pump_ended(r)
-                data = bytes(view[span[0]:span[1]])
-                span[0] = span[1] = 0
-            else:
-                n = self._recv_into(conn, view)
-                data = bytes(view[:n])
-            decoder.feed(data)
-            eof = self._decode_events(decoder)
-            name = decoder.ram_block()
-            if not eof and name is not None and small_pages[index[name]] and 0 < decoder.buffered <= len(rb):
-                # back to the fast path: the decoder's unconsumed bytes go first
-                rest = decoder.take_unconsumed()
-                view[:len(rest)] = rest
-                span[0], span[1] = 0, len(rest)
-            self._flush()
-        dest._check_fault_thread()
-
-    def _pump_ended(self, r: int) -> None:
-        dest, decoder = self.dest, self.decoder
-        if r == lib.PC_PUMP_FAULT_THREAD:
-            dest._check_fault_thread()
-        dest._check_program()
-        dest._check_preempt()
-        if r == -errno.ETIMEDOUT:
-            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s (stream offset {decoder.offset})")
-        if r == lib.PC_PUMP_EOF:
-            raise PeerDisconnected(f"the source disconnected before the end of the migration "
-                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
-        raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: {os.strerror(-r)}")
-
-    def _decode_events(self, decoder) -> bool:
-        """Handle decoded events until the decoder needs data or can hand over to the fast path."""
-        dest = self.dest
-        index = dest.index
-        blocks = dest.blocks
-        RamPage, RamZero = codec.RamPage, codec.RamZero
-        for ev in decoder.events():
-            t = type(ev)
-            if t is RamPage:
-                if dest._pending_discards:
-                    dest._apply_discards()
-                self._page(index[ev.block], ev.offset, ev.data)
-                if blocks[index[ev.block]].page_size == TP:
-                    return False   # the rest of this section can go the fast way
-            elif t is RamZero:
-                if dest._pending_discards:
-                    dest._apply_discards()
-                self._zero(index[ev.block], ev.offset)
-            elif t is codec.RamEnd:
-                self._flush()
-            elif t is codec.PreemptChannel:
-                pass
-            elif decoder.preempt:
-                if t is codec.Eof:
-                    return True
-            elif dest._command(ev, decoder):
-                return True
-        return False
-
-
-def own_memory_uffd() -> Userfaultfd:
-    """A uffd for memory in this process, with the features the destination uses."""
-    u = Userfaultfd(nonblocking=True)
-    probe = Userfaultfd(nonblocking=True)
-    try:
-        offered = probe.api(0).features
-    finally:
-        probe.close()
-    u.api(offered & (Feature.THREAD_ID | Feature.EVENT_REMOVE))
-    return u

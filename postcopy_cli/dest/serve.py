@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..channels import transport
-from .engine import Destination, DestinationResult, own_memory_uffd
+from .engine import Destination, DestinationResult
+from .faults import own_memory_uffd
 from ..errors import PostcopyError
 from ..channels.handover import Handover, receive_handover
 from ..memory.mappings import AnonymousMapping, RamBlock, Segment, blocks_from_regions
