@@ -19,7 +19,8 @@ from typing import Iterable, Iterator
 
 from ..errors import ProtocolError
 from .constants import (MAGIC, MAX_STATE_LENGTH, MIGRATION_ID_LENGTH, RAM_FLAGS_KNOWN, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE, VERSION,
-                        Command, PostcopyState, RpType, Section)
+                        Command, RpType, Section)
+from .states import PostcopyState
 from .messages import (NO_MIGRATION_ID, BlockInfo, Blocks, Eof, Header, MigrationId, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise,
                        PostcopyListen, PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero,
                        RecvBitmap, RecvBitmapRequest, ReqPagesId, ResumeAck, Shut, State)
