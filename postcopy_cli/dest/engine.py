@@ -13,7 +13,6 @@ program's, handed over with its userfaultfd (:mod:`postcopy_cli.channels.handove
 """
 from __future__ import annotations
 
-import base64
 import errno
 import logging
 import os
@@ -30,6 +29,7 @@ from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise
 from ..sched import make_latency_thread
 from .channel import _Channel
 from .faults import FaultThread
+from .phase import DestPhase
 from .stats import dest_stats
 from ..uffd import RegisterMode, UffdError, Userfaultfd
 
@@ -92,8 +92,6 @@ class Destination:
                              f"segment of block {b.name!r}")
             for off, length in b.unmapped_ranges():
                 lib.pc_dest_mark(self._native, bi, off, length, 1)
-        lib.pc_dest_set_registered(self._native, 1 if program else 0)
-        lib.pc_dest_set_overwrite(self._native, 1)
         os.set_blocking(uffd.fileno(), False)
         self.fault_thread = FaultThread(self._native)
         lib.pc_dest_set_quit_fd(self._native, self.fault_thread.quit_fd)
@@ -110,12 +108,8 @@ class Destination:
         self._closed = False
         self._stop_error: PostcopyError | None = None
         self._pending_discards: dict[str, list] = {}
-        self._last_ping: tuple[int, float] | None = None
-        self._prev_command = None
-        self.downtime_ms: float | None = None
+        self.phase = DestPhase(self, self if program else None, flush=lambda: self._main._flush())
         self.t_start = time.monotonic()
-        self.t_run: float | None = None
-        self.t_complete: float | None = None
         self._mlocked = False
         # written when the program leaves: it wakes the stream's thread, which alone decides what that means
         self._left_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if program else -1
@@ -145,6 +139,16 @@ class Destination:
     @property
     def _program_gone(self) -> bool:
         return self._control is not None and self._control.gone.is_set()
+
+    # -- what DestPhase changes -----------------------------------------------------
+    def set_phase(self, phase: int) -> None:
+        _raise_errno(lib.pc_dest_set_phase(self._native, phase), "sending page requests")
+
+    def register_own_memory(self) -> None:
+        self._register_all()
+
+    def tell(self, message: dict) -> None:
+        self._tell_program(message)
 
     def _tell_program(self, message: dict) -> None:
         if self.program and self.program.notify and not self._program_gone:
@@ -181,7 +185,6 @@ class Destination:
                     raise PostcopyError(f"cannot register block {b.name!r} at {s.host_addr:#x}+{s.size:#x} with "
                                         f"userfaultfd: {e.strerror}") from e
                 self._registered.append((s.host_addr, s.size))
-        lib.pc_dest_set_registered(self._native, 1)
 
     def _unregister_all(self):
         for addr, size in self._registered:
@@ -280,22 +283,6 @@ class Destination:
             raise PostcopyError(f"the attached program did not answer {event!r} within {self.timeout:g} s")
         return msg
 
-    def _listen(self):
-        self._main._flush()
-        if not self.program:
-            self._register_all()
-        lib.pc_dest_set_return_path(self._native, self._conn.fileno())
-        _raise_errno(lib.pc_dest_enable_requests(self._native), "sending page requests")
-
-    def _run_cmd(self):
-        self._main._flush()
-        lib.pc_dest_set_overwrite(self._native, 0)
-        self._tell_program({"event": "run", "state": base64.b64encode(self.state_bytes).decode()})
-        self.t_run = time.monotonic()
-        if self._last_ping is not None and self._main.decoder.state == codec.PostcopyState.RUNNING:
-            us, at = self._last_ping
-            self.downtime_ms = round(us / 1000 + (self.t_run - at) * 1000, 3)
-
     def _placement_failed(self, r: int, block: int, offset: int):
         if r == -errno.ESRCH and self.program and self._control.gone.wait(self.timeout):
             # UFFDIO_COPY found the program's address space gone: it is exiting
@@ -358,7 +345,7 @@ class Destination:
 
     def at_risk(self) -> str | None:
         """Why stopping now would lose the attached program (it runs, pages are missing), or None."""
-        if self.program is None or self.t_run is None or self.t_complete is not None or self._closed:
+        if self.program is None or not self.phase.running or self._closed:
             return None
         missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
         if missing <= 0:
@@ -475,20 +462,19 @@ class Destination:
             self._check_blocks(ev, off)
         elif t is codec.Ping:
             self._send_rp(codec.encode_rp(codec.Pong(ev.value)))
-            # a live source's PING right before LISTEN: microseconds since it paused
-            self._last_ping = (ev.value, time.monotonic())
+            self.phase.on_ping(ev.value)
         elif t is codec.PostcopyAdvise:
             self._advise(ev, off)
+            self.phase.on_advise(off)
         elif t is codec.PostcopyRamDiscard:
             self._discard(ev)
+            self.phase.on_discard(off)
         elif t is codec.State:
             self.state_bytes = ev.data
         elif t is codec.PostcopyListen:
-            if self._prev_command is not codec.Ping:
-                self._last_ping = None   # only a PING right before LISTEN dates the pause
-            self._listen()
+            self.phase.on_listen(off)
         elif t is codec.PostcopyRun:
-            self._run_cmd()
+            self.phase.on_run(off, self.state_bytes)
         elif t is codec.RecvBitmapRequest:
             self._recv_bitmap(ev)
         elif t is codec.PostcopyResume:
@@ -496,7 +482,7 @@ class Destination:
                                 section="COMMAND POSTCOPY_RESUME", offset=off)
         elif t is codec.Eof:
             return True
-        self._prev_command = t
+        self.phase.command_done(t is codec.Ping)
         return False
 
     def _check_fault_thread(self):
@@ -508,19 +494,16 @@ class Destination:
 
     def _finish(self, decoder) -> DestinationResult:
         received = lib.pc_dest_count_received(self._native, -1)
-        if decoder.state != codec.PostcopyState.RUNNING and decoder.state != codec.PostcopyState.END:
-            if self.t_run is None:
-                # a precopy-only stream: the program may run now
-                self._run_cmd()
         if received < self.total_pages:
             raise ProtocolError(f"EOF with {self.total_pages - received} of {self.total_pages} pages never sent",
                                 section="EOF", offset=decoder.offset)
-        self.t_complete = time.monotonic()
+        self.phase.on_end(decoder.offset, self._wind_down)
+        return DestinationResult(self.stats(), self.state_bytes, True)
+
+    def _wind_down(self):
         self._send_rp(codec.encode_rp(codec.Shut(0)))
         self.fault_thread.stop()
         self._unregister_all()
-        self._tell_program({"event": "complete"})
-        return DestinationResult(self.stats(), self.state_bytes, True)
 
     def _fail_shut(self, reason: str):
         try:
@@ -532,9 +515,11 @@ class Destination:
     def stats(self) -> dict:
         raw = ffi.new("struct pc_dest_stats *")
         lib.pc_dest_get_stats(self._native, raw)
-        end = self.t_complete or time.monotonic()
+        phase = self.phase
+        end = phase.t_complete or time.monotonic()
         return dest_stats(raw, total_pages=self.total_pages, elapsed_s=end - self.t_start,
-                          run_to_complete_s=(end - self.t_run) if self.t_run else None, downtime_ms=self.downtime_ms)
+                          run_to_complete_s=(end - phase.t_run) if phase.t_run else None,
+                          downtime_ms=phase.downtime_ms)
 
     def progress(self) -> dict:
         raw = ffi.new("struct pc_dest_stats *")
@@ -558,7 +543,7 @@ class Destination:
         # an attached program's memory stays registered until every page is in:
         # unregistered, each missing page would read as a fresh zero page (its
         # own open uffd keeps the registration once ours is closed)
-        if self.t_complete is None and (self.program is None or self._all_received()):
+        if not self.phase.ended and (self.program is None or self._all_received()):
             self._unregister_all()
         lib.pc_dest_set_return_path(self._native, -1)
         if self._mlocked:

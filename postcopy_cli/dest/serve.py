@@ -120,7 +120,7 @@ class ServeDest:
 
     def _ended(self) -> bool:
         """Every page is in (or the migration is over): a late connection is no news."""
-        return self.dest.closed or self.dest.t_complete is not None
+        return self.dest.closed or self.dest.phase.ended
 
     def _offer_preempt(self, conn: socket.socket):
         reason = self.dest.add_preempt(conn)
