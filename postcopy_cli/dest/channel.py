@@ -7,14 +7,11 @@ import select
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .. import codec
 from .._native import ffi, lib
 from ..errors import PeerDisconnected, PeerTimeout, ProtocolError
-
-if TYPE_CHECKING:
-    from .engine import Destination
 
 TP = codec.TARGET_PAGE_SIZE
 RECV_CHUNK = 1 << 20
@@ -31,19 +28,49 @@ class _Run:
     buf: bytearray = field(default_factory=lambda: bytearray(RUN_PAGES * TP))
 
 
-class _Channel:
+class ReceiverSink(Protocol):
+    """What a :class:`StreamReceiver` needs of the destination (:class:`~postcopy_cli.dest.engine.Destination`)."""
+
+    blocks: list            # RamBlock, in native block order
+    index: dict             # block name -> native block index
+    native: object          # the native pc_dest handle: placement and the pump
+
+    def placement_failed(self, r: int, block: int, offset: int) -> None:
+        """A native placement returned -errno ``r``: raise, or return if nothing is lost."""
+
+    def check_peers(self) -> None:
+        """The stream broke: raise the error behind it if there is one (the program left, the preempt channel
+        failed)."""
+
+    def check_fault_thread(self) -> None:
+        """Raise if the fault thread failed."""
+
+    def program_left(self) -> None:
+        """The wake fd fired: the attached program left (decide what that means)."""
+
+    def apply_discards(self) -> None:
+        """Drop the discards received so far (no-op if there are none) before the next RAM record."""
+
+    def command(self, ev, decoder: codec.StreamDecoder) -> bool:
+        """A non-RAM event of the main stream; True at its end (EOF)."""
+
+
+class StreamReceiver:
     """One incoming connection: the main stream, or the preempt channel (RAM sections only).
 
     Owns its decoder, receive buffer and the run of pages being assembled;
     placement itself is thread-safe native code shared by both channels.
     """
 
-    def __init__(self, dest: "Destination", conn: socket.socket, decoder: codec.StreamDecoder, *, wake_fd: int = -1):
-        self.dest = dest
+    def __init__(self, sink: ReceiverSink, conn: socket.socket, decoder: codec.StreamDecoder, *, timeout: float,
+                 wake_fd: int = -1):
+        self.dest = sink
         self.conn = conn
         self.decoder = decoder
+        self.timeout = timeout
         self.wake_fd = wake_fd    # the main stream: readable when the program left
         self._run = _Run()
+        self._discards_pending = False
 
     def _flush(self):
         """Place the whole host pages assembled so far; a partial huge page stays."""
@@ -53,10 +80,10 @@ class _Channel:
         hp_pages = self.dest.blocks[run.block].page_size // TP
         whole = run.pages - run.pages % hp_pages
         if whole:
-            r = lib.pc_dest_place(self.dest._native, run.block, run.offset, ffi.from_buffer(run.buf), whole * TP)
+            r = lib.pc_dest_place(self.dest.native, run.block, run.offset, ffi.from_buffer(run.buf), whole * TP)
             if r < 0:
                 run.pages = 0
-                self.dest._placement_failed(r, run.block, run.offset)
+                self.dest.placement_failed(r, run.block, run.offset)
             rest = run.pages - whole
             if rest:
                 run.buf[:rest * TP] = run.buf[whole * TP:run.pages * TP]
@@ -97,9 +124,9 @@ class _Channel:
             self._page(bi, offset, bytes(TP))
             return
         self._flush()
-        r = lib.pc_dest_place_zero(self.dest._native, bi, offset, TP)
+        r = lib.pc_dest_place_zero(self.dest.native, bi, offset, TP)
         if r < 0:
-            self.dest._placement_failed(r, bi, offset)
+            self.dest.placement_failed(r, bi, offset)
 
     def _recv_into(self, conn: socket.socket, view: memoryview) -> int:
         decoder = self.decoder
@@ -109,18 +136,15 @@ class _Channel:
                 self._wait_readable(conn)
             n = conn.recv_into(view)
         except socket.timeout:
-            dest._check_program()
-            dest._check_preempt()
-            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s "
+            dest.check_peers()
+            raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s "
                               f"(stream offset {decoder.offset})") from None
         except OSError as e:
-            dest._check_program()
-            dest._check_preempt()
+            dest.check_peers()
             raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: "
                                    f"{e.strerror or e}") from None
         if not n:
-            dest._check_program()
-            dest._check_preempt()
+            dest.check_peers()
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
                                    f"(stream offset {decoder.offset}, state {decoder.state.name})")
         return n
@@ -137,7 +161,7 @@ class _Channel:
             left = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             ready = dict(poller.poll(left))
             if self.wake_fd in ready:
-                self.dest._on_program_left()
+                self.dest.program_left()
                 poller.unregister(self.wake_fd)
             if conn.fileno() in ready:
                 return
@@ -154,7 +178,7 @@ class _Channel:
         """
         decoder, conn, dest = self.decoder, self.conn, self.dest
         index = dest.index
-        native = dest._native
+        native = dest.native
         fast = ffi.new("struct pc_ram_fast *")
         small_pages = [b.page_size == TP for b in dest.blocks]
         rb = bytearray(RECV_CHUNK)
@@ -172,9 +196,9 @@ class _Channel:
                                      fast)
                 decoder.consumed_elsewhere(fast.consumed)
                 if fast.error:
-                    dest._placement_failed(fast.error, index[name], fast.error_offset)
+                    dest.placement_failed(fast.error, index[name], fast.error_offset)
                 if r == lib.PC_PUMP_WAKE:
-                    dest._on_program_left()
+                    dest.program_left()
                 elif r != lib.PC_PUMP_STOP:
                     self._pump_ended(r)
                 data = bytes(view[span[0]:span[1]])
@@ -191,16 +215,15 @@ class _Channel:
                 view[:len(rest)] = rest
                 span[0], span[1] = 0, len(rest)
             self._flush()
-        dest._check_fault_thread()
+        dest.check_fault_thread()
 
     def _pump_ended(self, r: int) -> None:
         dest, decoder = self.dest, self.decoder
         if r == lib.PC_PUMP_FAULT_THREAD:
-            dest._check_fault_thread()
-        dest._check_program()
-        dest._check_preempt()
+            dest.check_fault_thread()
+        dest.check_peers()
         if r == -errno.ETIMEDOUT:
-            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s (stream offset {decoder.offset})")
+            raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s (stream offset {decoder.offset})")
         if r == lib.PC_PUMP_EOF:
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
                                    f"(stream offset {decoder.offset}, state {decoder.state.name})")
@@ -215,14 +238,16 @@ class _Channel:
         for ev in decoder.events():
             t = type(ev)
             if t is RamPage:
-                if dest._pending_discards:
-                    dest._apply_discards()
+                if self._discards_pending:
+                    self._discards_pending = False
+                    dest.apply_discards()
                 self._page(index[ev.block], ev.offset, ev.data)
                 if blocks[index[ev.block]].page_size == TP:
                     return False   # the rest of this section can go the fast way
             elif t is RamZero:
-                if dest._pending_discards:
-                    dest._apply_discards()
+                if self._discards_pending:
+                    self._discards_pending = False
+                    dest.apply_discards()
                 self._zero(index[ev.block], ev.offset)
             elif t is codec.RamEnd:
                 self._flush()
@@ -231,6 +256,9 @@ class _Channel:
             elif decoder.preempt:
                 if t is codec.Eof:
                     return True
-            elif dest._command(ev, decoder):
-                return True
+            else:
+                if t is codec.PostcopyRamDiscard:
+                    self._discards_pending = True
+                if dest.command(ev, decoder):
+                    return True
         return False

@@ -27,7 +27,7 @@ from ..errors import PeerTimeout, PostcopyError, ProtocolError
 from ..channels.handover import ControlReader, Handover, HandshakeError
 from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise
 from ..sched import make_latency_thread
-from .channel import _Channel
+from .channel import StreamReceiver
 from .faults import FaultThread
 from .phase import DestPhase
 from .stats import dest_stats
@@ -81,24 +81,24 @@ class Destination:
         self.index = {b.name: i for i, b in enumerate(blocks)}
         self.total_pages = sum(b.pages for b in blocks)
         self.state_bytes = b""
-        self._native = ffi.gc(lib.pc_dest_new(uffd.fileno(), -1, program.pid if program else 0), lib.pc_dest_free)
-        if self._native == ffi.NULL:
+        self.native = ffi.gc(lib.pc_dest_new(uffd.fileno(), -1, program.pid if program else 0), lib.pc_dest_free)
+        if self.native == ffi.NULL:
             raise MemoryError("pc_dest_new")
         for b in blocks:
-            bi = lib.pc_dest_add_block(self._native, b.name.encode(), b.length, b.page_size)
+            bi = lib.pc_dest_add_block(self.native, b.name.encode(), b.length, b.page_size)
             _raise_errno(bi, f"block {b.name!r}")
             for s in b.segments:
-                _raise_errno(lib.pc_dest_add_segment(self._native, bi, s.offset, s.host_addr, s.size),
+                _raise_errno(lib.pc_dest_add_segment(self.native, bi, s.offset, s.host_addr, s.size),
                              f"segment of block {b.name!r}")
             for off, length in b.unmapped_ranges():
-                lib.pc_dest_mark(self._native, bi, off, length, 1)
+                lib.pc_dest_mark(self.native, bi, off, length, 1)
         os.set_blocking(uffd.fileno(), False)
-        self.fault_thread = FaultThread(self._native)
-        lib.pc_dest_set_quit_fd(self._native, self.fault_thread.quit_fd)
+        self.fault_thread = FaultThread(self.native)
+        lib.pc_dest_set_quit_fd(self.native, self.fault_thread.quit_fd)
         self._registered: list[tuple[int, int]] = []
         self._control: ControlReader | None = None
         self._conn: socket.socket | None = None
-        self._main: _Channel | None = None
+        self._main: StreamReceiver | None = None
         self._preempt_thread: threading.Thread | None = None
         self._preempt_error: PostcopyError | None = None
         self._preempt_conn: socket.socket | None = None
@@ -116,25 +116,25 @@ class Destination:
         self._left_lock = threading.Lock()
         if program:
             self._register_all()
-            self._control = ControlReader(program.sock, name="postcopy/program", on_gone=self._program_left)
+            self._control = ControlReader(program.sock, name="postcopy/program", on_gone=self._signal_program_left)
         self.fault_thread.start()
 
     # -- the attached program -----------------------------------------------------
-    def _program_left(self):
+    def _signal_program_left(self):
         """The attached program exited or closed its socket (the control reader's thread): wake the stream's
-        thread, which decides (:meth:`_on_program_left`)."""
+        thread, which decides (:meth:`program_left`)."""
         with self._left_lock:
             if self._left_fd >= 0:
                 os.eventfd_write(self._left_fd, 1)
 
-    def _on_program_left(self):
+    def program_left(self):
         """The stream's thread, woken because the program left: with every page in nothing is lost and the
         migration goes on to its end; otherwise it failed."""
         try:
             os.eventfd_read(self._left_fd)
         except BlockingIOError:
             pass
-        self._check_program()
+        self.check_program()
 
     @property
     def _program_gone(self) -> bool:
@@ -142,7 +142,7 @@ class Destination:
 
     # -- what DestPhase changes -----------------------------------------------------
     def set_phase(self, phase: int) -> None:
-        _raise_errno(lib.pc_dest_set_phase(self._native, phase), "sending page requests")
+        _raise_errno(lib.pc_dest_set_phase(self.native, phase), "sending page requests")
 
     def register_own_memory(self) -> None:
         self._register_all()
@@ -158,12 +158,12 @@ class Destination:
                 pass
 
     def _all_received(self) -> bool:
-        return lib.pc_dest_count_received(self._native, -1) >= self.total_pages
+        return lib.pc_dest_count_received(self.native, -1) >= self.total_pages
 
-    def _check_program(self):
+    def check_program(self):
         # a program that leaves once every page is in has lost nothing
         if self._program_gone:
-            missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+            missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
             if missing > 0:
                 raise ProgramGone(f"the attached program (pid {self.program.pid}) exited or closed its socket "
                                   f"during the migration, with {missing} of {self.total_pages} pages not "
@@ -255,60 +255,62 @@ class Destination:
                 if addr is not None:
                     madvise(addr, step, MADV_DONTNEED)
                 pos += step
-            lib.pc_dest_mark(self._native, bi, start, length, 0)
+            lib.pc_dest_mark(self.native, bi, start, length, 0)
 
-    def _apply_discards(self):
+    def apply_discards(self):
         """One round trip to the attached program for all discards received so far."""
+        if not self._pending_discards:
+            return
         pending, self._pending_discards = self._pending_discards, {}
         # the program's madvise raises UFFD_EVENT_REMOVE, which the fault
         # thread reads (the madvise waits for that); those are not drops
-        lib.pc_dest_set_discarding(self._native, 1)
+        lib.pc_dest_set_discarding(self.native, 1)
         try:
             self._tell_program({"cmd": "discard", "ranges": {name: [list(r) for r in ranges]
                                                               for name, ranges in pending.items()}})
             self._await_program("discarded")
         finally:
-            lib.pc_dest_set_discarding(self._native, 0)
+            lib.pc_dest_set_discarding(self.native, 0)
         for name, ranges in pending.items():
             for start, length in ranges:
-                lib.pc_dest_mark(self._native, self.index[name], start, length, 0)
+                lib.pc_dest_mark(self.native, self.index[name], start, length, 0)
 
     def _await_program(self, event: str):
         try:
             msg = self._control.wait_for(event, self.timeout)
         except HandshakeError:
-            self._check_program()
+            self.check_program()
             raise
         if msg is None:
             raise PostcopyError(f"the attached program did not answer {event!r} within {self.timeout:g} s")
         return msg
 
-    def _placement_failed(self, r: int, block: int, offset: int):
+    def placement_failed(self, r: int, block: int, offset: int):
         if r == -errno.ESRCH and self.program and self._control.gone.wait(self.timeout):
             # UFFDIO_COPY found the program's address space gone: it is exiting
             # (its socket closes just after: exit_mm() runs before exit_files())
-            self._check_program()
+            self.check_program()
             return   # every page is in: the other channel placed these too
-        self._check_program()
+        self.check_program()
         raise PostcopyError(f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}: "
                             f"{os.strerror(-r)}")
 
     def _send_rp(self, data: bytes):
-        _raise_errno(lib.pc_dest_rp_send(self._native, data, len(data)), "writing the return path")
+        _raise_errno(lib.pc_dest_rp_send(self.native, data, len(data)), "writing the return path")
 
     def _recv_bitmap(self, msg: codec.RecvBitmapRequest):
         bi = self.index[msg.block]
         nbytes = (self.blocks[bi].pages + 7) // 8
         out = ffi.new("uint8_t[]", max(nbytes, 1))
-        lib.pc_dest_bitmap_le(self._native, bi, out, nbytes)
+        lib.pc_dest_bitmap_le(self.native, bi, out, nbytes)
         self._send_rp(codec.encode_rp(codec.RecvBitmap(msg.block, bytes(ffi.buffer(out, nbytes)))))
 
     # -- the stream -------------------------------------------------------------------
     def run(self, conn: socket.socket) -> DestinationResult:
         """Receive the whole migration from ``conn``; returns when every page is in."""
         self._conn = conn
-        lib.pc_dest_set_return_path(self._native, conn.fileno())
-        self._main = _Channel(self, conn, codec.StreamDecoder(), wake_fd=self._left_fd)
+        lib.pc_dest_set_return_path(self.native, conn.fileno())
+        self._main = StreamReceiver(self, conn, codec.StreamDecoder(), timeout=self.timeout, wake_fd=self._left_fd)
         conn.settimeout(self.timeout)
         try:
             self._main.receive_loop()
@@ -316,7 +318,7 @@ class Destination:
             return self._finish(self._main.decoder)
         except PostcopyError as e:
             err = self._stop_error or e
-            missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+            missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
             if self.program and missing > 0 and not self._program_gone:
                 # its memory stays registered (close()): the threads that touch a
                 # missing page wait for ever, so the program must not go on
@@ -347,7 +349,7 @@ class Destination:
         """Why stopping now would lose the attached program (it runs, pages are missing), or None."""
         if self.program is None or not self.phase.running or self._closed:
             return None
-        missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+        missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
         if missing <= 0:
             return None
         return f"the attached program (pid {self.program.pid}) runs here and {missing} of its pages are still missing"
@@ -394,7 +396,7 @@ class Destination:
         if marker != migration.id:
             return "its preempt channel header names another migration id"
         conn.settimeout(None)   # idle whenever nothing is requested; it ends with the main stream
-        channel = _Channel(self, conn, decoder)
+        channel = StreamReceiver(self, conn, decoder, timeout=self.timeout)
         thread = threading.Thread(target=self._run_preempt, args=(channel,), name="postcopy/preempt", daemon=True)
         with self._preempt_lock:   # close() may be running in the stream's thread
             if self._closed:
@@ -416,7 +418,7 @@ class Destination:
     def closed(self) -> bool:
         return self._closed
 
-    def _run_preempt(self, channel: "_Channel"):
+    def _run_preempt(self, channel: StreamReceiver):
         make_latency_thread()
         try:
             channel.receive_loop()
@@ -437,7 +439,7 @@ class Destination:
         migration = self._main.decoder.migration
         if migration is not None and migration.preempt_channels and not self._all_received():
             if not self._preempt_adopted.wait(self.timeout):
-                missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+                missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
                 raise PeerTimeout(f"the source announced a preempt channel that did not connect within "
                                   f"{self.timeout:g} s of EOF; {missing} of {self.total_pages} pages never arrived")
         t = self._preempt_thread
@@ -447,17 +449,23 @@ class Destination:
                 raise PeerTimeout(f"the preempt channel did not end within {self.timeout:g} s of EOF")
         self._check_preempt()
 
+    def check_peers(self):
+        """The stream broke: raise what is behind it, the program's leaving or the preempt channel's failure."""
+        self.check_program()
+        self._check_preempt()
+
     def _check_preempt(self):
         if self._preempt_error is not None:
             raise self._preempt_error
 
-    def _command(self, ev, decoder) -> bool:
+    def command(self, ev, decoder) -> bool:
+        """A non-RAM event of the main stream (the receiver's sink); True at EOF."""
         off = decoder.offset
         if decoder.migration is not None and not self._migration_known.is_set():
             self._migration_known.set()
         t = type(ev)
         if self._pending_discards and t is not codec.PostcopyRamDiscard:
-            self._apply_discards()
+            self.apply_discards()
         if t is codec.Blocks:
             self._check_blocks(ev, off)
         elif t is codec.Ping:
@@ -485,15 +493,15 @@ class Destination:
         self.phase.command_done(t is codec.Ping)
         return False
 
-    def _check_fault_thread(self):
+    def check_fault_thread(self):
         raw = ffi.new("struct pc_dest_stats *")
-        lib.pc_dest_get_stats(self._native, raw)
+        lib.pc_dest_get_stats(self.native, raw)
         if raw.first_error:
-            self._check_program()
+            self.check_program()
             raise PostcopyError(f"the fault thread failed: {os.strerror(raw.first_error)}")
 
     def _finish(self, decoder) -> DestinationResult:
-        received = lib.pc_dest_count_received(self._native, -1)
+        received = lib.pc_dest_count_received(self.native, -1)
         if received < self.total_pages:
             raise ProtocolError(f"EOF with {self.total_pages - received} of {self.total_pages} pages never sent",
                                 section="EOF", offset=decoder.offset)
@@ -514,7 +522,7 @@ class Destination:
 
     def stats(self) -> dict:
         raw = ffi.new("struct pc_dest_stats *")
-        lib.pc_dest_get_stats(self._native, raw)
+        lib.pc_dest_get_stats(self.native, raw)
         phase = self.phase
         end = phase.t_complete or time.monotonic()
         return dest_stats(raw, total_pages=self.total_pages, elapsed_s=end - self.t_start,
@@ -523,7 +531,7 @@ class Destination:
 
     def progress(self) -> dict:
         raw = ffi.new("struct pc_dest_stats *")
-        lib.pc_dest_get_stats(self._native, raw)
+        lib.pc_dest_get_stats(self.native, raw)
         return {"received": int(raw.received_pages), "total": self.total_pages, "demand": int(raw.demand_pages),
                 "background": int(raw.background_pages), "faults": int(raw.faults), "requests": int(raw.requests)}
 
@@ -545,7 +553,7 @@ class Destination:
         # own open uffd keeps the registration once ours is closed)
         if not self.phase.ended and (self.program is None or self._all_received()):
             self._unregister_all()
-        lib.pc_dest_set_return_path(self._native, -1)
+        lib.pc_dest_set_return_path(self.native, -1)
         if self._mlocked:
             import ctypes
             ctypes.CDLL(None).mlockall(3)  # MCL_CURRENT | MCL_FUTURE

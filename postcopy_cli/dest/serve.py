@@ -87,7 +87,7 @@ class ServeDest:
             try:
                 return transport.accept(self.listener, 0.2)
             except PostcopyError:
-                self.dest._check_program()
+                self.dest.check_program()
                 if deadline is not None and time.monotonic() > deadline:
                     raise PostcopyError(f"no source connected to {self.bound} within "
                                         f"{self.opts.accept_timeout:g} s") from None
