@@ -97,7 +97,7 @@ def test_page_not_visible_before_it_is_counted(tmp_path):
     try:
         dest = serve.destination()
         # long enough for the program to read its last page, check it and exit within the pause
-        lib.pc_dest_set_test_place_delay(dest._native, 700_000_000)
+        lib.pc_dest_set_test_place_delay(dest.native, 700_000_000)
         mig = run_postcopy("migrate", "--to", serve.address, "--image", str(image), "--json")
         t_rc, t_out, t_err = _finish(toucher)
     finally:

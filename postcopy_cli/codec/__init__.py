@@ -6,7 +6,8 @@ and :class:`ReturnPathDecoder` turn bytes fed in arbitrary pieces back into
 messages, validating everything a peer sends (``ProtocolError``).
 """
 from .constants import (MAGIC, MAX_DISCARDS_PER_COMMAND, MIGRATION_ID_LENGTH, MAX_NAME_LENGTH, MAX_STATE_LENGTH, RECV_BITMAP_ENDING,
-                        TARGET_PAGE_SIZE, VERSION, Command, PostcopyState, RamFlag, RpType, Section)
+                        TARGET_PAGE_SIZE, VERSION, Command, RamFlag, RpType, Section)
+from .states import PostcopyState
 from .decode import NEED_DATA, ReturnPathDecoder, StreamDecoder
 from .encode import (RamSectionEncoder, encode, encode_discard_payload, encode_name, encode_ram_section,
                      encode_rp)

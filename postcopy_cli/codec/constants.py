@@ -65,14 +65,3 @@ class RamFlag(enum.IntFlag):
 
 #: Every flag bit a RAM record may carry; anything else in the low 12 bits is refused.
 RAM_FLAGS_KNOWN = int(RamFlag.ZERO | RamFlag.PAGE | RamFlag.EOS | RamFlag.CONTINUE)
-
-
-class PostcopyState(enum.Enum):
-    """Where a stream is in the postcopy command sequence (QEMU's PostcopyState)."""
-
-    NONE = "none"
-    ADVISE = "advise"
-    DISCARD = "discard"
-    LISTENING = "listening"
-    RUNNING = "running"
-    END = "end"

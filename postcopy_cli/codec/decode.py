@@ -19,7 +19,8 @@ from typing import Iterable, Iterator
 
 from ..errors import ProtocolError
 from .constants import (MAGIC, MAX_STATE_LENGTH, MIGRATION_ID_LENGTH, RAM_FLAGS_KNOWN, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE, VERSION,
-                        Command, PostcopyState, RpType, Section)
+                        Command, RpType, Section)
+from .states import PostcopyState, transition
 from .messages import (NO_MIGRATION_ID, BlockInfo, Blocks, Eof, Header, MigrationId, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise,
                        PostcopyListen, PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero,
                        RecvBitmap, RecvBitmapRequest, ReqPagesId, ResumeAck, Shut, State)
@@ -346,9 +347,9 @@ class StreamDecoder(_Buffered):
             return self._state(start)
         if kind == Section.EOF:
             self._require_blocks("EOF section", start)
+            self.state = self._transition("EOF", "EOF section", start)
             self._pos += 1
             self._phase = _P_DONE
-            self.state = PostcopyState.END
             return Eof()
         self._fail(f"unknown section type {kind:#04x}", "stream", start)
 
@@ -520,8 +521,7 @@ class StreamDecoder(_Buffered):
     def _state(self, start: int):
         sec = "STATE section"
         self._require_blocks(sec, start)
-        if self.state in (PostcopyState.RUNNING, PostcopyState.END):
-            self._fail("STATE after POSTCOPY_RUN", sec, start)
+        self._transition("STATE", sec, start)
         if not self._ensure(5):
             return NEED_DATA
         (length,) = _unpack_i(self._buf, self._pos + 1)
@@ -533,6 +533,14 @@ class StreamDecoder(_Buffered):
         data = bytes(self._mv[pos + 5:pos + 5 + length])
         self._pos = pos + 5 + length
         return State(data)
+
+    def _transition(self, event: str, section: str, start: int) -> PostcopyState:
+        """The state ``event`` leads to (codec.states.TRANSITIONS); a refusal is sticky like every error."""
+        try:
+            return transition(self.state, event, section=section, offset=start)
+        except ProtocolError as e:
+            self._error = e
+            raise
 
     # -- COMMAND -----------------------------------------------------------
     def _command(self, start: int):
@@ -549,46 +557,21 @@ class StreamDecoder(_Buffered):
         want = _CMD_LENGTH[cmd]
         if want is not None and length != want:
             fail(f"payload length {length} (expected {want})")
-        st = self.state
-        S = PostcopyState
-        if cmd is Command.OPEN_RETURN_PATH or cmd is Command.POSTCOPY_ADVISE:
-            if st in (S.LISTENING, S.RUNNING):
-                fail(f"{cmd.name} after POSTCOPY_LISTEN")
-            if cmd is Command.POSTCOPY_ADVISE and st is not S.NONE:
-                fail("POSTCOPY_ADVISE sent twice")
-        elif cmd is Command.POSTCOPY_RAM_DISCARD:
-            if st is S.NONE:
-                fail("POSTCOPY_RAM_DISCARD before POSTCOPY_ADVISE")
-            if st not in (S.ADVISE, S.DISCARD):
-                fail("POSTCOPY_RAM_DISCARD after POSTCOPY_LISTEN")
-        elif cmd is Command.POSTCOPY_LISTEN:
-            if st is S.NONE:
-                fail("POSTCOPY_LISTEN before POSTCOPY_ADVISE")
-            if st not in (S.ADVISE, S.DISCARD):
-                fail("POSTCOPY_LISTEN sent twice")
-        elif cmd is Command.POSTCOPY_RUN:
-            if st is S.RUNNING:
-                fail("POSTCOPY_RUN sent twice")
-            if st is not S.LISTENING:
-                fail("POSTCOPY_RUN before POSTCOPY_LISTEN")
+        nxt = self._transition(cmd.name, sec, start)
         if not self._ensure(5 + length):
             return NEED_DATA
         pos = self._pos + 5
         buf = self._buf
         if cmd is Command.POSTCOPY_RAM_DISCARD:
             ev = self._discard(bytes(self._mv[pos:pos + length]), fail)
-            self.state = S.DISCARD
         elif cmd is Command.PING:
             ev = Ping(_unpack_i(buf, pos)[0])
         elif cmd is Command.POSTCOPY_ADVISE:
             ev = PostcopyAdvise(*_unpack_qq(buf, pos))
-            self.state = S.ADVISE
         elif cmd is Command.POSTCOPY_LISTEN:
             ev = PostcopyListen()
-            self.state = S.LISTENING
         elif cmd is Command.POSTCOPY_RUN:
             ev = PostcopyRun()
-            self.state = S.RUNNING
         elif cmd is Command.OPEN_RETURN_PATH:
             ev = OpenReturnPath()
         elif cmd is Command.POSTCOPY_RESUME:
@@ -598,6 +581,7 @@ class StreamDecoder(_Buffered):
                 fail(f"payload length {length} does not match the name length")
             ev = RecvBitmapRequest(self._lookup(bytes(self._mv[pos + 1:pos + length]), fail).name)
         self._pos = pos + length
+        self.state = nxt
         return ev
 
     def _lookup(self, raw: bytes, fail) -> BlockInfo:

@@ -13,30 +13,29 @@ program's, handed over with its userfaultfd (:mod:`postcopy_cli.channels.handove
 """
 from __future__ import annotations
 
-import base64
 import errno
 import logging
 import os
-import select
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import codec
 from .._native import ffi, lib
-from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
+from ..errors import PeerTimeout, PostcopyError, ProtocolError
 from ..channels.handover import ControlReader, Handover, HandshakeError
 from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise
 from ..sched import make_latency_thread
+from .channel import StreamReceiver
+from .faults import FaultThread
+from .phase import DestPhase
 from .stats import dest_stats
-from ..uffd import Feature, RegisterMode, UffdError, Userfaultfd
+from ..uffd import RegisterMode, UffdError, Userfaultfd
 
 log = logging.getLogger("postcopy.dest")
 
 TP = codec.TARGET_PAGE_SIZE
-RECV_CHUNK = 1 << 20
-RUN_PAGES = 256          # placement runs up to 1 MiB: UFFDIO_COPY is ~14x faster per byte at 64 KiB+ than at 4 KiB
 
 
 class ProgramGone(PostcopyError):
@@ -58,52 +57,11 @@ def _raise_errno(r: int, what: str) -> None:
         raise UffdError(-r, what)
 
 
-class FaultThread:
-    """The fault thread: the native loop reading the uffd, run with the GIL released.
-
-    It stops when its eventfd is written (the seed's "quit" eventfd).
-    """
-
-    def __init__(self, native):
-        self._native = native
-        self.quit_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        self.result: int | None = None
-        self._thread = threading.Thread(target=self._run, name="postcopy/fault", daemon=True)
-
-    def _run(self):
-        make_latency_thread()
-        self.result = lib.pc_dest_fault_loop(self._native)
-
-    def start(self):
-        self._thread.start()
-
-    def stop(self):
-        if self._thread.is_alive():
-            os.eventfd_write(self.quit_fd, 1)
-            self._thread.join()
-
-    def close(self):
-        self.stop()
-        if self.quit_fd >= 0:
-            os.close(self.quit_fd)
-            self.quit_fd = -1
-
-
 @dataclass
 class DestinationResult:
     stats: dict
     state: bytes
     complete: bool
-
-
-@dataclass
-class _Run:
-    """Target pages arriving back to back for one block: assembled, then placed in one go."""
-
-    block: int = -1
-    offset: int = 0
-    pages: int = 0
-    buf: bytearray = field(default_factory=lambda: bytearray(RUN_PAGES * TP))
 
 
 class Destination:
@@ -123,26 +81,24 @@ class Destination:
         self.index = {b.name: i for i, b in enumerate(blocks)}
         self.total_pages = sum(b.pages for b in blocks)
         self.state_bytes = b""
-        self._native = ffi.gc(lib.pc_dest_new(uffd.fileno(), -1, program.pid if program else 0), lib.pc_dest_free)
-        if self._native == ffi.NULL:
+        self.native = ffi.gc(lib.pc_dest_new(uffd.fileno(), -1, program.pid if program else 0), lib.pc_dest_free)
+        if self.native == ffi.NULL:
             raise MemoryError("pc_dest_new")
         for b in blocks:
-            bi = lib.pc_dest_add_block(self._native, b.name.encode(), b.length, b.page_size)
+            bi = lib.pc_dest_add_block(self.native, b.name.encode(), b.length, b.page_size)
             _raise_errno(bi, f"block {b.name!r}")
             for s in b.segments:
-                _raise_errno(lib.pc_dest_add_segment(self._native, bi, s.offset, s.host_addr, s.size),
+                _raise_errno(lib.pc_dest_add_segment(self.native, bi, s.offset, s.host_addr, s.size),
                              f"segment of block {b.name!r}")
             for off, length in b.unmapped_ranges():
-                lib.pc_dest_mark(self._native, bi, off, length, 1)
-        lib.pc_dest_set_registered(self._native, 1 if program else 0)
-        lib.pc_dest_set_overwrite(self._native, 1)
+                lib.pc_dest_mark(self.native, bi, off, length, 1)
         os.set_blocking(uffd.fileno(), False)
-        self.fault_thread = FaultThread(self._native)
-        lib.pc_dest_set_quit_fd(self._native, self.fault_thread.quit_fd)
+        self.fault_thread = FaultThread(self.native)
+        lib.pc_dest_set_quit_fd(self.native, self.fault_thread.quit_fd)
         self._registered: list[tuple[int, int]] = []
         self._control: ControlReader | None = None
         self._conn: socket.socket | None = None
-        self._main: _Channel | None = None
+        self._main: StreamReceiver | None = None
         self._preempt_thread: threading.Thread | None = None
         self._preempt_error: PostcopyError | None = None
         self._preempt_conn: socket.socket | None = None
@@ -152,41 +108,47 @@ class Destination:
         self._closed = False
         self._stop_error: PostcopyError | None = None
         self._pending_discards: dict[str, list] = {}
-        self._last_ping: tuple[int, float] | None = None
-        self._prev_command = None
-        self.downtime_ms: float | None = None
+        self.phase = DestPhase(self, self if program else None, flush=lambda: self._main._flush())
         self.t_start = time.monotonic()
-        self.t_run: float | None = None
-        self.t_complete: float | None = None
         self._mlocked = False
         # written when the program leaves: it wakes the stream's thread, which alone decides what that means
         self._left_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if program else -1
         self._left_lock = threading.Lock()
         if program:
             self._register_all()
-            self._control = ControlReader(program.sock, name="postcopy/program", on_gone=self._program_left)
+            self._control = ControlReader(program.sock, name="postcopy/program", on_gone=self._signal_program_left)
         self.fault_thread.start()
 
     # -- the attached program -----------------------------------------------------
-    def _program_left(self):
+    def _signal_program_left(self):
         """The attached program exited or closed its socket (the control reader's thread): wake the stream's
-        thread, which decides (:meth:`_on_program_left`)."""
+        thread, which decides (:meth:`program_left`)."""
         with self._left_lock:
             if self._left_fd >= 0:
                 os.eventfd_write(self._left_fd, 1)
 
-    def _on_program_left(self):
+    def program_left(self):
         """The stream's thread, woken because the program left: with every page in nothing is lost and the
         migration goes on to its end; otherwise it failed."""
         try:
             os.eventfd_read(self._left_fd)
         except BlockingIOError:
             pass
-        self._check_program()
+        self.check_program()
 
     @property
     def _program_gone(self) -> bool:
         return self._control is not None and self._control.gone.is_set()
+
+    # -- what DestPhase changes -----------------------------------------------------
+    def set_phase(self, phase: int) -> None:
+        _raise_errno(lib.pc_dest_set_phase(self.native, phase), "sending page requests")
+
+    def register_own_memory(self) -> None:
+        self._register_all()
+
+    def tell(self, message: dict) -> None:
+        self._tell_program(message)
 
     def _tell_program(self, message: dict) -> None:
         if self.program and self.program.notify and not self._program_gone:
@@ -196,12 +158,12 @@ class Destination:
                 pass
 
     def _all_received(self) -> bool:
-        return lib.pc_dest_count_received(self._native, -1) >= self.total_pages
+        return lib.pc_dest_count_received(self.native, -1) >= self.total_pages
 
-    def _check_program(self):
+    def check_program(self):
         # a program that leaves once every page is in has lost nothing
         if self._program_gone:
-            missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+            missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
             if missing > 0:
                 raise ProgramGone(f"the attached program (pid {self.program.pid}) exited or closed its socket "
                                   f"during the migration, with {missing} of {self.total_pages} pages not "
@@ -223,7 +185,6 @@ class Destination:
                     raise PostcopyError(f"cannot register block {b.name!r} at {s.host_addr:#x}+{s.size:#x} with "
                                         f"userfaultfd: {e.strerror}") from e
                 self._registered.append((s.host_addr, s.size))
-        lib.pc_dest_set_registered(self._native, 1)
 
     def _unregister_all(self):
         for addr, size in self._registered:
@@ -294,76 +255,62 @@ class Destination:
                 if addr is not None:
                     madvise(addr, step, MADV_DONTNEED)
                 pos += step
-            lib.pc_dest_mark(self._native, bi, start, length, 0)
+            lib.pc_dest_mark(self.native, bi, start, length, 0)
 
-    def _apply_discards(self):
+    def apply_discards(self):
         """One round trip to the attached program for all discards received so far."""
+        if not self._pending_discards:
+            return
         pending, self._pending_discards = self._pending_discards, {}
         # the program's madvise raises UFFD_EVENT_REMOVE, which the fault
         # thread reads (the madvise waits for that); those are not drops
-        lib.pc_dest_set_discarding(self._native, 1)
+        lib.pc_dest_set_discarding(self.native, 1)
         try:
             self._tell_program({"cmd": "discard", "ranges": {name: [list(r) for r in ranges]
                                                               for name, ranges in pending.items()}})
             self._await_program("discarded")
         finally:
-            lib.pc_dest_set_discarding(self._native, 0)
+            lib.pc_dest_set_discarding(self.native, 0)
         for name, ranges in pending.items():
             for start, length in ranges:
-                lib.pc_dest_mark(self._native, self.index[name], start, length, 0)
+                lib.pc_dest_mark(self.native, self.index[name], start, length, 0)
 
     def _await_program(self, event: str):
         try:
             msg = self._control.wait_for(event, self.timeout)
         except HandshakeError:
-            self._check_program()
+            self.check_program()
             raise
         if msg is None:
             raise PostcopyError(f"the attached program did not answer {event!r} within {self.timeout:g} s")
         return msg
 
-    def _listen(self):
-        self._main._flush()
-        if not self.program:
-            self._register_all()
-        lib.pc_dest_set_return_path(self._native, self._conn.fileno())
-        _raise_errno(lib.pc_dest_enable_requests(self._native), "sending page requests")
-
-    def _run_cmd(self):
-        self._main._flush()
-        lib.pc_dest_set_overwrite(self._native, 0)
-        self._tell_program({"event": "run", "state": base64.b64encode(self.state_bytes).decode()})
-        self.t_run = time.monotonic()
-        if self._last_ping is not None and self._main.decoder.state == codec.PostcopyState.RUNNING:
-            us, at = self._last_ping
-            self.downtime_ms = round(us / 1000 + (self.t_run - at) * 1000, 3)
-
-    def _placement_failed(self, r: int, block: int, offset: int):
+    def placement_failed(self, r: int, block: int, offset: int):
         if r == -errno.ESRCH and self.program and self._control.gone.wait(self.timeout):
             # UFFDIO_COPY found the program's address space gone: it is exiting
             # (its socket closes just after: exit_mm() runs before exit_files())
-            self._check_program()
+            self.check_program()
             return   # every page is in: the other channel placed these too
-        self._check_program()
+        self.check_program()
         raise PostcopyError(f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}: "
                             f"{os.strerror(-r)}")
 
     def _send_rp(self, data: bytes):
-        _raise_errno(lib.pc_dest_rp_send(self._native, data, len(data)), "writing the return path")
+        _raise_errno(lib.pc_dest_rp_send(self.native, data, len(data)), "writing the return path")
 
     def _recv_bitmap(self, msg: codec.RecvBitmapRequest):
         bi = self.index[msg.block]
         nbytes = (self.blocks[bi].pages + 7) // 8
         out = ffi.new("uint8_t[]", max(nbytes, 1))
-        lib.pc_dest_bitmap_le(self._native, bi, out, nbytes)
+        lib.pc_dest_bitmap_le(self.native, bi, out, nbytes)
         self._send_rp(codec.encode_rp(codec.RecvBitmap(msg.block, bytes(ffi.buffer(out, nbytes)))))
 
     # -- the stream -------------------------------------------------------------------
     def run(self, conn: socket.socket) -> DestinationResult:
         """Receive the whole migration from ``conn``; returns when every page is in."""
         self._conn = conn
-        lib.pc_dest_set_return_path(self._native, conn.fileno())
-        self._main = _Channel(self, conn, codec.StreamDecoder(), wake_fd=self._left_fd)
+        lib.pc_dest_set_return_path(self.native, conn.fileno())
+        self._main = StreamReceiver(self, conn, codec.StreamDecoder(), timeout=self.timeout, wake_fd=self._left_fd)
         conn.settimeout(self.timeout)
         try:
             self._main.receive_loop()
@@ -371,7 +318,7 @@ class Destination:
             return self._finish(self._main.decoder)
         except PostcopyError as e:
             err = self._stop_error or e
-            missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+            missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
             if self.program and missing > 0 and not self._program_gone:
                 # its memory stays registered (close()): the threads that touch a
                 # missing page wait for ever, so the program must not go on
@@ -400,9 +347,9 @@ class Destination:
 
     def at_risk(self) -> str | None:
         """Why stopping now would lose the attached program (it runs, pages are missing), or None."""
-        if self.program is None or self.t_run is None or self.t_complete is not None or self._closed:
+        if self.program is None or not self.phase.running or self._closed:
             return None
-        missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+        missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
         if missing <= 0:
             return None
         return f"the attached program (pid {self.program.pid}) runs here and {missing} of its pages are still missing"
@@ -449,7 +396,7 @@ class Destination:
         if marker != migration.id:
             return "its preempt channel header names another migration id"
         conn.settimeout(None)   # idle whenever nothing is requested; it ends with the main stream
-        channel = _Channel(self, conn, decoder)
+        channel = StreamReceiver(self, conn, decoder, timeout=self.timeout)
         thread = threading.Thread(target=self._run_preempt, args=(channel,), name="postcopy/preempt", daemon=True)
         with self._preempt_lock:   # close() may be running in the stream's thread
             if self._closed:
@@ -471,7 +418,7 @@ class Destination:
     def closed(self) -> bool:
         return self._closed
 
-    def _run_preempt(self, channel: "_Channel"):
+    def _run_preempt(self, channel: StreamReceiver):
         make_latency_thread()
         try:
             channel.receive_loop()
@@ -492,7 +439,7 @@ class Destination:
         migration = self._main.decoder.migration
         if migration is not None and migration.preempt_channels and not self._all_received():
             if not self._preempt_adopted.wait(self.timeout):
-                missing = self.total_pages - lib.pc_dest_count_received(self._native, -1)
+                missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
                 raise PeerTimeout(f"the source announced a preempt channel that did not connect within "
                                   f"{self.timeout:g} s of EOF; {missing} of {self.total_pages} pages never arrived")
         t = self._preempt_thread
@@ -502,35 +449,40 @@ class Destination:
                 raise PeerTimeout(f"the preempt channel did not end within {self.timeout:g} s of EOF")
         self._check_preempt()
 
+    def check_peers(self):
+        """The stream broke: raise what is behind it, the program's leaving or the preempt channel's failure."""
+        self.check_program()
+        self._check_preempt()
+
     def _check_preempt(self):
         if self._preempt_error is not None:
             raise self._preempt_error
 
-    def _command(self, ev, decoder) -> bool:
+    def command(self, ev, decoder) -> bool:
+        """A non-RAM event of the main stream (the receiver's sink); True at EOF."""
         off = decoder.offset
         if decoder.migration is not None and not self._migration_known.is_set():
             self._migration_known.set()
         t = type(ev)
         if self._pending_discards and t is not codec.PostcopyRamDiscard:
-            self._apply_discards()
+            self.apply_discards()
         if t is codec.Blocks:
             self._check_blocks(ev, off)
         elif t is codec.Ping:
             self._send_rp(codec.encode_rp(codec.Pong(ev.value)))
-            # a live source's PING right before LISTEN: microseconds since it paused
-            self._last_ping = (ev.value, time.monotonic())
+            self.phase.on_ping(ev.value)
         elif t is codec.PostcopyAdvise:
             self._advise(ev, off)
+            self.phase.on_advise(off)
         elif t is codec.PostcopyRamDiscard:
             self._discard(ev)
+            self.phase.on_discard(off)
         elif t is codec.State:
             self.state_bytes = ev.data
         elif t is codec.PostcopyListen:
-            if self._prev_command is not codec.Ping:
-                self._last_ping = None   # only a PING right before LISTEN dates the pause
-            self._listen()
+            self.phase.on_listen(off)
         elif t is codec.PostcopyRun:
-            self._run_cmd()
+            self.phase.on_run(off, self.state_bytes)
         elif t is codec.RecvBitmapRequest:
             self._recv_bitmap(ev)
         elif t is codec.PostcopyResume:
@@ -538,31 +490,28 @@ class Destination:
                                 section="COMMAND POSTCOPY_RESUME", offset=off)
         elif t is codec.Eof:
             return True
-        self._prev_command = t
+        self.phase.command_done(t is codec.Ping)
         return False
 
-    def _check_fault_thread(self):
+    def check_fault_thread(self):
         raw = ffi.new("struct pc_dest_stats *")
-        lib.pc_dest_get_stats(self._native, raw)
+        lib.pc_dest_get_stats(self.native, raw)
         if raw.first_error:
-            self._check_program()
+            self.check_program()
             raise PostcopyError(f"the fault thread failed: {os.strerror(raw.first_error)}")
 
     def _finish(self, decoder) -> DestinationResult:
-        received = lib.pc_dest_count_received(self._native, -1)
-        if decoder.state != codec.PostcopyState.RUNNING and decoder.state != codec.PostcopyState.END:
-            if self.t_run is None:
-                # a precopy-only stream: the program may run now
-                self._run_cmd()
+        received = lib.pc_dest_count_received(self.native, -1)
         if received < self.total_pages:
             raise ProtocolError(f"EOF with {self.total_pages - received} of {self.total_pages} pages never sent",
                                 section="EOF", offset=decoder.offset)
-        self.t_complete = time.monotonic()
+        self.phase.on_end(decoder.offset, self._wind_down)
+        return DestinationResult(self.stats(), self.state_bytes, True)
+
+    def _wind_down(self):
         self._send_rp(codec.encode_rp(codec.Shut(0)))
         self.fault_thread.stop()
         self._unregister_all()
-        self._tell_program({"event": "complete"})
-        return DestinationResult(self.stats(), self.state_bytes, True)
 
     def _fail_shut(self, reason: str):
         try:
@@ -573,14 +522,16 @@ class Destination:
 
     def stats(self) -> dict:
         raw = ffi.new("struct pc_dest_stats *")
-        lib.pc_dest_get_stats(self._native, raw)
-        end = self.t_complete or time.monotonic()
+        lib.pc_dest_get_stats(self.native, raw)
+        phase = self.phase
+        end = phase.t_complete or time.monotonic()
         return dest_stats(raw, total_pages=self.total_pages, elapsed_s=end - self.t_start,
-                          run_to_complete_s=(end - self.t_run) if self.t_run else None, downtime_ms=self.downtime_ms)
+                          run_to_complete_s=(end - phase.t_run) if phase.t_run else None,
+                          downtime_ms=phase.downtime_ms)
 
     def progress(self) -> dict:
         raw = ffi.new("struct pc_dest_stats *")
-        lib.pc_dest_get_stats(self._native, raw)
+        lib.pc_dest_get_stats(self.native, raw)
         return {"received": int(raw.received_pages), "total": self.total_pages, "demand": int(raw.demand_pages),
                 "background": int(raw.background_pages), "faults": int(raw.faults), "requests": int(raw.requests)}
 
@@ -600,9 +551,9 @@ class Destination:
         # an attached program's memory stays registered until every page is in:
         # unregistered, each missing page would read as a fresh zero page (its
         # own open uffd keeps the registration once ours is closed)
-        if self.t_complete is None and (self.program is None or self._all_received()):
+        if not self.phase.ended and (self.program is None or self._all_received()):
             self._unregister_all()
-        lib.pc_dest_set_return_path(self._native, -1)
+        lib.pc_dest_set_return_path(self.native, -1)
         if self._mlocked:
             import ctypes
             ctypes.CDLL(None).mlockall(3)  # MCL_CURRENT | MCL_FUTURE
@@ -611,220 +562,3 @@ class Destination:
             if self._left_fd >= 0:
                 os.close(self._left_fd)
                 self._left_fd = -1
-
-
-class _Channel:
-    """One incoming connection: the main stream, or the preempt channel (RAM sections only).
-
-    Owns its decoder, receive buffer and the run of pages being assembled;
-    placement itself is thread-safe native code shared by both channels.
-    """
-
-    def __init__(self, dest: Destination, conn: socket.socket, decoder: codec.StreamDecoder, *, wake_fd: int = -1):
-        self.dest = dest
-        self.conn = conn
-        self.decoder = decoder
-        self.wake_fd = wake_fd    # the main stream: readable when the program left
-        self._run = _Run()
-
-    def _flush(self):
-        """Place the whole host pages assembled so far; a partial huge page stays."""
-        run = self._run
-        if not run.pages:
-            return
-        hp_pages = self.dest.blocks[run.block].page_size // TP
-        whole = run.pages - run.pages % hp_pages
-        if whole:
-            r = lib.pc_dest_place(self.dest._native, run.block, run.offset, ffi.from_buffer(run.buf), whole * TP)
-            if r < 0:
-                run.pages = 0
-                self.dest._placement_failed(r, run.block, run.offset)
-            rest = run.pages - whole
-            if rest:
-                run.buf[:rest * TP] = run.buf[whole * TP:run.pages * TP]
-            run.offset += whole * TP
-            run.pages = rest
-
-    def _page(self, bi: int, offset: int, data):
-        run = self._run
-        if run.pages:
-            contiguous = run.block == bi and offset == run.offset + run.pages * TP
-            at_host_page = (run.pages * TP) % self.dest.blocks[run.block].page_size == 0
-            if not at_host_page and not contiguous:
-                # the seed refuses this too: a huge page is placed whole, so its
-                # target pages must arrive together and in order
-                hp = self.dest.blocks[run.block].page_size
-                host_page = run.offset + run.pages * TP - run.pages * TP % hp
-                raise ProtocolError(f"block {self.dest.blocks[run.block].name!r}: host page at {host_page:#x}"
-                                    f" interrupted by page {offset:#x} of block {self.dest.blocks[bi].name!r}",
-                                    section="RAM section", offset=self.decoder.offset)
-            if at_host_page and (not contiguous or run.pages * TP >= len(run.buf)):
-                self._flush()
-        if not run.pages:
-            hp = self.dest.blocks[bi].page_size
-            if offset % hp:
-                raise ProtocolError(f"block {self.dest.blocks[bi].name!r}: page {offset:#x} is not the first target "
-                                    f"page of its {hp}-byte host page at {offset - offset % hp:#x}",
-                                    section="RAM section", offset=self.decoder.offset)
-            run.block, run.offset = bi, offset
-            if len(run.buf) < hp:
-                run.buf = bytearray(hp)
-        start = run.pages * TP
-        run.buf[start:start + TP] = data
-        run.pages += 1
-
-    def _zero(self, bi: int, offset: int):
-        block = self.dest.blocks[bi]
-        if block.page_size > TP:
-            self._page(bi, offset, bytes(TP))
-            return
-        self._flush()
-        r = lib.pc_dest_place_zero(self.dest._native, bi, offset, TP)
-        if r < 0:
-            self.dest._placement_failed(r, bi, offset)
-
-    def _recv_into(self, conn: socket.socket, view: memoryview) -> int:
-        decoder = self.decoder
-        dest = self.dest
-        try:
-            if self.wake_fd >= 0:
-                self._wait_readable(conn)
-            n = conn.recv_into(view)
-        except socket.timeout:
-            dest._check_program()
-            dest._check_preempt()
-            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s "
-                              f"(stream offset {decoder.offset})") from None
-        except OSError as e:
-            dest._check_program()
-            dest._check_preempt()
-            raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: "
-                                   f"{e.strerror or e}") from None
-        if not n:
-            dest._check_program()
-            dest._check_preempt()
-            raise PeerDisconnected(f"the source disconnected before the end of the migration "
-                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
-        return n
-
-    def _wait_readable(self, conn: socket.socket) -> None:
-        """Wait for the source's bytes (socket.timeout after the socket's timeout); a wake on the way means
-        the program left."""
-        poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
-        poller.register(self.wake_fd, select.POLLIN)
-        timeout = conn.gettimeout()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            ready = dict(poller.poll(left))
-            if self.wake_fd in ready:
-                self.dest._on_program_left()
-                poller.unregister(self.wake_fd)
-            if conn.fileno() in ready:
-                return
-            if left == 0:
-                raise socket.timeout
-
-    def receive_loop(self) -> None:
-        """Bytes in; the bulk of each RAM section goes to the native pump, the rest to the codec.
-
-        Inside a RAM section, after its first (named) record, the native pump
-        receives and places runs of PAGE|CONTINUE and ZERO|CONTINUE records
-        with the GIL released, straight from the receive buffer; anything else
-        goes through the validating sans-IO decoder.
-        """
-        decoder, conn, dest = self.decoder, self.conn, self.dest
-        index = dest.index
-        native = dest._native
-        fast = ffi.new("struct pc_ram_fast *")
-        small_pages = [b.page_size == TP for b in dest.blocks]
-        rb = bytearray(RECV_CHUNK)
-        view = memoryview(rb)
-        ptr = ffi.from_buffer(rb)
-        span = ffi.new("uint64_t[2]")          # [start, end) of unconsumed bytes in rb
-        fd = conn.fileno()
-        timeout_ms = -1 if conn.gettimeout() is None else int(conn.gettimeout() * 1000)
-        eof = False
-        while not eof:
-            name = decoder.ram_block()
-            if name is not None and small_pages[index[name]] and not decoder.buffered:
-                self._flush()
-                r = lib.pc_dest_pump(native, fd, self.wake_fd, index[name], ptr, len(rb), span, span + 1, timeout_ms,
-                                     fast)
-                decoder.consumed_elsewhere(fast.consumed)
-                if fast.error:
-                    dest._placement_failed(fast.error, index[name], fast.error_offset)
-                if r == lib.PC_PUMP_WAKE:
-                    dest._on_program_left()
-                elif r != lib.PC_PUMP_STOP:
-                    self._pump_ended(r)
-                data = bytes(view[span[0]:span[1]])
-                span[0] = span[1] = 0
-            else:
-                n = self._recv_into(conn, view)
-                data = bytes(view[:n])
-            decoder.feed(data)
-            eof = self._decode_events(decoder)
-            name = decoder.ram_block()
-            if not eof and name is not None and small_pages[index[name]] and 0 < decoder.buffered <= len(rb):
-                # back to the fast path: the decoder's unconsumed bytes go first
-                rest = decoder.take_unconsumed()
-                view[:len(rest)] = rest
-                span[0], span[1] = 0, len(rest)
-            self._flush()
-        dest._check_fault_thread()
-
-    def _pump_ended(self, r: int) -> None:
-        dest, decoder = self.dest, self.decoder
-        if r == lib.PC_PUMP_FAULT_THREAD:
-            dest._check_fault_thread()
-        dest._check_program()
-        dest._check_preempt()
-        if r == -errno.ETIMEDOUT:
-            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s (stream offset {decoder.offset})")
-        if r == lib.PC_PUMP_EOF:
-            raise PeerDisconnected(f"the source disconnected before the end of the migration "
-                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
-        raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: {os.strerror(-r)}")
-
-    def _decode_events(self, decoder) -> bool:
-        """Handle decoded events until the decoder needs data or can hand over to the fast path."""
-        dest = self.dest
-        index = dest.index
-        blocks = dest.blocks
-        RamPage, RamZero = codec.RamPage, codec.RamZero
-        for ev in decoder.events():
-            t = type(ev)
-            if t is RamPage:
-                if dest._pending_discards:
-                    dest._apply_discards()
-                self._page(index[ev.block], ev.offset, ev.data)
-                if blocks[index[ev.block]].page_size == TP:
-                    return False   # the rest of this section can go the fast way
-            elif t is RamZero:
-                if dest._pending_discards:
-                    dest._apply_discards()
-                self._zero(index[ev.block], ev.offset)
-            elif t is codec.RamEnd:
-                self._flush()
-            elif t is codec.PreemptChannel:
-                pass
-            elif decoder.preempt:
-                if t is codec.Eof:
-                    return True
-            elif dest._command(ev, decoder):
-                return True
-        return False
-
-
-def own_memory_uffd() -> Userfaultfd:
-    """A uffd for memory in this process, with the features the destination uses."""
-    u = Userfaultfd(nonblocking=True)
-    probe = Userfaultfd(nonblocking=True)
-    try:
-        offered = probe.api(0).features
-    finally:
-        probe.close()
-    u.api(offered & (Feature.THREAD_ID | Feature.EVENT_REMOVE))
-    return u

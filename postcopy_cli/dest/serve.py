@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..channels import transport
-from .engine import Destination, DestinationResult, own_memory_uffd
+from .engine import Destination, DestinationResult
+from .faults import own_memory_uffd
 from ..errors import PostcopyError
 from ..channels.handover import Handover, receive_handover
 from ..memory.mappings import AnonymousMapping, RamBlock, Segment, blocks_from_regions
@@ -86,7 +87,7 @@ class ServeDest:
             try:
                 return transport.accept(self.listener, 0.2)
             except PostcopyError:
-                self.dest._check_program()
+                self.dest.check_program()
                 if deadline is not None and time.monotonic() > deadline:
                     raise PostcopyError(f"no source connected to {self.bound} within "
                                         f"{self.opts.accept_timeout:g} s") from None
@@ -119,7 +120,7 @@ class ServeDest:
 
     def _ended(self) -> bool:
         """Every page is in (or the migration is over): a late connection is no news."""
-        return self.dest.closed or self.dest.t_complete is not None
+        return self.dest.closed or self.dest.phase.ended
 
     def _offer_preempt(self, conn: socket.socket):
         reason = self.dest.add_preempt(conn)

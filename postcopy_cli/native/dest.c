@@ -52,7 +52,9 @@ struct pc_dest *pc_dest_new(int uffd, int quit_fd, int pid)
     d->requests_enabled = 0;
     d->last_rp_block = -1;
     d->pid = pid;
-    d->registered = 1;
+    d->phase = PC_PHASE_NONE;
+    d->overwrite_ok = 1;
+    d->registered = pid != 0;   /* an attached program's memory is registered before it is handed over */
     d->inflight_cap = 1 << 16;
     d->inflight = calloc(d->inflight_cap, sizeof *d->inflight);
     pthread_mutex_init(&d->rp_lock, NULL);
@@ -117,10 +119,8 @@ int pc_dest_add_segment(struct pc_dest *d, int block, uint64_t offset, uint64_t 
     return 0;
 }
 
-void pc_dest_set_registered(struct pc_dest *d, int registered) { d->registered = registered; }
 void pc_dest_set_quit_fd(struct pc_dest *d, int quit_fd) { d->quit_fd = quit_fd; }
 void pc_dest_set_discarding(struct pc_dest *d, int discarding) { __atomic_store_n(&d->discarding, discarding, __ATOMIC_RELEASE); }
-void pc_dest_set_overwrite(struct pc_dest *d, int overwrite_ok) { __atomic_store_n(&d->overwrite_ok, overwrite_ok, __ATOMIC_RELEASE); }
 void pc_dest_set_test_place_delay(struct pc_dest *d, uint64_t ns) { __atomic_store_n(&d->test_place_delay_ns, ns, __ATOMIC_RELAXED); }
 
 static const struct pc_dest_seg *seg_by_addr(const struct pc_dest *d, uint64_t addr)
@@ -286,11 +286,11 @@ void pc_dest_set_return_path(struct pc_dest *d, int rp_fd)
 }
 
 /* from POSTCOPY_LISTEN on, faults become requests; those read before are sent now */
-int pc_dest_enable_requests(struct pc_dest *d)
+static int enable_requests(struct pc_dest *d)
 {
     pthread_mutex_lock(&d->state_lock);
-    int r = -ENOTCONN;
-    if (d->rp_fd >= 0) {
+    int r = d->requests_enabled ? 0 : -ENOTCONN;
+    if (!d->requests_enabled && d->rp_fd >= 0) {
         d->requests_enabled = 1;
         /* a fault whose page arrived in pre-copy meanwhile needs no request */
         size_t n = 0;
@@ -303,6 +303,26 @@ int pc_dest_enable_requests(struct pc_dest *d)
         d->npending = 0;
     }
     pthread_mutex_unlock(&d->state_lock);
+    return r;
+}
+
+/* The one place the phase reaches the hot paths.  From LISTENING on, own
+ * memory is registered (the caller registered it before) and faults become
+ * requests (END after a stream without LISTEN changes neither); from RUNNING
+ * on, the program runs on the pages, so a present page is never overwritten.
+ * Release stores: a thread that sees the new flag sees what was done before
+ * it was set. */
+int pc_dest_set_phase(struct pc_dest *d, int phase)
+{
+    int r = 0;
+    if (phase >= PC_PHASE_LISTENING && phase != PC_PHASE_END) {
+        __atomic_store_n(&d->registered, 1, __ATOMIC_RELEASE);
+        r = enable_requests(d);
+        if (r < 0)
+            return r;
+    }
+    __atomic_store_n(&d->overwrite_ok, phase < PC_PHASE_RUNNING, __ATOMIC_RELEASE);
+    __atomic_store_n(&d->phase, phase, __ATOMIC_RELEASE);
     return r;
 }
 
@@ -586,7 +606,7 @@ static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t
  * missing only makes its thread fault again). */
 static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, const uint8_t *src, uint64_t len)
 {
-    if (!d->registered) {
+    if (!__atomic_load_n(&d->registered, __ATOMIC_ACQUIRE)) {
         if (src)
             memcpy((void *)(uintptr_t)addr, src, len);
         else

@@ -6,6 +6,12 @@
 #define PC_HIST_BUCKETS 32
 #define PC_MAX_BLOCKS 256
 
+/* the destination's phase (codec.states.PostcopyState, in order); set only by pc_dest_set_phase */
+enum pc_dest_phase {
+    PC_PHASE_NONE, PC_PHASE_ADVISE, PC_PHASE_DISCARD, PC_PHASE_LISTENING, PC_PHASE_RUNNING, PC_PHASE_END,
+    PC_PHASE_PAUSED,
+};
+
 struct pc_dest_block {
     uint64_t length;      /* bytes */
     uint64_t page_size;   /* host page size of the block */
@@ -53,7 +59,7 @@ struct pc_dest {
     int uffd;
     int quit_fd;          /* eventfd: written to stop the fault thread */
     int rp_fd;            /* return path socket; -1 until the source connects */
-    int requests_enabled; /* set at POSTCOPY_LISTEN */
+    int requests_enabled; /* from LISTENING on (under state_lock) */
     int last_rp_block;    /* block named by the last request (-1: none) */
     pthread_mutex_t rp_lock;
     pthread_mutex_t state_lock;
@@ -69,8 +75,10 @@ struct pc_dest {
     struct pc_dest_stats st;
     uint64_t total_pages;
     int pid;                    /* attached program (process_vm_writev before RUN), 0 = own memory */
-    int overwrite_ok;           /* before RUN: a present page may be overwritten */
-    int registered;             /* 0: own memory not registered yet -> plain memcpy */
+    int phase;                  /* enum pc_dest_phase */
+    /* derived from the phase by pc_dest_set_phase, for the hot paths: */
+    int overwrite_ok;           /* before RUNNING: a present page may be overwritten */
+    int registered;             /* 0: own memory before LISTENING, not registered yet -> plain memcpy */
     int discarding;             /* the program is dropping discarded ranges itself */
     uint64_t test_place_delay_ns; /* tests only: pause between placing pages and accounting for them */
 };
@@ -79,13 +87,11 @@ struct pc_dest *pc_dest_new(int uffd, int quit_fd, int pid);
 void pc_dest_free(struct pc_dest *d);
 int pc_dest_add_block(struct pc_dest *d, const char *name, uint64_t length, uint64_t page_size);
 int pc_dest_add_segment(struct pc_dest *d, int block, uint64_t offset, uint64_t addr, uint64_t size);
-void pc_dest_set_registered(struct pc_dest *d, int registered);
+int pc_dest_set_phase(struct pc_dest *d, int phase);
 void pc_dest_set_quit_fd(struct pc_dest *d, int quit_fd);
 void pc_dest_set_discarding(struct pc_dest *d, int discarding);
-void pc_dest_set_overwrite(struct pc_dest *d, int overwrite_ok);
 void pc_dest_set_test_place_delay(struct pc_dest *d, uint64_t ns);
 void pc_dest_set_return_path(struct pc_dest *d, int rp_fd);
-int pc_dest_enable_requests(struct pc_dest *d);
 int pc_dest_rp_send(struct pc_dest *d, const uint8_t *buf, size_t len);
 int pc_dest_fault_loop(struct pc_dest *d);
 int pc_dest_place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *data, uint64_t len);
