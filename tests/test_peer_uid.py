@@ -36,11 +36,11 @@ if where.isdigit():
 else:
     s = socket.socket(socket.AF_UNIX)
     s.connect(where)
-s.sendall(sys.stdin.buffer.read())
 try:
+    s.sendall(sys.stdin.buffer.read())
     while s.recv(65536):
         pass
-except ConnectionResetError:
+except (BrokenPipeError, ConnectionResetError):   # refused before it finished writing
     pass
 print("closed", flush=True)
 """
