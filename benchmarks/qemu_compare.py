@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -33,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import ForeignCPU, child_env, use_rev, wait_idle, StatusSampler, add_anchors_option, find_anchor, kill_proc, postcopy_cmd, wait4  # noqa: E402
+from restore_bench import NotListening, ForeignCPU, child_env, listening_port, use_rev, wait_idle, StatusSampler, add_anchors_option, find_anchor, kill_proc, postcopy_cmd, wait4  # noqa: E402
 
 GOAL_POSTCOPY_X = 0.2
 GOAL_LATENCY_X = 0.5
@@ -164,18 +163,10 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
                                        "--json", "--stats", stats_file, "--timeout", str(timeout)])
         sampler = StatusSampler(sd.pid)
         sampler.start()
-        port = None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            m = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", text("serve-dest", "err"))
-            if m:
-                port = int(m.group(1))
-                break
-            if sd.poll() is not None:
-                break
-            time.sleep(0.01)
-        if port is None:
-            return {"available": False, "error": f"serve-dest did not start: {tail_errs()}"}
+        try:
+            port = listening_port(sd, files["serve-dest"][0].name)
+        except NotListening as e:
+            return {"available": False, "error": f"serve-dest did not start ({e}): {tail_errs()}"}
         inc = spawn("incoming", pc + ["workload", "incoming", "--mem", mem, "--attach", dst_sock,
                                       "--report-after", str(report_after), "--json", "--connect-timeout", "20"])
         margv = pc + ["migrate", "--attach", src_sock, "--to", f"tcp:127.0.0.1:{port}",

@@ -40,6 +40,8 @@ import time
 
 PAGE = 4096
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from postcopy_cli.selftest.harness import NotListening, read_listening  # noqa: E402
 
 GOAL_TOTAL_S = 1.5          # whole 1 GiB restored (scaled linearly for other sizes)
 GOAL_MEM_MIB = 64.0         # serve-dest's own memory (RAM lives in the toucher)
@@ -87,6 +89,11 @@ REV_DESC = "working tree"
 def child_env() -> dict | None:
     """Environment for the `postcopy` children (None: inherit)."""
     return _CHILD_ENV
+
+
+def listening_port(sd: subprocess.Popen, stdout_path: str, timeout: float = 20) -> int:
+    """The port of `serve-dest --json --listen tcp:...:0`, from its first stdout line (a file here)."""
+    return int(read_listening(sd, timeout, path=stdout_path)["address"].rsplit(":", 1)[1])
 
 
 def use_rev(rev: str, log=print) -> str:
@@ -384,19 +391,11 @@ def one_restore(args, img: str, run_no: int) -> dict:
                                        "--json", "--stats", stats_file, "--timeout", str(args.timeout)])
         sampler = StatusSampler(sd.pid)
         sampler.start()
-        port = None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and port is None:
-            m = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", text("serve-dest", "err"))
-            if m:
-                port = int(m.group(1))
-                break
-            if sd.poll() is not None:
-                break
-            time.sleep(0.01)
-        if port is None:
-            raise RuntimeError(f"serve-dest did not announce its port: exit={sd.poll()} "
-                               f"stderr={text('serve-dest', 'err')[-500:]!r}")
+        try:
+            port = listening_port(sd, files["serve-dest"][0].name)
+        except NotListening as e:
+            raise RuntimeError(f"serve-dest did not announce its port ({e}): exit={sd.poll()} "
+                               f"stderr={text('serve-dest', 'err')[-500:]!r}") from None
         res["serve_dest_startup_s"] = round(time.monotonic() - t_sd, 3)
 
         touch_argv = pc + ["workload", "touch", "--size", size_arg, "--attach", sock, "--image", img,

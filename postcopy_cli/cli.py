@@ -13,6 +13,7 @@ import click
 
 from . import __version__, errors, signals
 from .commands import ALL_COMMANDS
+from .commands._common import emit_json, json_request
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -30,19 +31,35 @@ for _command in ALL_COMMANDS:
     cli.add_command(_command)
 
 
-def _fail(code: int, message: str) -> int:
-    click.echo(f"postcopy: {message}", err=True)
+# the error document's "kind" when the error names none more precise
+_KINDS = {errors.EXIT_FAILED: "failed", errors.EXIT_USAGE: "usage", errors.EXIT_PROTOCOL: "protocol",
+          errors.EXIT_DISCONNECTED: "disconnected"}
+
+
+def _fail(code: int, message: str, error: BaseException | None = None, *, shown: bool = False) -> int:
+    """The one way out of a failed command: one line on stderr and, under --json, one JSON document on
+    stdout: {"error": {"code", "kind", "message"}} plus the figures the error carries."""
+    if not shown:
+        click.echo(f"postcopy: {message}", err=True)
+    if json_request.given:
+        kind = getattr(error, "kind", None) if getattr(error, "exit_code", code) == code else None
+        doc = dict(getattr(error, "stats", None) or {})
+        doc["error"] = {"code": code, "kind": kind or _KINDS.get(code, "failed"), "message": message}
+        emit_json(doc)
     return code
 
 
-def _interrupted(message: str, code: int) -> int:
+def _interrupted(message: str, code: int, error: BaseException | None = None) -> int:
     # whatever a stop by a signal made fail, the cause is the signal
     stop = signals.interruption()
-    return _fail(stop.exit_code, str(stop)) if stop is not None else _fail(code, message)
+    if stop is not None:
+        return _fail(stop.exit_code, str(stop), errors.with_stats(stop, getattr(error, "stats", None)))
+    return _fail(code, message, error)
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (no sys.exit, for tests and embedding)."""
+    json_request.given = False
     with signals.installed():
         try:
             # without standalone mode, click returns ctx.exit()'s code instead of exiting
@@ -57,19 +74,21 @@ def run(argv: list[str] | None = None) -> int:
             ctx = e.ctx
             where = ctx.command_path if ctx is not None else "postcopy"
             hint = f" (see '{where} --help')" if ctx is not None else ""
+            # an option the parser refused comes before --json's own callback: look for it
+            json_request.given |= "--json" in (sys.argv[1:] if argv is None else argv)
             return _fail(errors.EXIT_USAGE, f"{where.removeprefix('postcopy').strip() or 'usage'}: "
-                                            f"{e.format_message()}{hint}")
+                                            f"{e.format_message()}{hint}", e)
         except click.ClickException as e:
             e.show()
-            return errors.EXIT_FAILED
+            return _fail(errors.EXIT_FAILED, e.format_message(), e, shown=True)
         except signals.Interrupted as e:
-            return _fail(e.exit_code, str(e))
+            return _fail(e.exit_code, str(e), e)
         except errors.PostcopyError as e:
-            return _interrupted(str(e), e.exit_code)
-        except KeyboardInterrupt:
-            return _interrupted("interrupted", errors.EXIT_FAILED)
+            return _interrupted(str(e), e.exit_code, e)
+        except KeyboardInterrupt as e:
+            return _interrupted("interrupted", errors.EXIT_FAILED, e)
         except OSError as e:
-            return _interrupted(str(e), errors.EXIT_FAILED)
+            return _interrupted(str(e), errors.EXIT_FAILED, e)
 
 
 def main() -> None:

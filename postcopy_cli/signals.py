@@ -30,6 +30,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Interrupted(PostcopyError):
     """Stopped by a signal (exit 1)."""
 
+    kind = "interrupted"
+
     def __init__(self, signum: int, detail: str = ""):
         self.signum = signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}{detail}")

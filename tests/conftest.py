@@ -71,12 +71,10 @@ def no_hugepages(sysctl):
 # real subprocesses over loopback)
 
 import random as _random
-import re as _re
 import subprocess as _subprocess
 import sys as _sys
 
 PROC_TIMEOUT = 60
-_LISTEN_RE = _re.compile(r"postcopy: listening on (\S+?)(?:,|$)")
 
 
 def postcopy_cmd(*args: str) -> list[str]:
@@ -89,34 +87,32 @@ def run_postcopy(*args: str, timeout: float = PROC_TIMEOUT) -> _subprocess.Compl
 
 
 class ServeDestProc:
-    """A ``postcopy serve-dest`` subprocess; ``address`` is parsed from its 'listening on' line."""
+    """A ``postcopy serve-dest --json`` subprocess (--json added if not given); ``address`` comes from
+    its first stdout line, the JSON listening event."""
 
     def __init__(self, *args: str):
+        from postcopy_cli.selftest.harness import NotListening, read_listening
+
+        if "--json" not in args:
+            args = (*args, "--json")
         self.proc = _subprocess.Popen(postcopy_cmd("serve-dest", *args), stdout=_subprocess.PIPE,
                                       stderr=_subprocess.PIPE, text=True)
-        self.early_stderr = []
-        self.address = None
-        while True:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.early_stderr.append(line)
-            m = _LISTEN_RE.search(line)
-            if m:
-                self.address = m.group(1)
-                break
-        if self.address is None:
+        try:
+            self.listening = read_listening(self.proc, PROC_TIMEOUT)
+        except NotListening as e:
+            self.proc.kill()
             out, err = self.proc.communicate(timeout=PROC_TIMEOUT)
-            raise AssertionError(f"serve-dest did not start (rc {self.proc.returncode}): "
-                                 f"{''.join(self.early_stderr)}{err}")
+            raise AssertionError(f"serve-dest did not start (rc {self.proc.returncode}, {e}): {e.output}{out} {err}")
+        self.address = self.listening["address"]
 
     @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
     def wait(self, timeout: float = PROC_TIMEOUT) -> tuple[int, str, str]:
-        """(exit code, stdout, stderr after the 'listening' line)."""
+        """(exit code, stdout after the listening event, stderr without its human 'listening on' line)."""
         out, err = self.proc.communicate(timeout=timeout)
+        err = "".join(l for l in err.splitlines(keepends=True) if not l.startswith("postcopy: listening on "))
         return self.proc.returncode, out, err
 
     def kill(self):

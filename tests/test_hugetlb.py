@@ -326,4 +326,4 @@ def test_hugetlb_malformed_host_page_exit_3(tmp_path, serve_dest, hugepages_2m, 
     line = single_stderr_line(err)
     assert re.search(r"protocol error in .*RAM", line), line
     assert f"{host_page:#x}" in line, line
-    assert out == ""
+    assert json.loads(out)["error"]["code"] == 3, out   # --json: the error document, nothing else

@@ -264,7 +264,7 @@ def test_malformed_return_path_exit_3(tmp_path, fake_dest, garbage):
     assert "return path" in line and "at byte 0" in line, line
 
 
-def test_shut_1_from_destination_exit_1(tmp_path, fake_dest):
+def test_shut_1_from_destination_is_a_refusal_exit_3(tmp_path, fake_dest):
     image = tmp_path / "img"
     write_image(image, 16 * MiB, seed=6)
     d = fake_dest(rcvbuf=64 << 10)
@@ -273,8 +273,8 @@ def test_shut_1_from_destination_exit_1(tmp_path, fake_dest):
     d.read_until(_is(codec.PostcopyRun))
     d.conn.sendall(codec.encode_rp(codec.Shut(1)))
     rc, out, err = finish(proc)
-    assert rc == 1, err
-    assert "SHUT 1" in single_stderr_line(err)
+    assert rc == 3, err
+    assert "refused the stream (SHUT 1)" in single_stderr_line(err)
 
 
 def test_destination_never_answers_shut(tmp_path, fake_dest):

@@ -341,7 +341,8 @@ def test_program_killed_mid_migration(tmp_path, serve_dest):
     assert rc == 1, err
     assert "Traceback" not in err
     assert "program" in err and ("exited" in err or "closed" in err), err
-    assert mig.returncode in (1, 4), m_err
+    # the destination answers SHUT 1 before it closes (exit 3, when the source reads it) or just closes (4)
+    assert mig.returncode in (1, 3, 4), m_err
     assert "Traceback" not in m_err
 
 

@@ -23,6 +23,7 @@ import pytest
 from conftest import PROC_TIMEOUT, postcopy_cmd, single_stderr_line, write_image
 from postcopy_cli import codec
 from postcopy_cli.errors import ProtocolError
+from postcopy_cli.selftest.harness import read_listening
 
 PAGE = 4096
 PAGES = 256
@@ -255,8 +256,7 @@ def test_restore_flow_with_preempt_channel_under_load(tmp_path):
             sd = subprocess.Popen(postcopy_cmd("serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket",
                                                str(sock), "--json"),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            line = sd.stderr.readline()
-            address = line.split("listening on ", 1)[1].split(",", 1)[0]
+            address = read_listening(sd, PROC_TIMEOUT)["address"]
             toucher = subprocess.Popen(postcopy_cmd("workload", "touch", "--size", "1M", "--attach", str(sock),
                                                     "--image", str(image), "--order", "random", "--seed", str(i),
                                                     "--json", "--connect-timeout", "20"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import socket
@@ -104,7 +105,8 @@ def test_serve_dest_after_run(tmp_path, signals_sent):
             assert rc == 1, err
             assert "interrupted by SIGINT" in "".join(err) and "must be stopped" in "".join(err), err
             assert touch.returncode == 1 and "migration failed: interrupted by SIGINT" in terr, terr
-            assert not out.strip(), out    # it never read on (no report, no zero page)
+            # it never read on (no report, no zero page): the one document is the error
+            assert set(json.loads(out)) == {"error"}, out
         assert not any(p.exists() for p in paths)
     finally:
         for p in (sd, touch, migrate):

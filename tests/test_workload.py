@@ -197,7 +197,7 @@ def test_touch_after_handover_gets_served_pages(server, tmp_path):
     image = os.urandom(30 * PAGE)
     (tmp_path / "img").write_bytes(image)
     proc = _spawn("touch", "--attach", server.path, "--size", str(size), "--image", str(tmp_path / "img"),
-                  "--order", "random", "--seed", "5")
+                  "--order", "random", "--seed", "5", "--json")
     h = server.accept()
     assert h.pid == proc.pid and h.notify and h.regions[0].size == size
     server.serve(lambda i: image[i * PAGE:(i + 1) * PAGE].ljust(PAGE, b"\0"))
@@ -215,7 +215,7 @@ def test_touch_reports_mismatch_and_waits_for_run(server, tmp_path):
     image = os.urandom(size)
     (tmp_path / "img").write_bytes(image)
     proc = _spawn("touch", "--attach", server.path, "--size", str(size), "--image", str(tmp_path / "img"),
-                  "--wait-run")
+                  "--wait-run", "--json")
     server.accept()
     server.serve(lambda i: bytes(PAGE) if i == 9 else image[i * PAGE:(i + 1) * PAGE])
     time.sleep(0.2)

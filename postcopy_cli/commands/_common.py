@@ -13,10 +13,29 @@ from ..units import parse_size
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
+class _JsonRequest:
+    """Whether this run's command was given --json: the CLI's error map (cli.py) reads it to print
+    failures as a JSON document too.  Set while the options are parsed (an eager option, so a
+    later bad option still finds it set), reset by cli.run for each run."""
+
+    given = False
+
+
+json_request = _JsonRequest()
+
+
+def _note_json(ctx, param, value):
+    if value:
+        json_request.given = True
+    return value
+
+
 def common_options(f):
     """Add ``--json`` and ``--log-level``; the command receives ``as_json``."""
 
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout (nothing else there).")
+    @click.option("--json", "as_json", is_flag=True, is_eager=True, callback=_note_json,
+                  help="Machine-readable output on stdout (nothing else there): one JSON document, "
+                       "{\"error\": {\"code\", \"kind\", \"message\"}, ...} when the command fails.")
     @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="warning",
                   show_default=True, help="Verbosity of the log on stderr.")
     @functools.wraps(f)
@@ -72,9 +91,34 @@ def check_block_name(value: str, param=None, ctx=None) -> None:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
 
+# Until 0.3.0 every key spelled with "_" before 0.2.0 is also written that way (deprecated; CHANGELOG.md).
+DEPRECATED_SNAKE_KEYS = True
+
+
+def machine_keys(obj):
+    """``obj`` with QEMU's kebab-case keys: ``total_seconds`` becomes ``total-seconds`` (plus, while
+    :data:`DEPRECATED_SNAKE_KEYS`, the old spelling after the new ones).  Only lower-case word keys
+    change, so data used as keys (histogram buckets, capability names) stay as they are."""
+    if isinstance(obj, list):
+        return [machine_keys(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out, old = {}, {}
+    for k, v in obj.items():
+        v = machine_keys(v)
+        if isinstance(k, str) and "_" in k and k.replace("_", "").isalnum() and k.islower():
+            out[k.replace("_", "-")] = v
+            if DEPRECATED_SNAKE_KEYS:
+                old[k] = v
+        else:
+            out[k] = v
+    out.update(old)
+    return out
+
+
 def emit_json(obj) -> None:
-    """Write one JSON document to stdout."""
-    sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
+    """Write one JSON document to stdout (one line: a stream of them is JSON lines)."""
+    sys.stdout.write(json.dumps(machine_keys(obj), sort_keys=False) + "\n")
     sys.stdout.flush()
 
 

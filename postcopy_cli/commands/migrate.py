@@ -66,7 +66,10 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
     passes while it runs, then it is paused, stale pages are discarded, and the
     rest moves in post-copy. Exit 0 when the destination answers SHUT 0; 1 on
     failure (the source program is resumed if that happens before RUN); 3 on a
-    malformed return path; 4 if the destination disconnected.
+    malformed return path or when the destination refused the stream (it
+    answered SHUT 1, e.g. blocks, sizes or page sizes differ); 4 if the
+    destination disconnected. --json keys are kebab-case (total-seconds, ...);
+    the snake_case keys of 0.1 are still written too, deprecated until 0.3.0.
     """
     from ..channels import transport
     from ..source.live import shut_connections

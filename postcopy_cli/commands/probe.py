@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..errors import PostcopyError
+from ..errors import PostcopyError, with_stats
 from ._common import SizeParam, common_options, emit_json
 
 
@@ -79,10 +79,12 @@ def probe(as_json: bool, target_page_size: int) -> None:
     from ..probe import run_probe
 
     report = run_probe(target_page_size)
-    if as_json:
-        emit_json(report.to_json())
-    else:
+    if not as_json:
         _render(report)
     if not report.supported:
         names = ", ".join(c.name for c in report.failed) or "core checks"
-        raise PostcopyUnsupported(f"post-copy is not supported on this host (failed: {names})")
+        # with --json the report goes with the error: one document
+        raise with_stats(PostcopyUnsupported(f"post-copy is not supported on this host (failed: {names})"),
+                         report.to_json() if as_json else None)
+    if as_json:
+        emit_json(report.to_json())

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from ..errors import UsageError
+from ..errors import UsageError, with_stats
 from ..units import parse_size
 from ._common import common_options, emit_json
 
@@ -109,10 +109,12 @@ def selftest(as_json: bool, size: str, only: tuple[str, ...], timeout: float) ->
             print(f"postcopy: {r['name']}: {'pass' if r['passed'] else 'FAIL'}", file=sys.stderr, flush=True)
 
     report = core.run_selftest(size=nbytes, timeout=timeout, only=list(only) or None, on_result=progress)
-    if as_json:
-        emit_json(report)
-    else:
+    if not as_json:
         _render(report)
     if not report["passed"]:
         failed = [r["name"] for r in report["cases"] if not r["passed"]]
-        raise core.SelftestFailed(f"selftest failed: {', '.join(failed) or 'no case ran'}")
+        # with --json the report goes with the error: one document
+        raise with_stats(core.SelftestFailed(f"selftest failed: {', '.join(failed) or 'no case ran'}"),
+                         report if as_json else None)
+    if as_json:
+        emit_json(report)

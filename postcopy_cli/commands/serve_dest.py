@@ -8,7 +8,7 @@ import sys
 import click
 
 from .. import signals
-from ..errors import UsageError
+from ..errors import UsageError, with_stats
 from ..units import parse_size
 from ._common import check_block_name, common_options, emit_json, progress_display
 
@@ -68,6 +68,12 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure)
     from the source and placed atomically; the rest streams in background.
     Exit 0 when every page is in; 1 on failure (e.g. the program exited);
     3 on a protocol error from the source; 4 if the source disconnected.
+
+    With --json, stdout is JSON lines (each line one JSON document): first
+    {"event": "listening", "address": "tcp:HOST:PORT", "uffd-socket": PATH or
+    null} once the sockets listen (scripts read the bound address there), then
+    the final statistics, or on failure {"error": {"code", "kind", "message"}}
+    with the statistics reached so far.
     """
     from ..dest.serve import ServeDest, ServeOptions
 
@@ -81,6 +87,8 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure)
     def announce(server):
         print(f"postcopy: listening on {server.bound}" +
               (f", memory hand-over on unix:{uffd_socket}" if uffd_socket else ""), file=sys.stderr, flush=True)
+        if as_json:
+            emit_json({"event": "listening", "address": str(server.bound), "uffd_socket": uffd_socket})
 
     server = ServeDest(opts, on_listening=announce)
     try:
@@ -88,6 +96,10 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure)
                            wake=lambda error: server.dest is not None and server.dest.stop(error)), \
                 progress_display(enabled=not as_json, title="receiving") as progress:
             result = server.run(progress=progress)
+    except BaseException as e:
+        if server.dest is not None:
+            with_stats(e, server.dest.stats())
+        raise
     finally:
         server.close()
     if stats_file:

@@ -1,9 +1,11 @@
 """`postcopy workload`: the reference guest (run, incoming, touch)."""
 from __future__ import annotations
 
+import sys
+
 import click
 
-from ..errors import UsageError
+from ..errors import UsageError, with_stats
 from ..units import parse_size
 from ._common import common_options, emit_json
 
@@ -18,20 +20,34 @@ def _size(text: str) -> int:
     return size
 
 
-def _finish(report: dict | None) -> None:
-    """Print the report; fail (exit 1, one line on stderr) when it says the memory is wrong."""
+def _finish(report: dict | None, as_json: bool, *, human=None) -> None:
+    """Print the report (JSON with --json; ``human``'s line on stderr otherwise, or JSON when
+    there is none); fail (exit 1, one line on stderr) when it says the memory is wrong.
+
+    With --json and a failure, the report goes with the error: the CLI prints one document."""
     if report is None:
         return
-    emit_json(report)
+    from ..guest.programs import WorkloadError
+
+    error = None
     if report.get("check", "ok") != "ok":
-        from ..guest.programs import WorkloadError
+        error = WorkloadError(f"memory check failed at page {report['first_bad_page']}")
+    elif report.get("mismatches"):
+        error = WorkloadError(f"{report['mismatches']} page(s) differ from the expected content, "
+                              f"first page {report['first_mismatch']}")
+    if error is not None and as_json:
+        raise with_stats(error, report)
+    if as_json or human is None:
+        emit_json(report)
+    else:
+        print(human(report), file=sys.stderr, flush=True)
+    if error is not None:
+        raise error
 
-        raise WorkloadError(f"memory check failed at page {report['first_bad_page']}")
-    if report.get("mismatches"):
-        from ..guest.programs import WorkloadError
 
-        raise WorkloadError(f"{report['mismatches']} page(s) differ from the expected content, "
-                                  f"first page {report['first_mismatch']}")
+def _touched(r: dict) -> str:
+    return (f"postcopy: touched {r['pages']} pages in {r['seconds']:.3f} s, {r['mismatches']} mismatches; "
+            f"latency p50 {r['p50_us']} us, p99 {r['p99_us']} us")
 
 
 _attach = click.option("--attach", "path", required=True, metavar="PATH",
@@ -65,7 +81,7 @@ def run(mem: str, path: str, step: int, report_after: float | None, connect_time
     from ..guest import programs as guest
 
     _finish(guest.run_source(_size(mem), path, step=step, report_after=report_after,
-                              connect_timeout=connect_timeout, warmup_passes=warmup_passes))
+                              connect_timeout=connect_timeout, warmup_passes=warmup_passes), as_json)
 
 
 @workload.command("incoming")
@@ -81,7 +97,7 @@ def incoming(mem: str, path: str, step: int, report_after: float | None, connect
     from ..guest import programs as guest
 
     _finish(guest.run_incoming(_size(mem), path, step=step, report_after=report_after,
-                                connect_timeout=connect_timeout))
+                                connect_timeout=connect_timeout), as_json)
 
 
 @workload.command("touch")
@@ -96,8 +112,11 @@ def incoming(mem: str, path: str, step: int, report_after: float | None, connect
 @common_options
 def touch(size: str, path: str, image: str | None, order: str, seed: int, wait_run: bool, connect_timeout: float,
           as_json: bool) -> None:
-    """Hand empty memory over, touch every page, report latencies; exit 0 only if every page matched."""
+    """Hand empty memory over, touch every page, report latencies; exit 0 only if every page matched.
+
+    Prints a one-line summary on stderr; with --json, the report on stdout (pages, mismatches,
+    first-mismatch, seconds, p50-us, p99-us, max-us, histogram-us)."""
     from ..guest import programs as guest
 
     _finish(guest.run_touch(_size(size), path, image=image, order=order, seed=seed, wait_run=wait_run,
-                             connect_timeout=connect_timeout))
+                             connect_timeout=connect_timeout), as_json, human=_touched)

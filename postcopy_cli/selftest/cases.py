@@ -17,8 +17,6 @@ import ctypes
 import json
 import os
 import random
-import re
-import select
 import shutil
 import signal
 import socket
@@ -32,6 +30,7 @@ from typing import Callable
 
 from ..errors import PostcopyError
 from ..signals import Interrupted
+from .harness import NotListening, read_listening
 
 PAGE = 4096
 DEFAULT_SIZE = 64 << 20
@@ -213,27 +212,12 @@ def finish(name: str, p: subprocess.Popen, deadline: float) -> Finished:
         return Finished(name, None, out or "", err or "")
 
 
-_LISTENING = re.compile(r"listening on (tcp:\S+?|unix:\S+?)(,|\s*$)")
-
-
-def wait_listening(p: subprocess.Popen, deadline: float) -> tuple[str | None, str]:
-    """Read serve-dest's stderr until its 'listening on ADDRESS' line: (address, stderr so far)."""
-    seen = ""
-    fd = p.stderr.fileno()
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], max(0.0, min(0.5, deadline - time.monotonic())))
-        if not r:
-            if p.poll() is not None:
-                break
-            continue
-        line = p.stderr.readline()
-        if not line:
-            break
-        seen += line
-        m = _LISTENING.search(line)
-        if m:
-            return m.group(1), seen
-    return None, seen
+def wait_listening(p: subprocess.Popen, deadline: float) -> str | None:
+    """serve-dest's bound address, from its first stdout line (``--json``'s listening event), or None."""
+    try:
+        return read_listening(p, max(0.0, deadline - time.monotonic()))["address"]
+    except NotListening:
+        return None
 
 
 def _dest_metrics(stats: dict | None, nbytes: int, seconds: float | None) -> dict:
@@ -266,10 +250,9 @@ def restore_to_attached(ctx: SelftestContext, name: str, *, image: str, order: s
     with Procs() as procs:
         dest = procs.start("serve-dest", "--listen", listen, "--uffd-socket", uffd_sock, "--json",
                            "--timeout", f"{ctx.timeout:g}")
-        address, dest_err = wait_listening(dest, min(deadline, time.monotonic() + 10))
+        address = wait_listening(dest, min(deadline, time.monotonic() + 10))
         if address is None:
             f = finish("serve-dest", dest, time.monotonic() + 1)
-            f.err = dest_err + f.err
             return result(name, False, f"serve-dest did not start listening: {f.why()}")
         touch = procs.start("workload", "touch", "--size", str(mem), "--attach", uffd_sock, "--image", image,
                             "--order", order, "--connect-timeout", "10", "--json")
@@ -278,24 +261,23 @@ def restore_to_attached(ctx: SelftestContext, name: str, *, image: str, order: s
         f_src = finish("migrate", src, deadline)
         f_touch = finish("workload touch", touch, deadline)
         f_dest = finish("serve-dest", dest, deadline)
-        f_dest.err = dest_err + f_dest.err
     src_stats, touch_rep, dest_stats = f_src.json(), f_touch.json(), f_dest.json()
-    seconds = (src_stats or {}).get("total_seconds")
+    seconds = (src_stats or {}).get("total-seconds")
     metrics = _dest_metrics(dest_stats, mem, seconds)
     metrics["address"] = address
     metrics["order"] = order
     if touch_rep:
-        metrics["touch_p50_us"] = touch_rep.get("p50_us")
-        metrics["touch_p99_us"] = touch_rep.get("p99_us")
+        metrics["touch_p50_us"] = touch_rep.get("p50-us")
+        metrics["touch_p99_us"] = touch_rep.get("p99-us")
         metrics["mismatches"] = touch_rep.get("mismatches")
     if src_stats:
-        metrics["source_zero_pages"] = src_stats.get("zero_pages")
+        metrics["source_zero_pages"] = src_stats.get("zero-pages")
     problems = [f.why() for f in (f_src, f_touch, f_dest) if f.rc != 0]
     if touch_rep is None:
         problems.append("workload touch printed no report")
     elif touch_rep.get("mismatches") != 0 or touch_rep.get("pages") != mem // PAGE:
         problems.append(f"{touch_rep.get('mismatches')} mismatching page(s), first "
-                        f"{touch_rep.get('first_mismatch')}; {touch_rep.get('pages')} of {mem // PAGE} pages touched")
+                        f"{touch_rep.get('first-mismatch')}; {touch_rep.get('pages')} of {mem // PAGE} pages touched")
     if dest_stats is None:
         problems.append("serve-dest printed no statistics")
     elif dest_stats["pages"]["received"] != mem // PAGE:
@@ -435,7 +417,7 @@ def case_malformed_stream(ctx: SelftestContext) -> dict:
     with Procs() as procs:
         dest = procs.start("serve-dest", "--listen", "tcp:127.0.0.1:0", "--ram", f"mem={block}", "--json",
                            "--timeout", "5")
-        address, err = wait_listening(dest, min(deadline, time.monotonic() + 10))
+        address = wait_listening(dest, min(deadline, time.monotonic() + 10))
         if address is None:
             f = finish("serve-dest", dest, time.monotonic() + 1)
             return result(name, False, f"serve-dest did not start listening: {f.why()}")
@@ -452,7 +434,6 @@ def case_malformed_stream(ctx: SelftestContext) -> dict:
         except OSError as e:
             return result(name, False, f"fake source could not talk to serve-dest: {e}")
         f = finish("serve-dest", dest, deadline)
-        f.err = err + f.err
     message = next((line for line in f.err.splitlines() if "protocol error" in line), "")
     metrics = {"exit_code": f.rc, "message": message, "expected_offset": record_at}
     if f.rc != 3:
@@ -476,10 +457,9 @@ def case_live_migration(ctx: SelftestContext) -> dict:
     with Procs() as procs:
         dest = procs.start("serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket", dst_sock, "--json",
                            "--timeout", f"{ctx.timeout:g}")
-        address, dest_err = wait_listening(dest, min(deadline, time.monotonic() + 10))
+        address = wait_listening(dest, min(deadline, time.monotonic() + 10))
         if address is None:
             f = finish("serve-dest", dest, time.monotonic() + 1)
-            f.err = dest_err + f.err
             return result(name, False, f"serve-dest did not start listening: {f.why()}")
         src = procs.start("migrate", "--attach", src_sock, "--to", address, "--postcopy-after", "1",
                           "--kill-source", "--json", "--timeout", f"{ctx.timeout:g}")
@@ -490,35 +470,35 @@ def case_live_migration(ctx: SelftestContext) -> dict:
         f_inc = finish("workload incoming", incoming, deadline)
         f_run = finish("workload run", run, deadline)
         f_dest = finish("serve-dest", dest, deadline)
-        f_dest.err = dest_err + f_dest.err
     src_stats, report, dest_stats = f_src.json() or {}, f_inc.json(), f_dest.json()
-    metrics = _dest_metrics(dest_stats, ctx.size, src_stats.get("total_seconds"))
+    metrics = _dest_metrics(dest_stats, ctx.size, src_stats.get("total-seconds"))
     metrics.update({
         "address": address,
-        "precopy_passes": src_stats.get("precopy_passes"),
-        "downtime_ms": src_stats.get("downtime_ms"),
-        "postcopy_seconds": src_stats.get("postcopy_seconds"),
-        "discarded_pages": src_stats.get("discarded_pages"),
+        "precopy_passes": src_stats.get("precopy-passes"),
+        "downtime_ms": src_stats.get("downtime-ms"),
+        "postcopy_seconds": src_stats.get("postcopy-seconds"),
+        "discarded_pages": src_stats.get("discarded-pages"),
     })
     if report:
-        metrics.update({k: report.get(k) for k in ("passes_before", "passes_after", "passes_per_second", "check")})
+        metrics.update({k.replace("-", "_"): report.get(k)
+                        for k in ("passes-before", "passes-after", "passes-per-second", "check")})
     problems = [f.why() for f in (f_src, f_inc, f_run, f_dest) if f.rc != 0]
     if report is None:
         problems.append("workload incoming printed no report")
     else:
         if report.get("check") != "ok":
-            problems.append(f"memory check failed on the destination at page {report.get('first_bad_page')}")
-        if not report.get("passes_after", 0) > report.get("passes_before", 0):
-            problems.append(f"the workload made no passes on the destination ({report.get('passes_before')} -> "
-                            f"{report.get('passes_after')})")
+            problems.append(f"memory check failed on the destination at page {report.get('first-bad-page')}")
+        if not report.get("passes-after", 0) > report.get("passes-before", 0):
+            problems.append(f"the workload made no passes on the destination ({report.get('passes-before')} -> "
+                            f"{report.get('passes-after')})")
     if dest_stats is None:
         problems.append("serve-dest printed no statistics")
     elif dest_stats["pages"]["received"] != ctx.size // PAGE:
         problems.append(f"serve-dest received {dest_stats['pages']['received']} of {ctx.size // PAGE} pages")
     if problems:
         return result(name, False, "; ".join(dict.fromkeys(problems)), metrics)
-    return result(name, True, f"{src_stats.get('precopy_passes')} pre-copy pass(es), downtime "
-                              f"{src_stats.get('downtime_ms')} ms, {src_stats.get('discarded_pages')} pages discarded, "
+    return result(name, True, f"{src_stats.get('precopy-passes')} pre-copy pass(es), downtime "
+                              f"{src_stats.get('downtime-ms')} ms, {src_stats.get('discarded-pages')} pages discarded, "
                               f"post-copy {src_stats.get('postcopy_seconds')} s with {metrics['requests']} requests; "
                               f"memory check ok, passes {report['passes_before']} -> {report['passes_after']} "
                               f"on the destination", metrics)

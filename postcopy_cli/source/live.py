@@ -28,7 +28,7 @@ from ..channels import transport
 from .._native import ffi, lib
 from ..memory.pagemap import PagemapScanner
 from ..codec.discards import DiscardEncoder
-from ..errors import PostcopyError
+from ..errors import PostcopyError, with_stats
 from ..channels.handover import ControlReader, Handover, HandshakeError, receive_handover
 from ..memory.mappings import RamBlock, blocks_from_regions
 from .streamer import TP, PageStreamer, send_preamble
@@ -410,6 +410,9 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
                                wake=lambda error: shut_connections(conn, preempt)):
                 stats = mig.run()
         except BaseException as e:
+            if mig is not None:
+                # the figures so far go with the error (migrate --json prints them with it)
+                e = with_stats(mig.streamer.refusal(e), {**mig.streamer.stats, **mig.stats})
             ran = mig is not None and mig.run_sent
             if not ran:
                 # before RUN the program is still the only copy: let it go on
@@ -420,7 +423,7 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
                     raise signals.Interrupted(stop.signum, f" (the program {note} on the source)") from None
                 if isinstance(e, PostcopyError):
                     e.args = (f"{e.args[0] if e.args else e} (the program {note} on the source)",)
-            raise
+            raise e from None
         finally:
             if mig is not None:
                 mig.close()

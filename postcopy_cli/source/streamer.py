@@ -20,7 +20,8 @@ import time
 from .. import codec
 from .._native import ffi, lib
 from ..sched import make_latency_thread
-from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError, UsageError
+from ..errors import (DestinationRefused, PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError, UsageError,
+                      with_stats)
 
 log = logging.getLogger("postcopy.source")
 
@@ -519,9 +520,46 @@ class PageStreamer:
             if self.shut is None and time.monotonic() - self._last_heard > self.timeout:
                 raise PeerTimeout(f"the destination did not answer SHUT within {self.timeout:g} s of EOF")
         if self.shut != 0:
-            raise PostcopyError(f"the destination reported failure (SHUT {self.shut})")
+            raise DestinationRefused(self.shut)
         self.stats["seconds"] = round(time.monotonic() - self._t0, 3)
         return self.stats
+
+    def refusal(self, error: BaseException) -> BaseException:
+        """``error``, or :class:`DestinationRefused` if the destination sent SHUT != 0 before it closed.
+
+        A destination that refuses the stream answers SHUT 1 on the return path
+        and closes: the source's next write fails (EPIPE, or ECONNRESET once the
+        destination's close with unread data resets the connection) or its read
+        finds EOF, while the SHUT is still in the receive queue, where TCP and
+        Unix sockets keep it readable after the reset or EOF."""
+        if isinstance(error, PeerTimeout) or not isinstance(error, (PeerDisconnected, OSError)):
+            return error
+        if self.shut is None:
+            self._drain_return_path()
+        return DestinationRefused(self.shut) if self.shut else error
+
+    def _drain_return_path(self, grace: float = 1.0) -> None:
+        """Read what is left on the return path, looking for SHUT only (the migration has failed)."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        deadline = time.monotonic() + grace
+        while self.shut is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                return
+            try:
+                data = self.conn.recv(65536, socket.MSG_DONTWAIT)
+            except OSError:
+                return
+            if not data:
+                return
+            self.decoder.feed(data)
+            try:
+                shuts = [ev.status for ev in self.decoder.events() if type(ev) is codec.Shut]
+            except ProtocolError:
+                return
+            if shuts:
+                self.shut = shuts[0]
 
 
 def send_preamble(conn: socket.socket, blocks: list, migration: codec.MigrationId) -> None:
@@ -546,10 +584,18 @@ def migrate_image(conn: socket.socket, image: ImageMemory, *, state: bytes = b""
     """
     t0 = time.monotonic()
     streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout, preempt=preempt)
-    send_preamble(conn, image.blocks, streamer.migration)
-    conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
-                 codec.encode(codec.PostcopyRun()))
-    stats = streamer.run()
+    try:
+        send_preamble(conn, image.blocks, streamer.migration)
+        conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
+                     codec.encode(codec.PostcopyRun()))
+        stats = streamer.run()
+    except BaseException as e:
+        # the figures so far go with the error (migrate --json prints them with it)
+        raise with_stats(streamer.refusal(e), _image_totals(dict(streamer.stats), image, t0)) from None
+    return _image_totals(stats, image, t0)
+
+
+def _image_totals(stats: dict, image: ImageMemory, t0: float) -> dict:
     stats["total_seconds"] = round(time.monotonic() - t0, 3)
     stats["pages"] = sum(b.length // TP for b in image.blocks)
     return stats
