@@ -195,7 +195,7 @@ def _check_success(lv: Live, mem: int, *, kill_source: bool) -> dict:
 
 def test_live_migration_kill_source(live):
     lv = live()
-    lv.all("32M", "--postcopy-after", "1", "--kill-source")
+    lv.all("32M", "--precopy-passes", "1", "--postcopy-after", "600", "--kill-source")
     stats = _check_success(lv, 32 * MIB, kill_source=True)
     assert stats["precopy_passes"] >= 1
     assert stats["pause"] == "request"
@@ -205,7 +205,8 @@ def test_live_migration_kill_source(live):
 
 def test_live_migration_source_stays_paused(live):
     lv = live()
-    lv.all("16M", "--postcopy-after", "0.5")
+    # a pass count, not a time: a loaded machine may not finish a pass in a given time
+    lv.all("16M", "--precopy-passes", "1", "--postcopy-after", "600")
     stats = _check_success(lv, 16 * MIB, kill_source=False)
     assert stats["precopy_passes"] >= 1
 
@@ -227,8 +228,7 @@ def test_sigusr1_switches_over_early(live):
     stats = _check_success(lv, 16 * MIB, kill_source=True)
     # not a timing assertion on speed: without the signal it would take 60 s
     assert time.monotonic() - t < 30
-    assert stats["precopy_seconds"] < 30
-    assert stats["precopy_passes"] >= 1
+    assert stats["precopy_seconds"] < 30     # (how many passes fit before the signal depends on the load)
 
 
 # ---------------------------------------------------------------------------

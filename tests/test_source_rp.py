@@ -112,9 +112,10 @@ def test_return_path_message_longer_than_native_buffer(tmp_path):
 
 def _records(stream: bytes, first: int):
     """(offset, data) of the PAGE records of the preempt channel from its first record, which is
-    a PAGE naming block "mem" at ``first``."""
+    a PAGE naming block "mem" at ``first`` (nothing while that record has not arrived yet)."""
     pos = stream.find(struct.pack(">Q", first | F_PAGE) + b"\x03mem")
-    assert pos >= 0
+    if pos < 0:
+        return
     while pos + 8 <= len(stream):
         (v,) = struct.unpack_from(">Q", stream, pos)
         off, flags = v & ~0xFFF, v & 0xFFF
