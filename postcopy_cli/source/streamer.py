@@ -5,12 +5,10 @@ One connection carries both directions (DESIGN.md section 4).  The
 passes): requested pages jump the queue — background chunks go only when the
 small socket buffers have room, so a requested page waits behind little more
 than one chunk — and the rest streams in runs, zero pages as ZERO records.
-:class:`ImageMemory` serves a memory image file (lazy restore).
 """
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import select
 import socket
@@ -20,84 +18,13 @@ import time
 from .. import codec
 from .._native import ffi, lib
 from ..sched import make_latency_thread
-from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError, UsageError
+from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
 
 log = logging.getLogger("postcopy.source")
 
 TP = codec.TARGET_PAGE_SIZE
 CHUNK_PAGES = 256                # one background chunk: 1 MiB
 BULK_BUFFER = 1 << 20            # socket buffer of a main stream that has a preempt channel
-
-
-class ImageMemory:
-    """A memory image file served as one block (Firecracker's memory-file layout: block ``mem``)."""
-
-    def __init__(self, path: str, *, block: str = "mem", page_size: int = TP):
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise UsageError(f"cannot open image {path!r}: {e.strerror}") from None
-        size = os.fstat(self._fd).st_size
-        if size == 0:
-            os.close(self._fd)
-            raise UsageError(f"image {path!r} is empty")
-        length = -(-size // page_size) * page_size
-        self.size = size
-        self.path = path
-        self.blocks = [codec.BlockInfo(block, length, page_size)]
-        # mapped a page longer than the file where it ends mid-page: reads past
-        # the end of the file within the last page see zeros (mmap(2))
-        self._map = mmap.mmap(self._fd, size, prot=mmap.PROT_READ) if length <= -(-size // TP) * TP else \
-            self._map_over_zeros(size, length)
-        self._view = memoryview(self._map)
-        self._base = ffi.from_buffer(self._view)
-        self._tail = None
-        if size % TP:
-            self._tail = ffi.new("uint8_t[]", TP)
-            ffi.memmove(self._tail, self._view[size - size % TP:], size % TP)
-
-    def _map_over_zeros(self, size: int, length: int) -> mmap.mmap:
-        """The file mapped over zeros of the whole block: a host page size that does not divide the
-        file leaves whole target pages past its end, which must read as zeros, not fault."""
-        import ctypes
-
-        mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        addr = int(ffi.cast("uintptr_t", ffi.from_buffer(mm)))
-        MAP_FIXED = 0x10
-        if libc.mmap(addr, size, mmap.PROT_READ, mmap.MAP_PRIVATE | MAP_FIXED, self._fd, 0) != addr:
-            err = ctypes.get_errno()
-            mm.close()
-            os.close(self._fd)
-            raise UsageError(f"cannot map image {self.path!r}: {os.strerror(err)}")
-        return mm
-
-    pid = 0   # the pages are in our own memory
-
-    def base(self, block: int):
-        """Pointer to the block in our memory (the kernel maps the image's last page whole)."""
-        return self._base
-
-    def segments(self, block: int) -> list:
-        return []
-
-    def pages(self, block: int, offset: int, count: int, slot: int = 0):
-        """Pointer to ``count`` contiguous target pages from ``offset`` (the mapping: always valid)."""
-        if self._tail is not None and offset < self.size < offset + count * TP:
-            if count > 1:
-                raise ValueError("the partial last page of an image must be read alone")
-            return self._tail
-        return self._base + offset
-
-    def close(self):
-        del self._base
-        self._view.release()
-        self._map.close()
-        os.close(self._fd)
-
 
 class _Lane:
     """One outgoing connection carrying RAM records: the main stream or the preempt channel."""
@@ -536,20 +463,3 @@ def send_preamble(conn: socket.socket, blocks: list, migration: codec.MigrationI
         codec.encode(codec.OpenReturnPath()),
         codec.encode(codec.PostcopyAdvise(summary, TP)),
     ]))
-
-
-def migrate_image(conn: socket.socket, image: ImageMemory, *, state: bytes = b"", max_bandwidth: float = 0.0,
-                  timeout: float = 30.0, preempt: socket.socket | None = None) -> dict:
-    """Lazy restore: preamble, STATE, LISTEN, RUN, then every page (requested ones first), EOF, SHUT.
-
-    ``preempt``: a second connection to the destination for requested pages.
-    """
-    t0 = time.monotonic()
-    streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout, preempt=preempt)
-    send_preamble(conn, image.blocks, streamer.migration)
-    conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
-                 codec.encode(codec.PostcopyRun()))
-    stats = streamer.run()
-    stats["total_seconds"] = round(time.monotonic() - t0, 3)
-    stats["pages"] = sum(b.length // TP for b in image.blocks)
-    return stats
