@@ -22,6 +22,8 @@ class ProcessMemory:
         # one buffer per sending thread (background, requests)
         self._bufs = [ffi.new("uint8_t[]", READ_CHUNK_PAGES * TP) for _ in range(2)]
 
+    data_end = None   # every page of every block is the program's
+
     def base(self, block: int):
         return ffi.NULL   # not in our memory: read from the program
 

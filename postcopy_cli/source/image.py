@@ -61,6 +61,11 @@ class ImageMemory:
 
     pid = 0   # the pages are in our own memory
 
+    @property
+    def data_end(self) -> int:
+        """The file ends here; the rest of its last page reads as zeros."""
+        return self.size
+
     def base(self, block: int):
         """Pointer to the block in our memory (the kernel maps the image's last page whole)."""
         return self._base

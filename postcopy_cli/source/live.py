@@ -30,7 +30,7 @@ from ..errors import PostcopyError
 from ..memory.mappings import RamBlock, blocks_from_regions
 from ..memory.process import ProcessMemory
 from .attached import AttachedSource, accept_program
-from .pages import _clean_spans, _stale_runs
+from .pages import PageBook
 from .streamer import TP, PageStreamer, send_preamble
 
 log = logging.getLogger("postcopy.live")
@@ -70,8 +70,9 @@ class LiveMigration:
         self.memory = ProcessMemory(program.pid, self.ram_blocks)
         self.scanner = PagemapScanner(program.pid)
         self.scanner2 = PagemapScanner(program.pid)
-        self.streamer = PageStreamer(conn, self.memory, max_bandwidth=opts.max_bandwidth, timeout=opts.timeout,
-                                     track_sent=True, preempt=preempt)
+        self.book = PageBook(self.memory.blocks, track_sent=True)
+        self.streamer = PageStreamer(conn, self.memory, book=self.book, max_bandwidth=opts.max_bandwidth,
+                                     timeout=opts.timeout, preempt=preempt)
         self.stats: dict = {}
         self.run_sent = False   # POSTCOPY_RUN handed to the kernel: the destination may be running the program
 
@@ -85,7 +86,7 @@ class LiveMigration:
         for bi, b in enumerate(self.ram_blocks):
             for s in b.segments:
                 if only_clean:
-                    spans += [(bi, a, e) for a, e in _clean_spans(self.streamer.to_send[bi], s)]
+                    spans += [(bi, a, e) for a, e in self.book.clean_spans(bi, s)]
                 else:
                     spans.append((bi, s.host_addr, s.host_addr + s.size))
         # the walk of the page tables is the cost: two scanners share it (the
@@ -135,9 +136,7 @@ class LiveMigration:
     def _refill(self, *, reprotect: bool = True, only_clean: bool = False) -> None:
         """End of a pre-copy pass: what was dirtied meanwhile goes again."""
         for bi, runs in enumerate(self._written(reprotect=reprotect, only_clean=only_clean)):
-            ts = self.streamer.to_send[bi]
-            for first, count in runs:
-                ts[first:first + count] = b"\x01" * count
+            self.book.mark_dirty(bi, runs)
         self.stats["dirty_syncs"] = self.stats.get("dirty_syncs", 0) + 1
 
     def run(self) -> dict:
@@ -164,7 +163,7 @@ class LiveMigration:
         discards = 0
         commands: list[bytes] = []
         for bi, b in enumerate(self.ram_blocks):
-            runs = _stale_runs(streamer.to_send[bi], streamer.sent[bi])
+            runs = self.book.stale_runs(bi)
             if runs:
                 commands.extend(DiscardEncoder(b.name).encoded(runs))
                 discards += sum(n for _, n in runs)
@@ -176,10 +175,8 @@ class LiveMigration:
                           codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
         self.run_sent = True
         t_run = time.monotonic()
-        streamer.remaining = sum(t.count(1) for t in streamer.to_send)
-        postcopy_pages = streamer.remaining
+        postcopy_pages = self.book.recount()
         precopy_bytes = streamer.stats["bytes"]
-        streamer.stats["background_pages"] = 0
         streamer.run()
         t_done = time.monotonic()
         st = dict(streamer.stats)
