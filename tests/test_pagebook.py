@@ -1,6 +1,7 @@
 """The source's page bookkeeping (source/pages.py PageBook) and its bandwidth cap (source/bandwidth.py,
 native pc_cap_ahead), in this process: no subprocess.  The request-server cases run the native server
 on real socket pairs over an image file."""
+import contextlib
 import socket
 import threading
 import time
@@ -18,7 +19,6 @@ from postcopy_cli.source.requests import RequestServer
 from postcopy_cli.source.streamer import Lane
 
 TP = 4096
-MiB = 1 << 20
 
 
 def book_of(*pages: int, huge: int = 1, track_sent: bool = True) -> PageBook:
@@ -158,7 +158,7 @@ def test_bandwidth_cap_asks_the_native_arithmetic():
 class Served:
     """A RequestServer over an image, with the destination's ends of the return path and preempt channel."""
 
-    def __init__(self, tmp_path, size=64 * TP, max_bandwidth=0.0):
+    def __init__(self, tmp_path, size=64 * TP):
         self.data = write_image(tmp_path / "img", size, seed=7, zero_runs=())
         self.image = ImageMemory(str(tmp_path / "img"))
         self.book = PageBook(self.image.blocks, track_sent=True)
@@ -169,7 +169,7 @@ class Served:
         self.events = []
         self.codec_calls = threading.Event()
         self.server = RequestServer(self.rp_src, Lane(self.pre_src, 1), self.image, self.book,
-                                    BandwidthCap(max_bandwidth, time.monotonic()), self.decoder)
+                                    BandwidthCap(0.0, time.monotonic()), self.decoder)
         self.server.start(self._on_codec, lambda: any(type(e) is codec.Shut for e in self.events))
 
     def _on_codec(self):
@@ -194,9 +194,8 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path):
-    s = Served(tmp_path)
-    yield s
-    s.close()
+    with contextlib.closing(Served(tmp_path)) as s:
+        yield s
 
 
 def test_pages_the_server_answers_are_claimed_and_marked_sent(served):

@@ -19,8 +19,10 @@ Who writes them, and the one rule that makes it safe:
   the destination places whichever copy comes first and skips the other
   (UFFDIO_COPY fails with EEXIST on a present page).  For the same reason
   :attr:`PageBook.remaining` over-estimates while the server runs.
-- ``sent`` bytes are only ever set to 1 (by both writers) and read
-  (:meth:`PageBook.stale_runs`) only while no native server holds the arrays.
+- ``sent`` bytes are only ever set to 1 (by both writers).  The scans that
+  read the arrays whole (:meth:`PageBook.clean_spans`,
+  :meth:`PageBook.stale_runs`) run in the sending thread, the only Python
+  writer then, while no native server holds the arrays.
 - Setting ``to_send`` bytes back to 1 (:meth:`PageBook.mark_dirty`, after a
   scan of written pages) happens only while no native server holds the
   arrays: pre-copy and the switch-over, never post-copy.  :meth:`PageBook.lend` and
