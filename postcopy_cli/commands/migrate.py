@@ -73,7 +73,7 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
     """
     from ..channels import transport
     from ..source.live import shut_connections
-    from ..source.streamer import ImageMemory, migrate_image
+    from ..source.image import ImageMemory, migrate_image
 
     if bool(image) == bool(attach):
         raise UsageError("give exactly one of --image FILE or --attach PATH")

@@ -111,16 +111,23 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
 }
 
+double pc_cap_ahead(const struct pc_cap *cap, uint64_t bytes, uint64_t now_ns)
+{
+    if (cap->max_bandwidth <= 0)
+        return 0;
+    double ahead = (double)bytes / cap->max_bandwidth - (double)(int64_t)(now_ns - cap->t0_ns) / 1e9;
+    return ahead > 0 ? ahead : 0;
+}
+
 /* --max-bandwidth covers requested pages too, but they come first: their
  * bytes count against the cap, so the background thread (which counts both)
  * slows down to make room; a request itself waits only when requests alone
  * exceed the cap */
 static void within_cap(struct pc_src *s)
 {
-    if (s->max_bandwidth <= 0)
+    if (!s->cap)
         return;
-    double sent = (double)__atomic_load_n(&s->st.bytes, __ATOMIC_RELAXED);
-    double ahead = sent / s->max_bandwidth - (double)(now_ns() - s->t0_ns) / 1e9;
+    double ahead = pc_cap_ahead(s->cap, __atomic_load_n(&s->st.bytes, __ATOMIC_RELAXED), now_ns());
     if (ahead > 0) {
         struct timespec t = { (time_t)ahead, (long)((ahead - (double)(time_t)ahead) * 1e9) };
         nanosleep(&t, NULL);

@@ -15,6 +15,17 @@ struct pc_src_block {
     char name[256];
 };
 
+/* --max-bandwidth: the one cap on what a source sends, on both channels.
+ * The owner (Python, source/bandwidth.py) sets it up; the request server
+ * reads it through a pointer. */
+struct pc_cap {
+    double max_bandwidth; /* bytes/s (0: no cap) */
+    uint64_t t0_ns;       /* CLOCK_MONOTONIC start of the accounting */
+};
+
+/* seconds by which `bytes` sent since t0 run ahead of the cap at now_ns (0: within it) */
+double pc_cap_ahead(const struct pc_cap *cap, uint64_t bytes, uint64_t now_ns);
+
 struct pc_src_seg {
     int block;
     uint64_t offset;
@@ -44,8 +55,7 @@ struct pc_src {
     int need_more;        /* the codec needs more bytes before it can decode rbuf */
     uint8_t *readbuf;
     uint64_t consumed;    /* return-path bytes parsed here (the codec's stream offset) */
-    double max_bandwidth; /* bytes/s for everything sent, both channels (0: no cap) */
-    uint64_t t0_ns;       /* CLOCK_MONOTONIC start of the cap's accounting */
+    const struct pc_cap *cap; /* NULL: no cap */
     uint32_t rlen;        /* unparsed bytes in rbuf */
     uint8_t rbuf[65536];
     struct pc_src_stats st;

@@ -9,7 +9,7 @@ The cases run the real programs: ``serve-dest``, ``workload touch`` and
 ``migrate`` are subprocesses of ``sys.executable -m postcopy_cli``, each with a
 deadline after which it is killed, so nothing hangs and nothing is left behind.
 The in-process case drives :class:`~postcopy_cli.dest.serve.ServeDest` and
-:func:`~postcopy_cli.source.streamer.migrate_image` in two threads of this process.
+:func:`~postcopy_cli.source.image.migrate_image` in two threads of this process.
 """
 from __future__ import annotations
 
@@ -320,7 +320,7 @@ def resident_pages(addr: int, size: int) -> int:
 def case_restore_in_process(ctx: SelftestContext) -> dict:
     from ..channels import transport
     from ..dest.serve import ServeDest, ServeOptions
-    from ..source.streamer import ImageMemory, migrate_image
+    from ..source.image import ImageMemory, migrate_image
 
     name = "restore-in-process"
     path = ctx.image("random")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -25,132 +24,16 @@ from dataclasses import dataclass
 
 from .. import codec, signals
 from ..channels import transport
-from .._native import ffi, lib
 from ..memory.pagemap import PagemapScanner
 from ..codec.discards import DiscardEncoder
 from ..errors import PostcopyError, with_stats
-from ..channels.handover import ControlReader, Handover, HandshakeError, receive_handover
 from ..memory.mappings import RamBlock, blocks_from_regions
+from ..memory.process import ProcessMemory
+from .attached import AttachedSource, accept_program
+from .pages import PageBook
 from .streamer import TP, PageStreamer, send_preamble
-from ..uffd import Userfaultfd
 
 log = logging.getLogger("postcopy.live")
-
-PAUSE_TIMEOUT = 2.0
-READ_CHUNK_PAGES = 256
-
-
-class ProcessMemory:
-    """The attached program's RAM blocks, read with process_vm_readv (native, GIL released)."""
-
-    def __init__(self, pid: int, blocks: list[RamBlock]):
-        self.pid = pid
-        self.ram_blocks = blocks
-        self.blocks = [codec.BlockInfo(b.name, b.length, b.page_size) for b in blocks]
-        # one buffer per sending thread (background, requests)
-        self._bufs = [ffi.new("uint8_t[]", READ_CHUNK_PAGES * TP) for _ in range(2)]
-
-    def base(self, block: int):
-        return ffi.NULL   # not in our memory: read from the program
-
-    def segments(self, block: int) -> list[tuple[int, int, int]]:
-        return [(s.offset, s.host_addr, s.size) for s in self.ram_blocks[block].segments]
-
-    def pages(self, block: int, offset: int, count: int, slot: int = 0):
-        """Pointer to ``count`` target pages read from the program (valid until the next call for ``slot``).
-
-        The native request server reads with its own buffer."""
-        if count > READ_CHUNK_PAGES:
-            raise ValueError(f"read at most {READ_CHUNK_PAGES} pages at a time")
-        b = self.ram_blocks[block]
-        buf = self._bufs[slot]
-        done, total = 0, count * TP
-        while done < total:
-            addr, room = b.host_span(offset + done)
-            want = min(room, total - done)
-            if addr is None:   # a hole no region maps: zeros
-                ffi.memmove(buf + done, bytes(want), want)
-            else:
-                n = lib.pc_proc_read(self.pid, addr, buf + done, want)
-                if n < 0:
-                    raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: {os.strerror(-n)}")
-                if n < want:
-                    raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: short read ({n})")
-            done += want
-        return buf
-
-    def close(self):
-        pass
-
-
-class AttachedSource:
-    """The program on this host that is being migrated, and how to pause and resume it."""
-
-    def __init__(self, handover: Handover):
-        self.handover = handover
-        self.pid = handover.pid
-        self.uffd = Userfaultfd.adopt(handover.uffd)   # keeps the WP registration alive
-        self.control = ControlReader(handover.sock, name="postcopy/source-program")
-        self.gone = self.control.gone
-        self.stopped_by_signal = False
-        self.paused = False
-
-    def _await(self, event: str, timeout: float) -> dict | None:
-        try:
-            return self.control.wait_for(event, timeout)
-        except HandshakeError:
-            raise PostcopyError(f"the program being migrated (pid {self.pid}) exited or closed its socket") \
-                from None
-
-    def pause(self) -> str:
-        """Pause the program: a pause request, acknowledged; SIGSTOP if it does not answer."""
-        if self.gone.is_set():
-            raise PostcopyError(f"the program being migrated (pid {self.pid}) exited or closed its socket")
-        try:
-            self.control.send({"cmd": "pause"})
-            if self._await("paused", PAUSE_TIMEOUT) is not None:
-                self.paused = True
-                return "request"
-        except OSError:
-            pass
-        log.warning("pid %d did not acknowledge the pause request; stopping it with SIGSTOP", self.pid)
-        os.kill(self.pid, signal.SIGSTOP)
-        self.stopped_by_signal = self.paused = True
-        return "SIGSTOP"
-
-    def resume(self) -> bool:
-        """Let the program go on where it was (a failed migration loses nothing); True if it was paused."""
-        if not self.paused:
-            return False
-        if self.stopped_by_signal:
-            os.kill(self.pid, signal.SIGCONT)
-        else:
-            try:
-                self.control.send({"cmd": "resume"})
-                self._await("resumed", PAUSE_TIMEOUT)
-            except (OSError, PostcopyError):
-                pass
-        self.paused = False
-        return True
-
-    def migrated(self) -> None:
-        """Tell the program it now runs on the destination (it stays paused here)."""
-        try:
-            self.control.send({"event": "migrated"})
-        except OSError:
-            pass
-
-    def quit(self) -> None:
-        try:
-            self.control.send({"cmd": "quit"})
-        except OSError:
-            pass
-        if self.stopped_by_signal:
-            os.kill(self.pid, signal.SIGCONT)
-
-    def close(self):
-        self.uffd.close()
-        self.handover.sock.close()
 
 
 @dataclass
@@ -164,18 +47,6 @@ class LiveOptions:
     preempt: bool = True          # requested pages on a second connection
 
 
-def accept_program(listener: socket.socket, timeout: float | None) -> AttachedSource:
-    conn = transport.accept(listener, timeout)
-    conn.settimeout(10.0)
-    try:
-        handover = receive_handover(conn)
-    except BaseException:
-        conn.close()
-        raise
-    conn.settimeout(None)
-    return AttachedSource(handover)
-
-
 def _pages_in(block: RamBlock, start: int, end: int) -> list[tuple[int, int]]:
     """Host range [start, end) as (first target page, count) runs of the block."""
     out = []
@@ -184,45 +55,6 @@ def _pages_in(block: RamBlock, start: int, end: int) -> list[tuple[int, int]]:
         if a < b:
             out.append(((s.offset + a - s.host_addr) // TP, (b - a) // TP))
     return out
-
-
-def _clean_spans(to_send: bytearray, seg) -> list[tuple[int, int]]:
-    """Host ranges of segment ``seg`` whose pages are not due to be sent (to_send 0)."""
-    spans = []
-    first, last = seg.offset // TP, (seg.offset + seg.size) // TP
-    pos = first
-    while pos < last:
-        a = to_send.find(0, pos, last)
-        if a < 0:
-            break
-        e = to_send.find(1, a, last)
-        e = last if e < 0 else e
-        spans.append((seg.host_addr + (a - first) * TP, seg.host_addr + (e - first) * TP))
-        pos = e
-    return spans
-
-
-def _stale_runs(to_send: bytearray, sent: bytearray) -> list[tuple[int, int]]:
-    """Runs of pages both still to send and sent before: the destination's copy is stale."""
-    runs = []
-    pos, n = 0, len(to_send)
-    while pos < n:
-        a = to_send.find(1, pos)
-        if a < 0:
-            break
-        e = to_send.find(0, a)
-        e = n if e < 0 else e
-        p = a
-        while p < e:
-            s = sent.find(1, p, e)
-            if s < 0:
-                break
-            t = sent.find(0, s, e)
-            t = e if t < 0 else t
-            runs.append((s, t - s))
-            p = t
-        pos = e
-    return runs
 
 
 class LiveMigration:
@@ -238,8 +70,9 @@ class LiveMigration:
         self.memory = ProcessMemory(program.pid, self.ram_blocks)
         self.scanner = PagemapScanner(program.pid)
         self.scanner2 = PagemapScanner(program.pid)
-        self.streamer = PageStreamer(conn, self.memory, max_bandwidth=opts.max_bandwidth, timeout=opts.timeout,
-                                     track_sent=True, preempt=preempt)
+        self.book = PageBook(self.memory.blocks, track_sent=True)
+        self.streamer = PageStreamer(conn, self.memory, book=self.book, max_bandwidth=opts.max_bandwidth,
+                                     timeout=opts.timeout, preempt=preempt)
         self.stats: dict = {}
         self.run_sent = False   # POSTCOPY_RUN handed to the kernel: the destination may be running the program
 
@@ -253,7 +86,7 @@ class LiveMigration:
         for bi, b in enumerate(self.ram_blocks):
             for s in b.segments:
                 if only_clean:
-                    spans += [(bi, a, e) for a, e in _clean_spans(self.streamer.to_send[bi], s)]
+                    spans += [(bi, a, e) for a, e in self.book.clean_spans(bi, s)]
                 else:
                     spans.append((bi, s.host_addr, s.host_addr + s.size))
         # the walk of the page tables is the cost: two scanners share it (the
@@ -303,9 +136,7 @@ class LiveMigration:
     def _refill(self, *, reprotect: bool = True, only_clean: bool = False) -> None:
         """End of a pre-copy pass: what was dirtied meanwhile goes again."""
         for bi, runs in enumerate(self._written(reprotect=reprotect, only_clean=only_clean)):
-            ts = self.streamer.to_send[bi]
-            for first, count in runs:
-                ts[first:first + count] = b"\x01" * count
+            self.book.mark_dirty(bi, runs)
         self.stats["dirty_syncs"] = self.stats.get("dirty_syncs", 0) + 1
 
     def run(self) -> dict:
@@ -332,7 +163,7 @@ class LiveMigration:
         discards = 0
         commands: list[bytes] = []
         for bi, b in enumerate(self.ram_blocks):
-            runs = _stale_runs(streamer.to_send[bi], streamer.sent[bi])
+            runs = self.book.stale_runs(bi)
             if runs:
                 commands.extend(DiscardEncoder(b.name).encoded(runs))
                 discards += sum(n for _, n in runs)
@@ -344,10 +175,8 @@ class LiveMigration:
                           codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
         self.run_sent = True
         t_run = time.monotonic()
-        streamer.remaining = sum(t.count(1) for t in streamer.to_send)
-        postcopy_pages = streamer.remaining
+        postcopy_pages = self.book.recount()
         precopy_bytes = streamer.stats["bytes"]
-        streamer.stats["background_pages"] = 0
         streamer.run()
         t_done = time.monotonic()
         st = dict(streamer.stats)
