@@ -21,7 +21,8 @@ import pytest
 
 from postcopy_cli.guest import programs as guest
 from postcopy_cli._native import ffi, lib
-from postcopy_cli.channels.handover import ControlChannel, receive_handover
+from postcopy_cli.channels.control import ControlChannel
+from postcopy_cli.channels.handover import receive_handover
 from postcopy_cli.memory.mappings import AnonymousMapping
 from postcopy_cli.uffd import PagefaultMsg, RemoveMsg, UffdError, Userfaultfd
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from .. import codec
 from .._native import ffi, lib
 from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
-from ..channels.handover import ControlReader, Handover, HandshakeError
+from ..channels.control import ControlReader
+from ..channels.handover import Handover, HandshakeError
 from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise
 from ..sched import make_latency_thread
 from .stats import dest_stats

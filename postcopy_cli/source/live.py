@@ -29,7 +29,8 @@ from .._native import ffi, lib
 from ..memory.pagemap import PagemapScanner
 from ..codec.discards import DiscardEncoder
 from ..errors import PostcopyError
-from ..channels.handover import ControlReader, Handover, HandshakeError, receive_handover
+from ..channels.control import ControlReader
+from ..channels.handover import Handover, HandshakeError, receive_handover
 from ..memory.mappings import RamBlock, blocks_from_regions
 from .streamer import TP, PageStreamer, send_preamble
 from ..uffd import Userfaultfd
