@@ -69,36 +69,70 @@ class ControlChannel:
 
 
 class ControlReader:
-    """Reads a program's control messages in a thread, so the engine can wait with timeouts.
+    """Reads a program's (or the serving side's) control messages in a thread, so the other side
+    can wait with timeouts and signals.
 
-    ``gone`` is set when the program closes its socket or exits; ``on_gone``
-    (if given) is called then, from the reader thread.
+    ``gone`` is set when the peer closes its socket or exits; ``on_gone`` (if
+    given) is called then, from the reader thread.  ``answer`` (if given) sees
+    each message first, in the reader thread, and returns True when it answered
+    it there (the reference workload answers migrate's pause at once: it is on
+    the downtime's path); the others are queued for :meth:`get` / :meth:`wait_for`.
     """
 
-    def __init__(self, sock: socket.socket, *, name: str = "postcopy/control", on_gone=None):
+    CLOSED = object()   # from get(): the peer closed the socket (returned once)
+
+    def __init__(self, sock: socket.socket, *, name: str = "postcopy/control", on_gone=None, answer=None):
         self.channel = ControlChannel(sock)
         self.gone = threading.Event()
+        self.answer = answer
         self._messages: queue.Queue = queue.Queue()
         self._on_gone = on_gone
+        self._closed_seen = False
         threading.Thread(target=self._read, name=name, daemon=True).start()
 
     def _read(self) -> None:
         make_latency_thread()   # answers such as "paused" are on the downtime's path
+        end = self.CLOSED
         try:
             while True:
                 msg = self.channel.receive()
                 if msg is None:
                     break
+                answer = self.answer
+                if answer is not None and answer(msg):
+                    continue
                 self._messages.put(msg)
+        except HandshakeError as e:   # a malformed message: get() raises it
+            end = e
         except (OSError, PostcopyError):
             pass
         self.gone.set()
-        self._messages.put(None)
+        self._messages.put(end)
         if self._on_gone is not None:
             self._on_gone()
 
     def send(self, message: dict) -> None:
         self.channel.send(message)
+
+    def post(self, item) -> None:
+        """Queue ``item`` for :meth:`get` as if it had been read (news from another thread)."""
+        self._messages.put(item)
+
+    def get(self, timeout: float | None):
+        """The next message (or posted item); CLOSED once the peer has gone (then None after
+        ``timeout``, for ever); None after ``timeout``.  Raises HandshakeError on a malformed message."""
+        if self._closed_seen:
+            time.sleep(timeout if timeout is not None else 3600)
+            return None
+        try:
+            item = self._messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        if item is self.CLOSED:
+            self._closed_seen = True
+        return item
 
     def wait_for(self, event: str, timeout: float) -> dict | None:
         """The next message with ``"event": event`` (others are dropped); None after ``timeout``.
@@ -114,8 +148,8 @@ class ControlReader:
                 msg = self._messages.get(timeout=left)
             except queue.Empty:
                 return None
-            if msg is None:
-                self._messages.put(None)   # stays gone for later waits
+            if msg is self.CLOSED or isinstance(msg, Exception):
+                self._messages.put(msg)   # stays gone for later waits
                 raise HandshakeError("the program closed its socket or exited")
             if msg.get("event") == event:
                 return msg

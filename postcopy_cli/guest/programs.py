@@ -15,17 +15,15 @@ import base64
 import logging
 import mmap
 import os
-import queue
 import socket
 import sys
 import threading
 import time
 
 from .. import signals
-from ..channels.control import ControlChannel
+from ..channels.control import ControlReader
 from ..channels.handover import DEFAULT_BLOCK, GuestRegion, HandshakeError, send_handover
 from ..memory.mappings import MADV_DONTNEED, AnonymousMapping, madvise
-from ..sched import make_latency_thread
 from ..uffd import Feature, RegisterMode, UffdError, Userfaultfd
 from .loop import (PAGE, PAUSE_TIMEOUT, STATE_MAGIC, NativeLoop, WorkloadError, check_memory, data_offsets,
                    layout_page, parse_state_page, state_page, steps_per_pass, touch_memory)
@@ -134,66 +132,46 @@ def _keep_for_life(*things) -> None:
 # ---------------------------------------------------------------------------
 # control messages
 
-class _Reader:
-    """Control messages in a thread, so the main thread can wait with timeouts and signals."""
+def _reply(reader: ControlReader, message: dict) -> None:
+    try:
+        reader.send(message)
+    except OSError as e:
+        log.warning("cannot answer on the control socket: %s", e)
 
-    CLOSED = object()
 
-    def __init__(self, sock: socket.socket):
-        self.channel = ControlChannel(sock)
-        self.queue: queue.Queue = queue.Queue()
-        self.open = True
-        self.paused = False                   # paused by migrate (answered right here)
-        self.loop: NativeLoop | None = None   # once set, pause/resume are answered right here
-        threading.Thread(target=self._run, name="control-reader", daemon=True).start()
+def _get(reader: ControlReader, timeout: float | None):
+    """A message dict, CLOSED (once), or None on timeout; WorkloadError on a malformed message."""
+    try:
+        return reader.get(timeout)
+    except HandshakeError as e:
+        raise WorkloadError(str(e)) from None
 
-    def _run(self) -> None:
-        # the pause is part of the migration's downtime: answer it at once, ahead
-        # of the loop thread that keeps the CPU busy (sched.make_latency_thread)
-        make_latency_thread()
-        while True:
-            try:
-                msg = self.channel.receive()
-            except HandshakeError as e:
-                self.queue.put(e)
-                return
-            except OSError:
-                msg = None
-            if msg is None:
-                self.queue.put(self.CLOSED)
-                return
-            loop = self.loop
-            if loop is not None and loop.running and msg.get("cmd") == "pause":
-                self.paused = True
-                self.send({"event": "paused", "passes": loop.pause()})
-                continue
-            if loop is not None and loop.running and msg.get("cmd") == "resume":
-                loop.resume()
-                self.paused = False
-                self.send({"event": "resumed"})
-                continue
-            self.queue.put(msg)
 
-    def get(self, timeout: float | None):
-        """A message dict, CLOSED, or None on timeout; raises on a malformed message."""
-        if not self.open:
-            time.sleep(timeout if timeout is not None else 3600)
-            return None
-        try:
-            item = self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(item, Exception):
-            raise WorkloadError(str(item))
-        if item is self.CLOSED:
-            self.open = False
-        return item
+class _PauseAnswer:
+    """Answers migrate's pause and resume while the loop runs, in the reader thread: the pause is
+    part of the migration's downtime, so it is answered at once, ahead of the loop thread that keeps
+    the CPU busy (the reader is a latency thread, sched.make_latency_thread)."""
 
-    def send(self, message: dict) -> None:
-        try:
-            self.channel.send(message)
-        except OSError as e:
-            log.warning("cannot answer on the control socket: %s", e)
+    def __init__(self, reader: ControlReader, loop: NativeLoop):
+        self.reader, self.loop = reader, loop
+        self.paused = False   # paused by migrate
+
+    def __call__(self, msg: dict) -> bool:
+        kind = msg.get("cmd")
+        if kind not in ("pause", "resume") or not self.loop.running:
+            return False
+        if kind == "pause":
+            self.paused = True
+            _reply(self.reader, {"event": "paused", "passes": self.loop.pause()})
+        else:
+            self.loop.resume()
+            self.paused = False
+            _reply(self.reader, {"event": "resumed"})
+        return True
+
+
+def _reader(sock) -> ControlReader:
+    return ControlReader(sock, name="control-reader")
 
 
 def _kind(msg: dict) -> str:
@@ -264,8 +242,8 @@ def run_source(size: int, path: str, *, step: int = PAGE, report_after: float | 
     if loop is None:
         loop = NativeLoop(ram.addr, size, step, fresh=True).start()
         loop.wait_started(10)
-    reader = _Reader(sock)
-    reader.loop = loop
+    reader = _reader(sock)
+    reader.answer = _PauseAnswer(reader, loop)
     return _control(loop, reader, ram, report_after, time.monotonic(), 0, source=True)
 
 
@@ -273,18 +251,19 @@ def run_incoming(size: int, path: str, *, step: int = PAGE, report_after: float 
                  connect_timeout: float = 5.0) -> dict | None:
     """``workload incoming``: hand memory over (MISSING), apply discards, wait for RUN, continue the loop."""
     ram = AnonymousMapping(size)
-    reader = _Reader(attach(path, ram, mode="incoming", connect_timeout=connect_timeout))
+    reader = _reader(attach(path, ram, mode="incoming", connect_timeout=connect_timeout))
     _wait_run(reader, ram)
     t_run = time.monotonic()
     loop = NativeLoop(ram.addr, size, step, fresh=False).start()
+    reader.answer = _PauseAnswer(reader, loop)
     return _control(loop, reader, ram, report_after, t_run, None, source=False)
 
 
-def _wait_run(reader: _Reader, ram: AnonymousMapping) -> None:
+def _wait_run(reader: ControlReader, ram: AnonymousMapping) -> None:
     """Handle messages until RUN; WorkloadError when the migration failed."""
     while True:
-        msg = reader.get(None)
-        if msg is _Reader.CLOSED:
+        msg = _get(reader, None)
+        if msg is ControlReader.CLOSED:
             raise WorkloadError("the serving side closed the socket before RUN (hand-over refused?)")
         kind = _kind(msg)
         if kind == "run":
@@ -297,20 +276,22 @@ def _wait_run(reader: _Reader, ram: AnonymousMapping) -> None:
             return
         if kind == "discard":
             _discard(ram, msg)
-            reader.send({"event": "discarded"})
+            _reply(reader, {"event": "discarded"})
         elif kind == "failed":
             raise WorkloadError(f"migration failed: {msg.get('reason', 'no reason given')}")
         else:
             log.info("control message before RUN ignored: %s", kind)
 
 
-def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_after: float | None,
+def _control(loop: NativeLoop, reader: ControlReader, ram: AnonymousMapping, report_after: float | None,
              t0: float, passes_before: int | None, *, source: bool) -> dict | None:
     migrated = complete = False
+    pause_answer = reader.answer
 
     def at_risk() -> str | None:
         if source:
-            return "migrate is moving it and reads its pages from here" if reader.paused and not migrated else None
+            return "migrate is moving it and reads its pages from here" if pause_answer.paused and not migrated \
+                else None
         return None if complete else "it runs here and some of its pages are still missing"
 
     deadline = t0 + report_after if report_after is not None else None
@@ -328,10 +309,10 @@ def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_af
                         passes_before = loop.start_passes
                     return _report(loop, passes_before, now - t0)
                 wait = 0.2 if deadline is None else min(0.2, deadline - now)
-                msg = reader.get(wait)
+                msg = _get(reader, wait)
                 if msg is None:
                     continue
-                if msg is _Reader.CLOSED:
+                if msg is ControlReader.CLOSED:
                     if not source and not complete:
                         # nobody will place the missing pages: the loop would wait for them for ever
                         raise WorkloadError("the serving side closed the control socket before every page arrived")
@@ -339,13 +320,10 @@ def _control(loop: NativeLoop, reader: _Reader, ram: AnonymousMapping, report_af
                         continue
                     _note("the control socket closed without quit; still running with memory intact")
                     continue
+                if pause_answer(msg):   # (queued before the answer was installed)
+                    continue
                 kind = _kind(msg)
-                if kind == "pause":
-                    reader.send({"event": "paused", "passes": loop.pause()})
-                elif kind == "resume":
-                    loop.resume()
-                    reader.send({"event": "resumed"})
-                elif kind == "quit":
+                if kind == "quit":
                     loop.stop()
                     return None
                 elif kind == "failed":
@@ -386,7 +364,7 @@ def run_touch(size: int, path: str, *, image: str | None = None, order: str = "s
             length = os.fstat(f.fileno()).st_size
             expected = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if length else b""
         ram = AnonymousMapping(size)
-        reader = _Reader(attach(path, ram, mode="touch", connect_timeout=connect_timeout))
+        reader = _reader(attach(path, ram, mode="touch", connect_timeout=connect_timeout))
         if wait_run:
             _wait_run(reader, ram)
         return _touch_watched(reader, ram, expected, order, seed)
@@ -395,7 +373,7 @@ def run_touch(size: int, path: str, *, image: str | None = None, order: str = "s
             f.close()
 
 
-def _touch_watched(reader: _Reader, ram: AnonymousMapping, expected, order: str, seed: int) -> dict:
+def _touch_watched(reader: ControlReader, ram: AnonymousMapping, expected, order: str, seed: int) -> dict:
     """Touch in a thread (native, GIL released) while the control messages are watched: told that
     the migration failed, or left by the serving side, stop without reading on."""
     if expected is not None:
@@ -408,20 +386,20 @@ def _touch_watched(reader: _Reader, ram: AnonymousMapping, expected, order: str,
             out["report"] = touch_memory(ram.addr, ram.size, expected=expected, order=order, seed=seed)
         except WorkloadError as e:
             out["error"] = e
-        reader.queue.put(done)
+        reader.post(done)
 
     thread = threading.Thread(target=touch, name="workload-touch", daemon=True)
     thread.start()
     complete = False
     with signals.guard(at_risk=lambda: None if complete else "it is touching pages that are still missing"):
         while True:
-            msg = reader.get(None) if not complete else done
+            msg = _get(reader, None) if not complete else done
             if msg is done:
                 thread.join()
                 if "error" in out:
                     raise out["error"]
                 return out["report"]
-            if msg is _Reader.CLOSED:
+            if msg is ControlReader.CLOSED:
                 raise WorkloadError("the serving side closed the control socket before every page arrived")
             kind = _kind(msg)
             if kind == "failed":
