@@ -31,6 +31,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import PostcopyError
+from .transport import peer_credentials
 
 DEFAULT_BLOCK = "mem"
 MAX_HANDSHAKE_BYTES = 1 << 20
@@ -70,12 +71,6 @@ class Handover:
     gid: int
     notify: bool
     sock: socket.socket = field(repr=False)
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the peer of a Unix socket (SO_PEERCRED, unix(7))."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)
 
 
 def _int_field(region: dict, name: str, index: int) -> int:
