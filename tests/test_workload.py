@@ -21,12 +21,13 @@ import pytest
 
 from postcopy_cli.guest import programs as guest
 from postcopy_cli._native import ffi, lib
+from postcopy_cli.codec.constants import TARGET_PAGE_SIZE
 from postcopy_cli.channels.control import ControlChannel
 from postcopy_cli.channels.handover import receive_handover
 from postcopy_cli.memory.mappings import AnonymousMapping
 from postcopy_cli.uffd import PagefaultMsg, RemoveMsg, UffdError, Userfaultfd
 
-PAGE = guest.PAGE
+PAGE = TARGET_PAGE_SIZE
 TIMEOUT = 20.0
 
 

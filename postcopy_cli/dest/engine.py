@@ -28,10 +28,11 @@ from .._native import ffi, lib
 from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
 from ..channels.control import ControlReader
 from ..channels.handover import Handover, HandshakeError
-from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise
+from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise, relock, unlock_if_locked
 from ..sched import make_latency_thread
 from .stats import dest_stats
-from ..uffd import Feature, RegisterMode, UffdError, Userfaultfd
+from ..uffd import (Feature, RegisterMode, UffdError, Userfaultfd, check_native, native_error,
+                    offered_features)
 
 log = logging.getLogger("postcopy.dest")
 
@@ -52,11 +53,6 @@ def _peer_closed(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
-
-
-def _raise_errno(r: int, what: str) -> None:
-    if r < 0:
-        raise UffdError(-r, what)
 
 
 class FaultThread:
@@ -129,9 +125,9 @@ class Destination:
             raise MemoryError("pc_dest_new")
         for b in blocks:
             bi = lib.pc_dest_add_block(self._native, b.name.encode(), b.length, b.page_size)
-            _raise_errno(bi, f"block {b.name!r}")
+            check_native(bi, f"block {b.name!r}")
             for s in b.segments:
-                _raise_errno(lib.pc_dest_add_segment(self._native, bi, s.offset, s.host_addr, s.size),
+                check_native(lib.pc_dest_add_segment(self._native, bi, s.offset, s.host_addr, s.size),
                              f"segment of block {b.name!r}")
             for off, length in b.unmapped_ranges():
                 lib.pc_dest_mark(self._native, bi, off, length, 1)
@@ -263,16 +259,7 @@ class Destination:
             self._munlock()
 
     def _munlock(self):
-        # postcopy and mlock don't mix: a locked range is populated up front,
-        # so it never faults; QEMU munlocks for postcopy and locks again after.
-        try:
-            with open("/proc/self/status") as f:
-                locked = any(line.startswith("VmLck:") and line.split()[1] != "0" for line in f)
-        except OSError:
-            locked = False
-        if locked:
-            import ctypes
-            ctypes.CDLL(None).munlockall()
+        if unlock_if_locked():
             self._mlocked = True
 
     def _discard(self, msg: codec.PostcopyRamDiscard):
@@ -328,7 +315,7 @@ class Destination:
         if not self.program:
             self._register_all()
         lib.pc_dest_set_return_path(self._native, self._conn.fileno())
-        _raise_errno(lib.pc_dest_enable_requests(self._native), "sending page requests")
+        check_native(lib.pc_dest_enable_requests(self._native), "sending page requests")
 
     def _run_cmd(self):
         self._main._flush()
@@ -346,11 +333,11 @@ class Destination:
             self._check_program()
             return   # every page is in: the other channel placed these too
         self._check_program()
-        raise PostcopyError(f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}: "
-                            f"{os.strerror(-r)}")
+        raise native_error(r, f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}",
+                           PostcopyError)
 
     def _send_rp(self, data: bytes):
-        _raise_errno(lib.pc_dest_rp_send(self._native, data, len(data)), "writing the return path")
+        check_native(lib.pc_dest_rp_send(self._native, data, len(data)), "writing the return path")
 
     def _recv_bitmap(self, msg: codec.RecvBitmapRequest):
         bi = self.index[msg.block]
@@ -605,8 +592,7 @@ class Destination:
             self._unregister_all()
         lib.pc_dest_set_return_path(self._native, -1)
         if self._mlocked:
-            import ctypes
-            ctypes.CDLL(None).mlockall(3)  # MCL_CURRENT | MCL_FUTURE
+            relock()
             self._mlocked = False
         with self._left_lock:
             if self._left_fd >= 0:
@@ -787,7 +773,7 @@ class _Channel:
         if r == lib.PC_PUMP_EOF:
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
                                    f"(stream offset {decoder.offset}, state {decoder.state.name})")
-        raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: {os.strerror(-r)}")
+        raise native_error(r, f"the source connection failed at stream offset {decoder.offset}", PeerDisconnected)
 
     def _decode_events(self, decoder) -> bool:
         """Handle decoded events until the decoder needs data or can hand over to the fast path."""
@@ -822,10 +808,5 @@ class _Channel:
 def own_memory_uffd() -> Userfaultfd:
     """A uffd for memory in this process, with the features the destination uses."""
     u = Userfaultfd(nonblocking=True)
-    probe = Userfaultfd(nonblocking=True)
-    try:
-        offered = probe.api(0).features
-    finally:
-        probe.close()
-    u.api(offered & (Feature.THREAD_ID | Feature.EVENT_REMOVE))
+    u.api(offered_features() & (Feature.THREAD_ID | Feature.EVENT_REMOVE))
     return u

@@ -20,9 +20,10 @@ import os
 import threading
 
 from .._native import ffi, lib
+from ..codec.constants import TARGET_PAGE_SIZE
 from ..errors import PostcopyError
+from ..uffd import native_error
 
-PAGE = 4096
 STATE_MAGIC = lib.PC_WORKLOAD_MAGIC
 PAUSE_TIMEOUT = 30.0
 
@@ -34,9 +35,9 @@ class WorkloadError(PostcopyError):
 # ---------------------------------------------------------------------------
 # state page layout (struct pc_workload_state, native endian u64s)
 
-def state_page(passes: int, position: int, step: int = PAGE) -> bytes:
+def state_page(passes: int, position: int, step: int = TARGET_PAGE_SIZE) -> bytes:
     """The 4096-byte state page of a loop that has made ``passes`` passes and is at ``position``."""
-    buf = bytearray(PAGE)
+    buf = bytearray(TARGET_PAGE_SIZE)
     st = ffi.cast("struct pc_workload_state *", ffi.from_buffer(buf))
     st.magic, st.passes, st.position, st.step = STATE_MAGIC, passes, position, step
     return bytes(buf)
@@ -44,25 +45,25 @@ def state_page(passes: int, position: int, step: int = PAGE) -> bytes:
 
 def parse_state_page(page: bytes) -> dict:
     """Decode a state page: {"magic_ok", "passes", "position", "step"}."""
-    buf = bytearray(page[:PAGE])
+    buf = bytearray(page[:TARGET_PAGE_SIZE])
     st = ffi.cast("struct pc_workload_state *", ffi.from_buffer(buf))
     return {"magic_ok": st.magic == STATE_MAGIC, "passes": st.passes, "position": st.position, "step": st.step}
 
 
-def data_offsets(size: int, step: int = PAGE) -> range:
+def data_offsets(size: int, step: int = TARGET_PAGE_SIZE) -> range:
     """Byte offsets the loop increments, in order."""
-    return range(PAGE, size, step)
+    return range(TARGET_PAGE_SIZE, size, step)
 
 
-def layout_page(index: int, size: int, passes: int, position: int, step: int = PAGE) -> bytes:
+def layout_page(index: int, size: int, passes: int, position: int, step: int = TARGET_PAGE_SIZE) -> bytes:
     """Page ``index`` of a consistent RAM image: state page 0, data bytes before
     ``position`` at ``passes + 1``, the rest at ``passes`` (mod 256)."""
     if index == 0:
         return state_page(passes, position, step)
-    page = bytearray(PAGE)
-    start = index * PAGE
-    first = PAGE + -(-(start - PAGE) // step) * step  # first data offset >= start
-    for off in range(first, min(start + PAGE, size), step):
+    page = bytearray(TARGET_PAGE_SIZE)
+    start = index * TARGET_PAGE_SIZE
+    first = TARGET_PAGE_SIZE + -(-(start - TARGET_PAGE_SIZE) // step) * step  # first data offset >= start
+    for off in range(first, min(start + TARGET_PAGE_SIZE, size), step):
         page[off - start] = (passes + (1 if off < position else 0)) & 0xFF
     return bytes(page)
 
@@ -78,7 +79,7 @@ def _ptr(addr: int):
     return ffi.cast("uint8_t *", addr)
 
 
-def check_memory(addr: int, size: int, step: int = PAGE) -> int | None:
+def check_memory(addr: int, size: int, step: int = TARGET_PAGE_SIZE) -> int | None:
     """QEMU's check on RAM at ``addr``: None if the data bytes are consistent, else the first bad page.
 
     Touches every data byte (native, GIL released): safe on registered memory.
@@ -107,7 +108,7 @@ def touch_memory(addr: int, size: int, *, expected=None, order: str = "sequentia
         exp_ptr, exp_len = ffi.NULL, 0
     r = lib.pc_touch(_ptr(addr), size, exp_ptr, exp_len, order == "random", seed & (2**64 - 1), res)
     if r < 0:
-        raise WorkloadError(f"touch of {size} bytes at {addr:#x} failed: {os.strerror(-r)}")
+        raise native_error(r, f"touch of {size} bytes at {addr:#x} failed", WorkloadError)
     hist = {str(1 << b): int(res.histogram[b]) for b in range(lib.PC_TOUCH_BUCKETS) if res.histogram[b]}
     return {"pages": int(res.pages), "mismatches": int(res.mismatches),
             "first_mismatch": None if res.first_mismatch < 0 else int(res.first_mismatch),
@@ -122,11 +123,11 @@ class NativeLoop:
     (an incoming start: the state page arrives on demand like any other page).
     """
 
-    def __init__(self, addr: int, size: int, step: int = PAGE, *, fresh: bool = True):
-        if size < 2 * PAGE or size % PAGE:
-            raise WorkloadError(f"workload memory must be a multiple of {PAGE} bytes and at least 2 pages")
-        if not 1 <= step <= size - PAGE:
-            raise WorkloadError(f"step {step} must be between 1 and {size - PAGE}")
+    def __init__(self, addr: int, size: int, step: int = TARGET_PAGE_SIZE, *, fresh: bool = True):
+        if size < 2 * TARGET_PAGE_SIZE or size % TARGET_PAGE_SIZE:
+            raise WorkloadError(f"workload memory must be a multiple of {TARGET_PAGE_SIZE} bytes and at least 2 pages")
+        if not 1 <= step <= size - TARGET_PAGE_SIZE:
+            raise WorkloadError(f"step {step} must be between 1 and {size - TARGET_PAGE_SIZE}")
         self.addr, self.size, self.step, self.fresh = addr, size, step, fresh
         self.ctl = ffi.new("struct pc_workload_ctl *")
         self.result: int | None = None

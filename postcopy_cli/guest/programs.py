@@ -23,9 +23,11 @@ import time
 from .. import signals
 from ..channels.control import ControlReader
 from ..channels.handover import DEFAULT_BLOCK, GuestRegion, HandshakeError, send_handover
+from ..channels.transport import Address, connect_retrying
 from ..memory.mappings import MADV_DONTNEED, AnonymousMapping, madvise
-from ..uffd import Feature, RegisterMode, UffdError, Userfaultfd
-from .loop import (PAGE, PAUSE_TIMEOUT, STATE_MAGIC, NativeLoop, WorkloadError, check_memory, data_offsets,
+from ..uffd import Feature, RegisterMode, UffdError, Userfaultfd, offered_features
+from ..codec.constants import TARGET_PAGE_SIZE
+from .loop import (PAUSE_TIMEOUT, STATE_MAGIC, NativeLoop, WorkloadError, check_memory, data_offsets,
                    layout_page, parse_state_page, state_page, steps_per_pass, touch_memory)
 
 log = logging.getLogger("postcopy.guest")
@@ -36,28 +38,13 @@ MODES = ("run", "incoming", "touch")
 # ---------------------------------------------------------------------------
 # hand-over
 
-def offered_features() -> Feature:
-    """Features this kernel offers (UFFDIO_API with 0 on a throw-away userfaultfd:
-    the handshake may be done once per fd, so it cannot be probed on the real one)."""
-    with Userfaultfd() as probe:
-        return probe.api(0).features
-
-
 def _connect(path: str, timeout: float) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.connect(path)
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            sock.close()
-            if time.monotonic() >= deadline:
-                raise WorkloadError(f"cannot connect to {path}: {e.strerror} (waited {timeout:g} s)") from None
-            time.sleep(0.05)
-        except OSError as e:
-            sock.close()
-            raise WorkloadError(f"cannot connect to {path}: {e.strerror}") from None
+    try:
+        return connect_retrying(Address("unix", path=path), timeout)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise WorkloadError(f"cannot connect to {path}: {e.strerror} (waited {timeout:g} s)") from None
+    except OSError as e:
+        raise WorkloadError(f"cannot connect to {path}: {e.strerror}") from None
 
 
 def attach(path: str, ram: AnonymousMapping, *, mode: str, connect_timeout: float = 5.0) -> socket.socket:
@@ -102,8 +89,8 @@ def attach(path: str, ram: AnonymousMapping, *, mode: str, connect_timeout: floa
             uffd.register(ram.addr, ram.size, reg)
             sock = _connect(path, connect_timeout)
             try:
-                send_handover(sock, [GuestRegion(ram.addr, ram.size, 0, PAGE, DEFAULT_BLOCK)], uffd.fileno(),
-                              notify=True)
+                region = GuestRegion(ram.addr, ram.size, 0, TARGET_PAGE_SIZE, DEFAULT_BLOCK)
+                send_handover(sock, [region], uffd.fileno(), notify=True)
             except OSError as e:
                 sock.close()
                 raise WorkloadError(f"hand-over on {path} failed: {e.strerror or e}") from None
@@ -195,7 +182,8 @@ def _discard(ram: AnonymousMapping, msg: dict) -> None:
     checked = []
     for r in ranges.get(DEFAULT_BLOCK) or []:
         ok = (isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r))
-        if not ok or r[0] < 0 or r[1] <= 0 or r[0] % PAGE or r[1] % PAGE or r[0] + r[1] > ram.size:
+        if (not ok or r[0] < 0 or r[1] <= 0 or r[0] % TARGET_PAGE_SIZE or r[1] % TARGET_PAGE_SIZE
+                or r[0] + r[1] > ram.size):
             raise WorkloadError(f"control message: discard range {r!r:.60} is not page-aligned inside "
                                 f"the {ram.size}-byte block")
         checked.append(r)
@@ -220,7 +208,7 @@ def _note(text: str) -> None:
 # signal) and raises PostcopyError when it failed; the caller prints the report
 # and fails when it says so (check "failed", mismatches > 0)
 
-def run_source(size: int, path: str, *, step: int = PAGE, report_after: float | None = None,
+def run_source(size: int, path: str, *, step: int = TARGET_PAGE_SIZE, report_after: float | None = None,
                connect_timeout: float = 5.0, warmup_passes: int = 0) -> dict | None:
     """``workload run``: start fresh, hand memory over for write-protect tracking, obey pause/resume/quit.
 
@@ -247,7 +235,7 @@ def run_source(size: int, path: str, *, step: int = PAGE, report_after: float | 
     return _control(loop, reader, ram, report_after, time.monotonic(), 0, source=True)
 
 
-def run_incoming(size: int, path: str, *, step: int = PAGE, report_after: float | None = None,
+def run_incoming(size: int, path: str, *, step: int = TARGET_PAGE_SIZE, report_after: float | None = None,
                  connect_timeout: float = 5.0) -> dict | None:
     """``workload incoming``: hand memory over (MISSING), apply discards, wait for RUN, continue the loop."""
     ram = AnonymousMapping(size)
@@ -351,8 +339,8 @@ def _control(loop: NativeLoop, reader: ControlReader, ram: AnonymousMapping, rep
 def run_touch(size: int, path: str, *, image: str | None = None, order: str = "sequential", seed: int = 0,
               wait_run: bool = False, connect_timeout: float = 5.0) -> dict | None:
     """``workload touch``: hand memory over (MISSING), touch every page, compare with ``image``."""
-    if size % PAGE or size <= 0:
-        raise WorkloadError(f"size must be a positive multiple of {PAGE}")
+    if size % TARGET_PAGE_SIZE or size <= 0:
+        raise WorkloadError(f"size must be a positive multiple of {TARGET_PAGE_SIZE}")
     expected, f = None, None
     if image is not None:
         try:
@@ -408,6 +396,6 @@ def _touch_watched(reader: ControlReader, ram: AnonymousMapping, expected, order
                 complete = True   # every page is in: the touch ends
 
 
-__all__ = ["PAGE", "STATE_MAGIC", "WorkloadError", "NativeLoop", "attach", "check_memory", "touch_memory",
+__all__ = ["STATE_MAGIC", "WorkloadError", "NativeLoop", "attach", "check_memory", "touch_memory",
            "offered_features", "state_page", "parse_state_page", "layout_page", "data_offsets", "steps_per_pass",
            "run_source", "run_incoming", "run_touch"]

@@ -32,8 +32,9 @@ from ..errors import PostcopyError
 from ..channels.control import ControlReader
 from ..channels.handover import Handover, HandshakeError, receive_handover
 from ..memory.mappings import RamBlock, blocks_from_regions
-from .streamer import TP, PageStreamer, send_preamble
-from ..uffd import Userfaultfd
+from ..codec.constants import TARGET_PAGE_SIZE as TP
+from .streamer import PageStreamer, send_preamble
+from ..uffd import Userfaultfd, native_error
 
 log = logging.getLogger("postcopy.live")
 
@@ -74,7 +75,7 @@ class ProcessMemory:
             else:
                 n = lib.pc_proc_read(self.pid, addr, buf + done, want)
                 if n < 0:
-                    raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: {os.strerror(-n)}")
+                    raise native_error(n, f"reading {want} bytes at {addr:#x} of pid {self.pid}", PostcopyError)
                 if n < want:
                     raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: short read ({n})")
             done += want

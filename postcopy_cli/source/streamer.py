@@ -19,7 +19,9 @@ import time
 
 from .. import codec
 from .._native import ffi, lib
+from ..memory.mappings import libc
 from ..sched import make_latency_thread
+from ..uffd import native_error
 from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError, UsageError
 
 log = logging.getLogger("postcopy.source")
@@ -62,10 +64,6 @@ class ImageMemory:
         import ctypes
 
         mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
         addr = int(ffi.cast("uintptr_t", ffi.from_buffer(mm)))
         MAP_FIXED = 0x10
         if libc.mmap(addr, size, mmap.PROT_READ, mmap.MAP_PRIVATE | MAP_FIXED, self._fd, 0) != addr:
@@ -188,7 +186,7 @@ class PageStreamer:
             self._keep += [to_send, sent]
             r = lib.pc_src_add_block(srv, b.name.encode(), b.length, b.page_size, self.memory.base(bi), to_send, sent)
             if r < 0:
-                raise PostcopyError(f"request server: block {b.name!r}: {os.strerror(-r)}")
+                raise native_error(r, f"request server: block {b.name!r}", PostcopyError)
             for offset, addr, size in self.memory.segments(bi):
                 lib.pc_src_add_segment(srv, bi, offset, addr, size)
         return srv
@@ -223,7 +221,7 @@ class PageStreamer:
         w = lib.pc_src_send_pages(lane.fd, memory.pages(bi, offset, count, lane.slot), offset, count,
                                   name or ffi.NULL, zeros)
         if w < 0:
-            raise PeerDisconnected(f"the destination connection failed: {os.strerror(-w)}")
+            raise native_error(w, "the destination connection failed", PeerDisconnected)
         lane.named = bi
         self.stats["bytes"] += w
         if not resend:
@@ -414,7 +412,7 @@ class PageStreamer:
                 if r == lib.PC_SERVE_EOF:
                     raise PeerDisconnected("the destination disconnected before answering SHUT")
                 if r < 0:
-                    raise PeerDisconnected(f"the destination connection failed: {os.strerror(-r)}")
+                    raise native_error(r, "the destination connection failed", PeerDisconnected)
                 self._take_from_server()
                 lane.named = srv.named
                 while True:
