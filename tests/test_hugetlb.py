@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, PROC_TIMEOUT, run_postcopy, single_stderr_line, wait_until, waits_in_userfault
+from conftest import IS_ROOT, PROC_TIMEOUT, finish, run_postcopy, single_stderr_line, wait_until, waits_in_userfault
 from postcopy_cli import codec
 
 TP = 4096
@@ -119,16 +119,6 @@ def start_toucher(sock_path, image) -> subprocess.Popen:
     # (conftest points PYTHONPATH at the postcopy_cli under test)
     return subprocess.Popen([sys.executable, "-c", TOUCHER, str(sock_path), str(SIZE), str(image)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=PROC_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"{proc.args[:4]} did not end within {PROC_TIMEOUT} s: {err}")
-    return proc.returncode, out, err
 
 
 def wait_for_socket(path, proc: subprocess.Popen):

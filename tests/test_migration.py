@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from conftest import PROC_TIMEOUT, postcopy_cmd, run_postcopy, write_image, zero
 from postcopy_cli import codec
 import postcopy_cli
 from postcopy_cli.dest.serve import ServeDest, ServeOptions
+from postcopy_cli.selftest.harness import child_env
 
 # where the postcopy_cli under test lives (conftest also exports it in PYTHONPATH)
 REPO = Path(postcopy_cli.__file__).resolve().parent.parent
@@ -31,15 +31,9 @@ PAGE = 4096
 MiB = 1 << 20
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _popen(argv, **kw):
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=_env(), **kw)
+                            env=child_env(), **kw)
 
 
 def _stats_ok(stats: dict, image_bytes: bytes, block_len: int, requests: int = 0):
@@ -286,7 +280,7 @@ def _raw_client(tmp_path, cfg: dict) -> subprocess.Popen:
     script = tmp_path / "raw_client.py"
     script.write_text(RAW_CLIENT)
     return subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=child_env())
 
 
 @pytest.mark.parametrize("regions,field", [

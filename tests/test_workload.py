@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from conftest import finish
 from postcopy_cli.guest import programs as guest
 from postcopy_cli._native import ffi, lib
 from postcopy_cli.codec.constants import TARGET_PAGE_SIZE
@@ -183,14 +184,9 @@ def _spawn(*args):
 
 
 def _finish(proc, timeout=TIMEOUT):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"workload did not finish; stderr: {err}")
+    code, out, err = finish(proc, timeout)
     assert "Traceback" not in err, err
-    return proc.returncode, out, err
+    return code, out, err
 
 
 @needs_uffd

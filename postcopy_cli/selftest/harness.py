@@ -13,8 +13,9 @@ def postcopy_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "postcopy_cli", *args]
 
 
-def child_env() -> dict:
-    """The environment of our subprocesses: they import the very postcopy_cli this one runs.
+def child_env(root: str | None = None) -> dict:
+    """The environment of our subprocesses: they import the very postcopy_cli this one runs
+    (or the one in the directory ``root``).
 
     ``python -m`` puts the current directory first on sys.path, where a source
     tree (without its compiled extension) would shadow the installed package:
@@ -23,10 +24,20 @@ def child_env() -> dict:
     import postcopy_cli
 
     env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(postcopy_cli.__file__)))
+    here = root or os.path.dirname(os.path.dirname(os.path.abspath(postcopy_cli.__file__)))
     env["PYTHONSAFEPATH"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     return env
+
+
+def last_json(out: str) -> dict | None:
+    """The last line of ``out`` that is a JSON document (a command's --json report), or None."""
+    for line in reversed(out.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
 
 
 class Procs:
@@ -68,12 +79,7 @@ class Finished:
         self.name, self.rc, self.out, self.err = name, rc, out, err
 
     def json(self) -> dict | None:
-        for line in reversed(self.out.strip().splitlines()):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-        return None
+        return last_json(self.out)
 
     def why(self) -> str:
         if self.rc is None:
