@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PROC_TIMEOUT, ServeDestProc, postcopy_cmd, run_postcopy, single_stderr_line, write_image
+from fakes import preamble
 from postcopy_cli import codec
 from postcopy_cli.channels import transport
 
@@ -165,9 +166,7 @@ def test_serve_dest_refuses_another_users_source(shared_dir, tmp_path, serve_des
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         block = codec.BlockInfo("mem", size, PAGE)
-        bogus = (codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
-                 codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(PAGE, PAGE)) +
-                 codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()) +
+        bogus = (preamble(block) +
                  codec.encode_ram_section(codec.RamPage("mem", p * PAGE, b"\xee" * PAGE) for p in range(64)))
         attack(str(sd.port), bogus)
         mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json")
