@@ -128,6 +128,8 @@ class ControlReader:
             item = self._messages.get(timeout=timeout)
         except queue.Empty:
             return None
+        if item is self.CLOSED or isinstance(item, Exception):
+            self._messages.put(item)   # stays the end for later waits
         if isinstance(item, Exception):
             raise item
         if item is self.CLOSED:
