@@ -118,18 +118,23 @@ class ControlReader:
         """Queue ``item`` for :meth:`get` as if it had been read (news from another thread)."""
         self._messages.put(item)
 
-    def get(self, timeout: float | None):
-        """The next message (or posted item); CLOSED once the peer has gone (then None after
-        ``timeout``, for ever); None after ``timeout``.  Raises HandshakeError on a malformed message."""
-        if self._closed_seen:
-            time.sleep(timeout if timeout is not None else 3600)
-            return None
+    def _next(self, timeout: float | None):
+        """The next queued item, or None after ``timeout``; the end (closed or malformed) stays queued."""
         try:
             item = self._messages.get(timeout=timeout)
         except queue.Empty:
             return None
         if item is self.CLOSED or isinstance(item, Exception):
             self._messages.put(item)   # stays the end for later waits
+        return item
+
+    def get(self, timeout: float | None):
+        """The next message (or posted item); CLOSED once the peer has gone (then None after
+        ``timeout``, for ever); None after ``timeout``.  Raises HandshakeError on a malformed message."""
+        if self._closed_seen:
+            time.sleep(timeout if timeout is not None else 3600)
+            return None
+        item = self._next(timeout)
         if isinstance(item, Exception):
             raise item
         if item is self.CLOSED:
@@ -146,12 +151,10 @@ class ControlReader:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            try:
-                msg = self._messages.get(timeout=left)
-            except queue.Empty:
+            msg = self._next(left)
+            if msg is None:
                 return None
             if msg is self.CLOSED or isinstance(msg, Exception):
-                self._messages.put(msg)   # stays gone for later waits
                 raise HandshakeError("the program closed its socket or exited")
             if msg.get("event") == event:
                 return msg
