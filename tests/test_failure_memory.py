@@ -21,6 +21,7 @@ from postcopy_cli import codec
 from postcopy_cli.guest import programs as guest
 from conftest import postcopy_cmd, write_image
 from fakes import FakeSource, preamble
+from postcopy_cli.selftest.harness import kill_and_reap
 
 PAGE = 4096
 MiB = 1 << 20
@@ -242,10 +243,7 @@ def test_workload_touch_keeps_its_uffd_when_serve_dest_is_killed(tmp_path, serve
         assert "differ" not in err and not out.strip(), (out, err)   # no report: it never read on
         assert "closed the control socket before every page arrived" in err, err
     finally:
-        for p in (touch, migrate):
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+        kill_and_reap(touch, migrate)
 
 
 def test_workload_incoming_told_failed_exits_1_not_sigsegv(tmp_path, serve_dest):
@@ -281,7 +279,4 @@ def test_workload_incoming_told_failed_exits_1_not_sigsegv(tmp_path, serve_dest)
         rc, _, serr = sd.wait()
         assert rc in (1, 4), serr
     finally:
-        for p in (inc, migrate):
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+        kill_and_reap(inc, migrate)

@@ -25,6 +25,7 @@ import pytest
 from conftest import IS_ROOT, PROC_TIMEOUT, finish, run_postcopy, single_stderr_line, wait_until, waits_in_userfault
 from fakes import FakeSource, preamble
 from postcopy_cli import codec
+from postcopy_cli.selftest.harness import kill_and_reap
 
 TP = 4096
 HP = 2 << 20
@@ -148,9 +149,7 @@ def test_hugetlb_program_end_to_end(tmp_path, serve_dest, hugepages_2m, single_c
         t_rc, t_out, t_err = finish(toucher)
         rc, out, err = sd.wait()
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     assert mig.returncode == 0, (mig.stderr, err, t_err)
     assert t_rc == 0, t_err
     assert rc == 0, err
@@ -201,9 +200,7 @@ def test_hugetlb_requests_whole_huge_pages_fake_source(tmp_path, serve_dest, hug
         rc, out, err = sd.wait()
     finally:
         src.close()
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     assert rc == 0, err
     assert t_rc == 0, t_err
     assert json.loads(t_out)["mismatches"] == 0
@@ -296,9 +293,7 @@ def test_hugetlb_malformed_host_page_exit_3(tmp_path, serve_dest, hugepages_2m, 
         assert toucher.poll() is None, toucher.communicate()
     finally:
         src.close()
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     assert rc == 3, err
     line = single_stderr_line(err)
     assert re.search(r"protocol error in .*RAM", line), line

@@ -19,7 +19,7 @@ import pytest
 import postcopy_cli
 
 from conftest import PROC_TIMEOUT, ServeDestProc, finish, needs_root, postcopy_cmd, single_stderr_line
-from postcopy_cli.selftest.harness import last_json
+from postcopy_cli.selftest.harness import kill_and_reap, last_json
 
 pytestmark = needs_root
 
@@ -123,12 +123,7 @@ class Live:
         self.start_source(mem, *source_args)
 
     def kill_all(self):
-        for p in self.procs:
-            p.kill()
-            try:
-                p.p.communicate(timeout=PROC_TIMEOUT)
-            except (ValueError, OSError):
-                pass
+        kill_and_reap(*(p.p for p in self.procs), timeout=PROC_TIMEOUT)
         if self.dest is not None:
             self.dest.kill()
 

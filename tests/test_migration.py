@@ -24,6 +24,7 @@ from postcopy_cli import codec
 import postcopy_cli
 from postcopy_cli.dest.serve import ServeDest, ServeOptions
 from postcopy_cli.selftest.harness import child_env
+from postcopy_cli.selftest.harness import kill_and_reap
 
 # where the postcopy_cli under test lives (conftest also exports it in PYTHONPATH)
 REPO = Path(postcopy_cli.__file__).resolve().parent.parent
@@ -96,9 +97,7 @@ def test_image_restore_into_attached_toucher(tmp_path, serve_dest, transport, or
         mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json", *extra)
         t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     rc, out, err = sd.wait()
     assert mig.returncode == 0, mig.stderr
     assert toucher.returncode == 0, t_err
@@ -329,9 +328,7 @@ def test_program_killed_mid_migration(tmp_path, serve_dest):
         rc, out, err = sd.wait()
         m_out, m_err = mig.communicate(timeout=PROC_TIMEOUT)
     finally:
-        for p in (client, mig):
-            if p.poll() is None:
-                p.kill()
+        kill_and_reap(client, mig)
     assert rc == 1, err
     assert "Traceback" not in err
     assert "program" in err and ("exited" in err or "closed" in err), err
@@ -364,9 +361,7 @@ def test_event_remove_zero_fills(tmp_path, serve_dest):
         client.stdin.flush()
         c_out, c_err = client.communicate(timeout=PROC_TIMEOUT)
     finally:
-        for p in (client, mig):
-            if p.poll() is None:
-                p.kill()
+        kill_and_reap(client, mig)
     assert rc == 0, err
     assert mig.returncode == 0, m_err
     assert client.returncode == 0, c_err
@@ -440,8 +435,7 @@ def test_program_dies_before_source_connects(tmp_path, serve_dest):
         client.wait(timeout=PROC_TIMEOUT)
         rc, out, err = sd.wait()
     finally:
-        if client.poll() is None:
-            client.kill()
+        kill_and_reap(client)
     assert rc == 1, err
     assert "Traceback" not in err and "program" in err, err
 
@@ -470,9 +464,7 @@ def test_source_gone_while_program_waits_for_a_page(tmp_path, serve_dest, how):
         t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     finally:
         src.close()
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     assert rc == 4, err
     assert "Traceback" not in err
     assert toucher.returncode != 0     # it saw zeros where the image has data

@@ -22,6 +22,7 @@ from conftest import PROC_TIMEOUT, ServeDestProc, postcopy_cmd, run_postcopy, si
 from fakes import preamble
 from postcopy_cli import codec
 from postcopy_cli.channels import transport
+from postcopy_cli.selftest.harness import kill_and_reap
 
 PAGE = 4096
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -172,9 +173,7 @@ def test_serve_dest_refuses_another_users_source(shared_dir, tmp_path, serve_des
         mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json")
         t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     rc, out, err = sd.wait()
     assert mig.returncode == 0, mig.stderr
     assert toucher.returncode == 0, t_err
@@ -221,9 +220,7 @@ def test_refused_program_on_uffd_socket_does_not_end_serve_dest(shared_dir, tmp_
         mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json")
         t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     rc, out, err = sd.wait()
     assert rc == 0, err
     assert mig.returncode == 0, mig.stderr

@@ -40,6 +40,26 @@ def last_json(out: str) -> dict | None:
     return None
 
 
+def kill(p: subprocess.Popen) -> None:
+    """SIGKILL ``p`` if it still runs, with its process group when it leads one (start_new_session)."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            p.kill()
+
+
+def kill_and_reap(*procs: subprocess.Popen, timeout: float = 5) -> None:
+    """Kill every one of ``procs`` that still runs, then collect each one's exit and output."""
+    for p in procs:
+        kill(p)
+    for p in procs:
+        try:
+            p.communicate(timeout=timeout)
+        except (subprocess.TimeoutExpired, ValueError, OSError):
+            pass
+
+
 class Procs:
     """Subprocesses of one case; every one still running at exit is killed."""
 
@@ -53,17 +73,7 @@ class Procs:
         return p
 
     def kill_all(self):
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except OSError:
-                    p.kill()
-        for p in self.procs:
-            try:
-                p.communicate(timeout=5)
-            except (subprocess.TimeoutExpired, ValueError, OSError):
-                pass
+        kill_and_reap(*self.procs)
 
     def __enter__(self):
         return self
@@ -93,9 +103,6 @@ def finish(name: str, p: subprocess.Popen, deadline: float) -> Finished:
         out, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
         return Finished(name, p.returncode, out, err)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except OSError:
-            p.kill()
+        kill(p)
         out, err = p.communicate()
         return Finished(name, None, out or "", err or "")
