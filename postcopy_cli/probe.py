@@ -20,10 +20,10 @@ from typing import Callable
 
 from . import memory
 from ._native import lib
+from .codec.constants import TARGET_PAGE_SIZE
 from .memory.pagemap import PagemapScanner
 from .uffd import Feature, Ioctl, RegisterMode, UffdError, Userfaultfd, flag_names
 
-TARGET_PAGE_SIZE = 4096
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 

@@ -5,16 +5,11 @@ import os
 
 import pytest
 
-import postcopy_cli as _package
+from postcopy_cli.selftest import harness as _harness
 
-# The programs the tests start (python -m postcopy_cli, python -c ...) must import
-# the postcopy_cli under test, not the source tree in the current directory (which
-# has no compiled extension after a plain `pip install .`): Python 3.11's
-# PYTHONSAFEPATH keeps the current directory off sys.path, PYTHONPATH names ours.
-os.environ["PYTHONSAFEPATH"] = "1"
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (os.path.dirname(os.path.dirname(os.path.abspath(_package.__file__))), os.environ.get("PYTHONPATH"))
-    if p)
+# The programs the tests start (python -m postcopy_cli, python -c ...) import the
+# postcopy_cli under test (selftest.harness.child_env says how).
+os.environ.update(_harness.child_env())
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
@@ -72,14 +67,11 @@ def no_hugepages(sysctl):
 
 import random as _random
 import subprocess as _subprocess
-import sys as _sys
 
 PROC_TIMEOUT = 60
 
 
-def postcopy_cmd(*args: str) -> list[str]:
-    """argv running the ``postcopy`` CLI with this interpreter."""
-    return [_sys.executable, "-m", "postcopy_cli", *args]
+postcopy_cmd = _harness.postcopy_argv   # argv running the ``postcopy`` CLI with this interpreter
 
 
 def run_postcopy(*args: str, timeout: float = PROC_TIMEOUT) -> _subprocess.CompletedProcess:
@@ -194,3 +186,12 @@ def wait_until(cond, what: str, timeout: float = PROC_TIMEOUT) -> None:
         if _time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         _time.sleep(0.02)
+
+
+def finish(proc: _subprocess.Popen, timeout: float = PROC_TIMEOUT) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a subprocess; it is killed, and the test fails, if it does not end in time."""
+    import time as _time
+
+    done = _harness.finish(" ".join(map(str, proc.args[:5])), proc, _time.monotonic() + timeout)
+    assert done.rc is not None, f"{done.name} did not end within {timeout} s: {done.err[-2000:]}"
+    return done.rc, done.out, done.err

@@ -20,6 +20,7 @@ import time
 import pytest
 
 from conftest import PROC_TIMEOUT, postcopy_cmd, run_postcopy, write_image
+from postcopy_cli.selftest.harness import kill_and_reap
 from postcopy_cli._native import lib
 from postcopy_cli.dest.engine import ProgramGone
 from postcopy_cli.dest.serve import ServeDest, ServeOptions
@@ -101,9 +102,7 @@ def test_page_not_visible_before_it_is_counted(tmp_path):
         mig = run_postcopy("migrate", "--to", serve.address, "--image", str(image), "--json")
         t_rc, t_out, t_err = _finish(toucher)
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     serve.join()
     assert serve.error is None, f"serve-dest failed: {serve.error!r}"
     assert serve.result.complete
@@ -187,10 +186,7 @@ def test_restore_end_race_loop_with_cpu_hogs(tmp_path, channels):
                 t_rc, t_out, t_err = _finish(toucher)
                 rc, _, err = sd.wait()
             finally:
-                for p in (toucher, sd.proc):
-                    if p.poll() is None:
-                        p.kill()
-                        p.communicate()
+                kill_and_reap(toucher, sd.proc)
             mismatches = json.loads(t_out)["mismatches"] if t_rc == 0 else None
             if (rc, mig.returncode, t_rc, mismatches) != (0, 0, 0, 0):
                 failures.append((i, rc, mig.returncode, t_rc, mismatches, err.strip()[-300:],

@@ -20,6 +20,8 @@ import pytest
 from postcopy_cli import codec
 from postcopy_cli.guest import programs as guest
 from conftest import postcopy_cmd, write_image
+from fakes import FakeSource, preamble
+from postcopy_cli.selftest.harness import kill_and_reap
 
 PAGE = 4096
 MiB = 1 << 20
@@ -160,15 +162,10 @@ def _proxy(target: tuple[str, int], cut_after: int) -> tuple[socket.socket, thre
 
 def _corrupt_source(port: int, image: bytes, pages: int):
     """A hand-written source: preamble, LISTEN, RUN, ``pages`` pages, then a record header with unknown flags."""
-    block = codec.BlockInfo("mem", len(image), PAGE)
-    conn = socket.create_connection(("127.0.0.1", port))
-    enc = codec.RamSectionEncoder()
-    ram = enc.begin() + b"".join(enc.page("mem", i * PAGE, image[i * PAGE:(i + 1) * PAGE]) for i in range(pages))
-    conn.sendall(codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
-                 codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(PAGE, PAGE)) +
-                 codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()) + ram +
-                 (pages * PAGE | 0x40 | 0x08).to_bytes(8, "big"))
-    return conn
+    src = FakeSource(port, codec.BlockInfo("mem", len(image), PAGE))
+    src.send(preamble(src.block) + src.pages(image, range(0, pages * PAGE, PAGE), end=False) +
+             (pages * PAGE | 0x40 | 0x08).to_bytes(8, "big"))
+    return src
 
 
 @pytest.mark.parametrize("how", ["kill-migrate", "cut", "corrupt"])
@@ -247,10 +244,7 @@ def test_workload_touch_keeps_its_uffd_when_serve_dest_is_killed(tmp_path, serve
         assert "differ" not in err and set(json.loads(out)) == {"error"}, (out, err)
         assert "closed the control socket before every page arrived" in err, err
     finally:
-        for p in (touch, migrate):
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+        kill_and_reap(touch, migrate)
 
 
 def test_workload_incoming_told_failed_exits_1_not_sigsegv(tmp_path, serve_dest):
@@ -286,7 +280,4 @@ def test_workload_incoming_told_failed_exits_1_not_sigsegv(tmp_path, serve_dest)
         rc, _, serr = sd.wait()
         assert rc in (1, 4), serr
     finally:
-        for p in (inc, migrate):
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+        kill_and_reap(inc, migrate)

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,8 +22,10 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, PROC_TIMEOUT, run_postcopy, single_stderr_line, wait_until, waits_in_userfault
+from conftest import IS_ROOT, PROC_TIMEOUT, finish, run_postcopy, single_stderr_line, wait_until, waits_in_userfault
+from fakes import FakeSource, preamble
 from postcopy_cli import codec
+from postcopy_cli.selftest.harness import kill_and_reap
 
 TP = 4096
 HP = 2 << 20
@@ -121,16 +122,6 @@ def start_toucher(sock_path, image) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=PROC_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError(f"{proc.args[:4]} did not end within {PROC_TIMEOUT} s: {err}")
-    return proc.returncode, out, err
-
-
 def wait_for_socket(path, proc: subprocess.Popen):
     """serve-dest creates the --uffd-socket before it prints 'listening'; this is a safety net only."""
     deadline = time.monotonic() + PROC_TIMEOUT
@@ -158,9 +149,7 @@ def test_hugetlb_program_end_to_end(tmp_path, serve_dest, hugepages_2m, single_c
         t_rc, t_out, t_err = finish(toucher)
         rc, out, err = sd.wait()
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     assert mig.returncode == 0, (mig.stderr, err, t_err)
     assert t_rc == 0, t_err
     assert rc == 0, err
@@ -190,22 +179,14 @@ def test_hugetlb_requests_whole_huge_pages_fake_source(tmp_path, serve_dest, hug
     sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock_path), "--json", "--timeout", "30")
     wait_for_socket(sock_path, sd.proc)
     toucher = start_toucher(sock_path, image)
-    block = codec.BlockInfo("mem", SIZE, HP)
-    conn = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    src = FakeSource(sd.port, codec.BlockInfo("mem", SIZE, HP))
     requests = []
     try:
-        conn.sendall(codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
-                     codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(HP, TP)) +
-                     codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
-        rp = codec.ReturnPathDecoder([block])
+        src.send(preamble(src.block))
         sent = set()
-        enc = codec.RamSectionEncoder()
         # answer requests only, one huge page each, until every huge page went
         while len(sent) < HUGE_PAGES:
-            chunk = conn.recv(65536)
-            assert chunk, f"serve-dest closed the connection: {sd.wait()}"
-            rp.feed(chunk)
-            for ev in rp.events():
+            for ev in src.events("serve-dest closed the connection"):
                 if not isinstance(ev, codec.ReqPagesId):
                     continue
                 requests.append((ev.block, ev.start, ev.length))
@@ -213,17 +194,13 @@ def test_hugetlb_requests_whole_huge_pages_fake_source(tmp_path, serve_dest, hug
                 if hp in sent:
                     continue
                 sent.add(hp)
-                recs = [enc.page("mem", hp * HP + p * TP, data[hp * HP + p * TP:hp * HP + (p + 1) * TP])
-                        for p in range(TP_PER_HP)]
-                conn.sendall(enc.begin() + b"".join(recs) + enc.end())
-        conn.sendall(codec.encode(codec.Eof()))
+                src.send(src.pages(data, range(hp * HP, (hp + 1) * HP, TP)))
+        src.send(codec.encode(codec.Eof()))
         t_rc, t_out, t_err = finish(toucher)
         rc, out, err = sd.wait()
     finally:
-        conn.close()
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        src.close()
+        kill_and_reap(toucher)
     assert rc == 0, err
     assert t_rc == 0, t_err
     assert json.loads(t_out)["mismatches"] == 0
@@ -306,22 +283,17 @@ def test_hugetlb_malformed_host_page_exit_3(tmp_path, serve_dest, hugepages_2m, 
     sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock_path), "--json", "--timeout", "30")
     wait_for_socket(sock_path, sd.proc)
     toucher = start_toucher(sock_path, image)
-    block = codec.BlockInfo("mem", SIZE, HP)
-    conn = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    src = FakeSource(sd.port, codec.BlockInfo("mem", SIZE, HP))
     try:
-        conn.sendall(codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
-                     codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(HP, TP)) +
-                     codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()) + make(data))
+        src.send(preamble(src.block) + make(data))
         rc, out, err = sd.wait()
         # the program's missing pages stay registered: it waits on one, it never reads a wrong page
         wait_until(lambda: waits_in_userfault(toucher.pid) or toucher.poll() is not None,
                    "the toucher waits for a missing page")
         assert toucher.poll() is None, toucher.communicate()
     finally:
-        conn.close()
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        src.close()
+        kill_and_reap(toucher)
     assert rc == 3, err
     line = single_stderr_line(err)
     assert re.search(r"protocol error in .*RAM", line), line

@@ -18,20 +18,12 @@ import pytest
 
 import postcopy_cli
 
-from conftest import PROC_TIMEOUT, ServeDestProc, needs_root, postcopy_cmd, single_stderr_line
+from conftest import PROC_TIMEOUT, ServeDestProc, finish, needs_root, postcopy_cmd, single_stderr_line
+from postcopy_cli.selftest.harness import kill_and_reap, last_json
 
 pytestmark = needs_root
 
 MIB = 1 << 20
-
-
-def _last_json(out: str) -> dict | None:
-    for line in reversed(out.strip().splitlines()):
-        try:
-            return json.loads(line)
-        except ValueError:
-            continue
-    return None
 
 
 class Proc:
@@ -61,12 +53,12 @@ class Proc:
         return self.p.poll() is None
 
     def wait(self, timeout: float = PROC_TIMEOUT) -> "Proc":
-        out, err = self.p.communicate(timeout=timeout)
-        self.rc, self.out, self.err = self.p.returncode, out, self.early_err + err
+        self.rc, self.out, err = finish(self.p, timeout)
+        self.err = self.early_err + err
         return self
 
     def json(self) -> dict | None:
-        return _last_json(self.out)
+        return last_json(self.out)
 
     def kill(self, sig=signal.SIGKILL) -> None:
         if self.p.poll() is None:
@@ -131,12 +123,7 @@ class Live:
         self.start_source(mem, *source_args)
 
     def kill_all(self):
-        for p in self.procs:
-            p.kill()
-            try:
-                p.p.communicate(timeout=PROC_TIMEOUT)
-            except (ValueError, OSError):
-                pass
+        kill_and_reap(*(p.p for p in self.procs), timeout=PROC_TIMEOUT)
         if self.dest is not None:
             self.dest.kill()
 

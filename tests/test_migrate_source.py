@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import PROC_TIMEOUT, postcopy_cmd, single_stderr_line, write_image
+from conftest import PROC_TIMEOUT, finish, postcopy_cmd, single_stderr_line, write_image
 from postcopy_cli import codec
 
 PAGE = 4096
@@ -70,16 +70,6 @@ def fake_dest():
 def start_migrate(dest: FakeDest, image, *extra):
     return subprocess.Popen(postcopy_cmd("migrate", "--to", dest.address, "--image", str(image), "--json", *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc):
-    try:
-        out, err = proc.communicate(timeout=PROC_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, out, err
 
 
 def _is(kind):

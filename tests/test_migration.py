@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,9 +19,12 @@ from pathlib import Path
 import pytest
 
 from conftest import PROC_TIMEOUT, postcopy_cmd, run_postcopy, write_image, zero_pages_of
+from fakes import FakeSource, preamble
 from postcopy_cli import codec
 import postcopy_cli
 from postcopy_cli.dest.serve import ServeDest, ServeOptions
+from postcopy_cli.selftest.harness import child_env
+from postcopy_cli.selftest.harness import kill_and_reap
 
 # where the postcopy_cli under test lives (conftest also exports it in PYTHONPATH)
 REPO = Path(postcopy_cli.__file__).resolve().parent.parent
@@ -31,15 +32,9 @@ PAGE = 4096
 MiB = 1 << 20
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _popen(argv, **kw):
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=_env(), **kw)
+                            env=child_env(), **kw)
 
 
 def _stats_ok(stats: dict, image_bytes: bytes, block_len: int, requests: int = 0):
@@ -102,9 +97,7 @@ def test_image_restore_into_attached_toucher(tmp_path, serve_dest, transport, or
         mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json", *extra)
         t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     rc, out, err = sd.wait()
     assert mig.returncode == 0, mig.stderr
     assert toucher.returncode == 0, t_err
@@ -286,7 +279,7 @@ def _raw_client(tmp_path, cfg: dict) -> subprocess.Popen:
     script = tmp_path / "raw_client.py"
     script.write_text(RAW_CLIENT)
     return subprocess.Popen([sys.executable, str(script), json.dumps(cfg)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=child_env())
 
 
 @pytest.mark.parametrize("regions,field", [
@@ -335,9 +328,7 @@ def test_program_killed_mid_migration(tmp_path, serve_dest):
         rc, out, err = sd.wait()
         m_out, m_err = mig.communicate(timeout=PROC_TIMEOUT)
     finally:
-        for p in (client, mig):
-            if p.poll() is None:
-                p.kill()
+        kill_and_reap(client, mig)
     assert rc == 1, err
     assert "Traceback" not in err
     assert "program" in err and ("exited" in err or "closed" in err), err
@@ -371,9 +362,7 @@ def test_event_remove_zero_fills(tmp_path, serve_dest):
         client.stdin.flush()
         c_out, c_err = client.communicate(timeout=PROC_TIMEOUT)
     finally:
-        for p in (client, mig):
-            if p.poll() is None:
-                p.kill()
+        kill_and_reap(client, mig)
     assert rc == 0, err
     assert mig.returncode == 0, m_err
     assert client.returncode == 0, c_err
@@ -398,54 +387,35 @@ def test_fault_dedup_with_slow_source(tmp_path, serve_dest):
     pages = [3, 100, 7, 511, 250, 42]
     client = _raw_client(tmp_path, {"sock": str(tmp_path / "u.sock"), "image": str(image),
                                     "regions": [(0, size)], "mode": "dedup", "pages": pages, "threads": 4})
-    block = codec.BlockInfo("mem", size, PAGE)
-    conn = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    src = FakeSource(sd.port, codec.BlockInfo("mem", size, PAGE))
     try:
-        conn.sendall(codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
-                     codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(PAGE, PAGE)) +
-                     codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
-        rp = codec.ReturnPathDecoder([block])
+        src.send(preamble(src.block))
         requested: list[int] = []
-        enc = codec.RamSectionEncoder()
         sent = set()
         while len(sent) < len(pages):
-            chunk = conn.recv(65536)
-            assert chunk, "serve-dest closed the connection"
-            rp.feed(chunk)
             new = []
-            for ev in rp.events():
+            for ev in src.events():
                 assert isinstance(ev, codec.ReqPagesId), ev
                 assert ev.length == PAGE
                 requested.append(ev.start // PAGE)
                 new.append(ev.start // PAGE)
             time.sleep(0.3)    # answer late: the other threads fault on the same page meanwhile
-            parts = [enc.begin()]
-            for p in new:
-                parts.append(enc.page("mem", p * PAGE, data[p * PAGE:(p + 1) * PAGE]))
-                sent.add(p)
-            parts.append(enc.end())
-            conn.sendall(b"".join(parts))
+            src.send(src.pages(data, [p * PAGE for p in new]))
+            sent.update(new)
         assert json.loads(_readline(client)) == {"ok": True}
         # the rest in background, EOF, SHUT 0
-        parts = [enc.begin()]
-        for p in range(size // PAGE):
-            if p not in sent:
-                parts.append(enc.page("mem", p * PAGE, data[p * PAGE:(p + 1) * PAGE]))
-        parts.append(enc.end())
-        conn.sendall(b"".join(parts) + codec.encode(codec.Eof()))
+        src.send(src.pages(data, [p * PAGE for p in range(size // PAGE) if p not in sent]) +
+                 codec.encode(codec.Eof()))
         shut = None
         while shut is None:
-            chunk = conn.recv(65536)
-            assert chunk
-            rp.feed(chunk)
-            for ev in rp.events():
+            for ev in src.events():
                 if isinstance(ev, codec.Shut):
                     shut = ev.status
                 else:
                     requested.append(ev.start // PAGE)
         assert shut == 0
     finally:
-        conn.close()
+        src.close()
         client.stdin.close()
     rc, out, err = sd.wait()
     client.wait(timeout=PROC_TIMEOUT)
@@ -466,8 +436,7 @@ def test_program_dies_before_source_connects(tmp_path, serve_dest):
         client.wait(timeout=PROC_TIMEOUT)
         rc, out, err = sd.wait()
     finally:
-        if client.poll() is None:
-            client.kill()
+        kill_and_reap(client)
     assert rc == 1, err
     assert "Traceback" not in err and "program" in err, err
 
@@ -482,30 +451,21 @@ def test_source_gone_while_program_waits_for_a_page(tmp_path, serve_dest, how):
     write_image(image, size, seed=2, zero_runs=())
     toucher = _popen(postcopy_cmd("workload", "touch", "--size", str(size), "--attach", str(tmp_path / "u.sock"),
                                   "--image", str(image), "--json"))
-    block = codec.BlockInfo("mem", size, PAGE)
-    conn = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    src = FakeSource(sd.port, codec.BlockInfo("mem", size, PAGE))
     try:
-        conn.sendall(codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
-                     codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(PAGE, PAGE)) +
-                     codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
+        src.send(preamble(src.block))
         # wait for the toucher's first request, never answer it
-        rp = codec.ReturnPathDecoder([block])
         events = []
         while not events:
-            chunk = conn.recv(65536)
-            assert chunk
-            rp.feed(chunk)
-            events.extend(rp.events())
+            events.extend(src.events())
         assert isinstance(events[0], codec.ReqPagesId) and events[0].start == 0
         if how == "disconnect":
-            conn.close()
+            src.close()
         rc, out, err = sd.wait()
         t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     finally:
-        conn.close()
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        src.close()
+        kill_and_reap(toucher)
     assert rc == 4, err
     assert "Traceback" not in err
     assert toucher.returncode != 0     # it saw zeros where the image has data
@@ -520,32 +480,20 @@ def test_fault_before_listen_answered_by_precopy_is_not_requested(tmp_path, serv
     sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "u.sock"), "--json")
     toucher = _popen(postcopy_cmd("workload", "touch", "--size", str(size), "--attach", str(tmp_path / "u.sock"),
                                   "--image", str(image), "--order", "sequential", "--json"))
-    block = codec.BlockInfo("mem", size, PAGE)
     time.sleep(1.0)    # let the toucher hand over and block on page 0 (if it has not yet, nothing is requested either)
-    conn = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    src = FakeSource(sd.port, codec.BlockInfo("mem", size, PAGE))
     try:
-        enc = codec.RamSectionEncoder()
-        ram = enc.begin() + b"".join(enc.page("mem", p * PAGE, data[p * PAGE:(p + 1) * PAGE])
-                                     for p in range(size // PAGE)) + enc.end()
-        conn.sendall(codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
-                     codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(PAGE, PAGE)) + ram +
-                     codec.encode(codec.Ping(1)))
-        rp = codec.ReturnPathDecoder([block])
+        src.send(preamble(src.block, through="advise") + src.pages(data, range(0, size, PAGE)) +
+                 codec.encode(codec.Ping(1)))
         events = []
         while codec.Pong(1) not in events:     # every page is in before LISTEN goes out
-            chunk = conn.recv(65536)
-            assert chunk
-            rp.feed(chunk)
-            events.extend(rp.events())
-        conn.sendall(codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()) +
-                     codec.encode(codec.Eof()))
+            events.extend(src.events())
+        src.send(codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()) +
+                 codec.encode(codec.Eof()))
         while not any(isinstance(e, codec.Shut) for e in events):
-            chunk = conn.recv(65536)
-            assert chunk
-            rp.feed(chunk)
-            events.extend(rp.events())
+            events.extend(src.events())
     finally:
-        conn.close()
+        src.close()
     rc, out, err = sd.wait()
     t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     assert rc == 0, err

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from conftest import PROC_TIMEOUT, ServeDestProc, postcopy_cmd, run_postcopy, single_stderr_line, write_image
+from fakes import preamble
 from postcopy_cli import codec
 from postcopy_cli.channels import transport
+from postcopy_cli.selftest.harness import kill_and_reap
 
 PAGE = 4096
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -165,17 +167,13 @@ def test_serve_dest_refuses_another_users_source(shared_dir, tmp_path, serve_des
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         block = codec.BlockInfo("mem", size, PAGE)
-        bogus = (codec.encode(codec.Header()) + codec.encode(codec.Blocks((block,))) +
-                 codec.encode(codec.OpenReturnPath()) + codec.encode(codec.PostcopyAdvise(PAGE, PAGE)) +
-                 codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()) +
+        bogus = (preamble(block) +
                  codec.encode_ram_section(codec.RamPage("mem", p * PAGE, b"\xee" * PAGE) for p in range(64)))
         attack(str(sd.port), bogus)
         mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json")
         t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     rc, out, err = sd.wait()
     assert mig.returncode == 0, mig.stderr
     assert toucher.returncode == 0, t_err
@@ -222,9 +220,7 @@ def test_refused_program_on_uffd_socket_does_not_end_serve_dest(shared_dir, tmp_
         mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json")
         t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     rc, out, err = sd.wait()
     assert rc == 0, err
     assert mig.returncode == 0, mig.stderr

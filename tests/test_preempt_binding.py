@@ -23,7 +23,7 @@ import pytest
 from conftest import PROC_TIMEOUT, postcopy_cmd, single_stderr_line, write_image
 from postcopy_cli import codec
 from postcopy_cli.errors import ProtocolError
-from postcopy_cli.selftest.harness import read_listening
+from postcopy_cli.selftest.harness import kill_and_reap, read_listening
 
 PAGE = 4096
 PAGES = 256
@@ -111,9 +111,7 @@ class Restore:
             rc, out, err = self.sd.wait()
             t_out, t_err = self.toucher.communicate(timeout=PROC_TIMEOUT)
         finally:
-            if self.toucher.poll() is None:
-                self.toucher.kill()
-                self.toucher.communicate()
+            kill_and_reap(self.toucher)
         return rc, out, err, self.toucher.returncode, t_out, t_err
 
 

@@ -132,48 +132,57 @@ def test_missing_optional_features_warn(monkeypatch):
     assert "MISSING_SHMEM" not in report.features
 
 
-def test_missing_register_ioctl_fails(monkeypatch, capsys):
+def _no_unregister_ioctl(monkeypatch):
     _mask_features(monkeypatch, drop_ioctls=Ioctl.UNREGISTER)
-    report = probe_mod.run_probe()
-    c = report.check("api-ioctls")
-    assert c.status == "fail" and "UNREGISTER" in c.detail and not report.supported
-    assert run(["probe", "--json"]) == 1
-    assert json.loads(capsys.readouterr().out)["supported"] is False
 
 
-def test_missing_range_ioctl_fails(monkeypatch):
+def _no_zeropage_on_register(monkeypatch):
     real = Userfaultfd.register
     monkeypatch.setattr(Userfaultfd, "register",
                         lambda self, *a, **k: real(self, *a, **k) & ~Ioctl.ZEROPAGE)
-    report = probe_mod.run_probe()
-    c = report.check("anon-register")
-    assert c.status == "fail" and "ZEROPAGE" in c.detail and not report.supported
 
 
-def test_api_failure(monkeypatch):
+def _api_einval(monkeypatch):
     def api(u, features):
         raise OSError(errno.EINVAL, "UFFDIO_API: Invalid argument")
 
     monkeypatch.setattr(probe_mod, "_api", api)
+
+
+def _munlockall_eperm(monkeypatch):
+    def deny():
+        raise OSError(errno.EPERM, "munlockall: Operation not permitted")
+
+    monkeypatch.setattr(probe_mod, "_munlockall", deny)
+
+
+# name: (how the host is made to fail, the core check that fails, a text its detail names or None,
+#        a check skipped after it or None)
+CORE_FAILURES = {
+    "register-ioctl-missing": (_no_unregister_ioctl, "api-ioctls", "UNREGISTER", None),
+    "range-ioctl-missing": (_no_zeropage_on_register, "anon-register", "ZEROPAGE", None),
+    "api-fails": (_api_einval, "uffdio-api", None, "anon-register"),
+    "munlockall-fails": (_munlockall_eperm, "munlockall", None, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORE_FAILURES))
+def test_core_check_failure(monkeypatch, capsys, case):
+    make_fail, name, text, skipped = CORE_FAILURES[case]
+    make_fail(monkeypatch)
     report = probe_mod.run_probe()
-    assert report.check("uffdio-api").status == "fail"
-    assert report.check("anon-register").status == "skip"
-    assert not report.supported
+    c = report.check(name)
+    assert c.status == "fail" and not report.supported, c
+    assert text is None or text in c.detail, c
+    assert skipped is None or report.check(skipped).status == "skip"
+    assert run(["probe", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["supported"] is False
 
 
 def test_page_size_mismatch():
     report = probe_mod.run_probe(target_page_size=os.sysconf("SC_PAGE_SIZE") * 4)
     assert report.check("page-size").status == "fail" and not report.supported
     assert run(["probe", "--json", "--target-page-size", str(os.sysconf("SC_PAGE_SIZE") * 4)]) == 1
-
-
-def test_munlockall_failure(monkeypatch):
-    def deny():
-        raise OSError(errno.EPERM, "munlockall: Operation not permitted")
-
-    monkeypatch.setattr(probe_mod, "_munlockall", deny)
-    report = probe_mod.run_probe()
-    assert report.check("munlockall").status == "fail" and not report.supported
 
 
 def test_thp_always_warns(monkeypatch, tmp_path):

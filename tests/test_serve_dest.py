@@ -21,6 +21,7 @@ from postcopy_cli import codec
 from postcopy_cli.cli import run as cli_run
 from postcopy_cli.errors import PeerDisconnected, ProtocolError
 from postcopy_cli.dest.serve import ServeDest, ServeOptions
+from postcopy_cli.selftest.harness import kill_and_reap
 
 PAGE = 4096
 SIZE = 1 << 20
@@ -193,9 +194,7 @@ def test_garbage_mid_ram_section_attached_toucher(tmp_path, serve_dest):
         rc, out, err = feed_and_wait(sd, good + garbage)
         t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
     finally:
-        if toucher.poll() is None:
-            toucher.kill()
-            toucher.communicate()
+        kill_and_reap(toucher)
     assert rc == 3, err
     where, at = protocol_line(err)
     assert "RAM" in where and at == len(good), err

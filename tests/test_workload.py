@@ -19,13 +19,16 @@ import time
 
 import pytest
 
+from conftest import finish
 from postcopy_cli.guest import programs as guest
 from postcopy_cli._native import ffi, lib
-from postcopy_cli.channels.handover import ControlChannel, receive_handover
+from postcopy_cli.codec.constants import TARGET_PAGE_SIZE
+from postcopy_cli.channels.control import ControlChannel
+from postcopy_cli.channels.handover import receive_handover
 from postcopy_cli.memory.mappings import AnonymousMapping
 from postcopy_cli.uffd import PagefaultMsg, RemoveMsg, UffdError, Userfaultfd
 
-PAGE = guest.PAGE
+PAGE = TARGET_PAGE_SIZE
 TIMEOUT = 20.0
 
 
@@ -181,14 +184,9 @@ def _spawn(*args):
 
 
 def _finish(proc, timeout=TIMEOUT):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"workload did not finish; stderr: {err}")
+    code, out, err = finish(proc, timeout)
     assert "Traceback" not in err, err
-    return proc.returncode, out, err
+    return code, out, err
 
 
 @needs_uffd

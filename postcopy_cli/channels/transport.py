@@ -248,6 +248,12 @@ def tcp_socket_owner(table: str, local: tuple, remote: tuple) -> tuple[int, str]
     return None
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer of a Unix socket (SO_PEERCRED, unix(7))."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)
+
+
 def peer_refusal(conn: socket.socket) -> str | None:
     """Why the peer of ``conn`` may not take part in a migration, or None.
 
@@ -259,8 +265,7 @@ def peer_refusal(conn: socket.socket) -> str | None:
     """
     ours = (0, os.geteuid())
     if conn.family == socket.AF_UNIX:
-        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                          struct.calcsize("3i")))
+        pid, uid, _ = peer_credentials(conn)
         return None if uid in ours else f"pid {pid} runs as uid {uid}, neither ours nor root"
     if conn.family not in (socket.AF_INET, socket.AF_INET6):
         return f"unexpected socket family {conn.family!r}"
@@ -310,27 +315,41 @@ def accept(listener: socket.socket, timeout: float | None, *, quiet=None) -> soc
             log.warning("refused a connection to %s: %s", where, reason)
 
 
-def connect(addr: Address, *, timeout: float = 10.0) -> socket.socket:
-    """Connect, retrying while the peer is not listening yet (up to ``timeout``)."""
+def connect_retrying(addr: Address, timeout: float) -> socket.socket:
+    """A socket connected to ``addr``, retrying while nothing listens there yet (no socket file, or
+    refused) for up to ``timeout`` seconds: then the last such error; any other OSError at once."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             if addr.kind == "unix":
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(addr.path)
+                try:
+                    s.connect(addr.path)
+                except OSError:
+                    s.close()
+                    raise
             else:
                 s = socket.create_connection((addr.host, addr.port), timeout=timeout)
             s.settimeout(None)
-            # not a byte to a destination run by another user
-            reason = peer_refusal(s)
-            if reason is not None:
-                s.close()
-                raise PeerDisconnected(f"refused the destination at {addr}: {reason}")
-            _tune(s)
             return s
-        except (ConnectionRefusedError, FileNotFoundError) as e:
+        except (ConnectionRefusedError, FileNotFoundError):
             if time.monotonic() >= deadline:
-                raise PeerDisconnected(f"cannot connect to {addr}: {e.strerror}") from e
+                raise
             time.sleep(0.05)
-        except OSError as e:
-            raise PeerDisconnected(f"cannot connect to {addr}: {e.strerror or e}") from e
+
+
+def connect(addr: Address, *, timeout: float = 10.0) -> socket.socket:
+    """Connect, retrying while the peer is not listening yet (up to ``timeout``)."""
+    try:
+        s = connect_retrying(addr, timeout)
+        # not a byte to a destination run by another user
+        reason = peer_refusal(s)
+        if reason is not None:
+            s.close()
+            raise PeerDisconnected(f"refused the destination at {addr}: {reason}")
+        _tune(s)
+        return s
+    except (ConnectionRefusedError, FileNotFoundError) as e:
+        raise PeerDisconnected(f"cannot connect to {addr}: {e.strerror}") from e
+    except OSError as e:
+        raise PeerDisconnected(f"cannot connect to {addr}: {e.strerror or e}") from e

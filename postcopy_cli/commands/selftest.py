@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from ..codec.constants import TARGET_PAGE_SIZE
 from ..errors import UsageError, with_stats
 from ..units import parse_size
 from ._common import common_options, emit_json
@@ -91,8 +92,8 @@ def selftest(as_json: bool, size: str, only: tuple[str, ...], timeout: float) ->
         nbytes = parse_size(size)
     except ValueError as e:
         raise UsageError(f"--size {size!r}: {e}") from None
-    if nbytes % core.PAGE or nbytes < 16 * core.PAGE:
-        raise UsageError(f"--size {size!r}: must be a multiple of {core.PAGE} bytes and at least 64K")
+    if nbytes % TARGET_PAGE_SIZE or nbytes < 16 * TARGET_PAGE_SIZE:
+        raise UsageError(f"--size {size!r}: must be a multiple of {TARGET_PAGE_SIZE} bytes and at least 64K")
     unknown = [n for n in only if n not in core.case_names()]
     if unknown:
         raise UsageError(f"--case {unknown[0]!r}: unknown case; known: {', '.join(core.case_names())}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import select
 import socket
 import time
@@ -12,6 +11,7 @@ from typing import Protocol
 from .. import codec
 from .._native import ffi, lib
 from ..errors import PeerDisconnected, PeerTimeout, ProtocolError
+from ..uffd import native_error
 
 TP = codec.TARGET_PAGE_SIZE
 RECV_CHUNK = 1 << 20
@@ -227,7 +227,7 @@ class StreamReceiver:
         if r == lib.PC_PUMP_EOF:
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
                                    f"(stream offset {decoder.offset}, state {decoder.state.name})")
-        raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: {os.strerror(-r)}")
+        raise native_error(r, f"the source connection failed at stream offset {decoder.offset}", PeerDisconnected)
 
     def _decode_events(self, decoder) -> bool:
         """Handle decoded events until the decoder needs data or can hand over to the fast path."""

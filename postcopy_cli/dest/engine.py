@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from .. import codec
 from .._native import ffi, lib
 from ..errors import PeerTimeout, PostcopyError, ProtocolError
-from ..channels.handover import ControlReader, Handover, HandshakeError
-from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise
+from ..channels.control import ControlReader
+from ..channels.handover import Handover, HandshakeError
+from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise, relock, unlock_if_locked
 from ..sched import make_latency_thread
 from .channel import StreamReceiver
 from .faults import FaultThread
 from .phase import DestPhase
 from .stats import dest_stats
-from ..uffd import RegisterMode, UffdError, Userfaultfd
+from ..uffd import RegisterMode, UffdError, Userfaultfd, check_native, native_error
 
 log = logging.getLogger("postcopy.dest")
 
@@ -50,11 +51,6 @@ def _peer_closed(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
-
-
-def _raise_errno(r: int, what: str) -> None:
-    if r < 0:
-        raise UffdError(-r, what)
 
 
 @dataclass
@@ -86,9 +82,9 @@ class Destination:
             raise MemoryError("pc_dest_new")
         for b in blocks:
             bi = lib.pc_dest_add_block(self.native, b.name.encode(), b.length, b.page_size)
-            _raise_errno(bi, f"block {b.name!r}")
+            check_native(bi, f"block {b.name!r}")
             for s in b.segments:
-                _raise_errno(lib.pc_dest_add_segment(self.native, bi, s.offset, s.host_addr, s.size),
+                check_native(lib.pc_dest_add_segment(self.native, bi, s.offset, s.host_addr, s.size),
                              f"segment of block {b.name!r}")
             for off, length in b.unmapped_ranges():
                 lib.pc_dest_mark(self.native, bi, off, length, 1)
@@ -142,7 +138,7 @@ class Destination:
 
     # -- what DestPhase changes -----------------------------------------------------
     def set_phase(self, phase: int) -> None:
-        _raise_errno(lib.pc_dest_set_phase(self.native, phase), "sending page requests")
+        check_native(lib.pc_dest_set_phase(self.native, phase), "sending page requests")
 
     def register_own_memory(self) -> None:
         self._register_all()
@@ -223,16 +219,7 @@ class Destination:
             self._munlock()
 
     def _munlock(self):
-        # postcopy and mlock don't mix: a locked range is populated up front,
-        # so it never faults; QEMU munlocks for postcopy and locks again after.
-        try:
-            with open("/proc/self/status") as f:
-                locked = any(line.startswith("VmLck:") and line.split()[1] != "0" for line in f)
-        except OSError:
-            locked = False
-        if locked:
-            import ctypes
-            ctypes.CDLL(None).munlockall()
+        if unlock_if_locked():
             self._mlocked = True
 
     def _discard(self, msg: codec.PostcopyRamDiscard):
@@ -292,11 +279,11 @@ class Destination:
             self.check_program()
             return   # every page is in: the other channel placed these too
         self.check_program()
-        raise PostcopyError(f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}: "
-                            f"{os.strerror(-r)}")
+        raise native_error(r, f"placing pages of block {self.blocks[block].name!r} at offset {offset:#x}",
+                           PostcopyError)
 
     def _send_rp(self, data: bytes):
-        _raise_errno(lib.pc_dest_rp_send(self.native, data, len(data)), "writing the return path")
+        check_native(lib.pc_dest_rp_send(self.native, data, len(data)), "writing the return path")
 
     def _recv_bitmap(self, msg: codec.RecvBitmapRequest):
         bi = self.index[msg.block]
@@ -555,8 +542,7 @@ class Destination:
             self._unregister_all()
         lib.pc_dest_set_return_path(self.native, -1)
         if self._mlocked:
-            import ctypes
-            ctypes.CDLL(None).mlockall(3)  # MCL_CURRENT | MCL_FUTURE
+            relock()
             self._mlocked = False
         with self._left_lock:
             if self._left_fd >= 0:

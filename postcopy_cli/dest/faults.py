@@ -6,7 +6,7 @@ import threading
 
 from .._native import lib
 from ..sched import make_latency_thread
-from ..uffd import Feature, Userfaultfd
+from ..uffd import Feature, Userfaultfd, offered_features
 
 
 class FaultThread:
@@ -43,10 +43,5 @@ class FaultThread:
 def own_memory_uffd() -> Userfaultfd:
     """A uffd for memory in this process, with the features the destination uses."""
     u = Userfaultfd(nonblocking=True)
-    probe = Userfaultfd(nonblocking=True)
-    try:
-        offered = probe.api(0).features
-    finally:
-        probe.close()
-    u.api(offered & (Feature.THREAD_ID | Feature.EVENT_REMOVE))
+    u.api(offered_features() & (Feature.THREAD_ID | Feature.EVENT_REMOVE))
     return u

@@ -24,9 +24,14 @@ from dataclasses import dataclass, field
 
 from ..units import parse_size  # noqa: F401  (re-exported)
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.madvise.restype = ctypes.c_int
+# the one handle on the C library, for the calls the os and mmap modules lack
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.madvise.restype = ctypes.c_int
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+libc.mincore.restype = ctypes.c_int
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mmap.restype = ctypes.c_void_p
 
 # include/uapi/asm-generic/mman-common.h
 MADV_DONTNEED = 4
@@ -55,17 +60,17 @@ def _check(r: int, what: str) -> None:
 
 def madvise(addr: int, length: int, advice: int) -> None:
     """madvise(2) on our own memory; OSError naming the advice and range on failure."""
-    _check(_libc.madvise(ctypes.c_void_p(addr), length, advice), f"madvise({addr:#x}, {length:#x}, {advice})")
+    _check(libc.madvise(ctypes.c_void_p(addr), length, advice), f"madvise({addr:#x}, {length:#x}, {advice})")
 
 
 def munlockall() -> None:
     """munlockall(2); raises OSError on failure."""
-    _check(_libc.munlockall(), "munlockall")
+    _check(libc.munlockall(), "munlockall")
 
 
 def mlockall(current: bool = True, future: bool = False) -> None:
     """mlockall(2) with MCL_CURRENT / MCL_FUTURE; raises OSError on failure."""
-    _check(_libc.mlockall((1 if current else 0) | (2 if future else 0)), "mlockall")
+    _check(libc.mlockall((1 if current else 0) | (2 if future else 0)), "mlockall")
 
 
 def _proc_numbers(path: str, key: str | None = None) -> dict[str, int]:
@@ -94,6 +99,30 @@ def meminfo() -> dict[str, int]:
 def locked_kib() -> int:
     """VmLck of this process in KiB (memory locked by mlock/mlockall)."""
     return _proc_numbers("/proc/self/status", "VmLck").get("VmLck", 0)
+
+
+def unlock_if_locked() -> bool:
+    """munlockall(2) when this process holds locked memory; whether it did (then :func:`relock`).
+
+    Post-copy and mlock don't mix: a locked range is populated up front, so it
+    never faults; QEMU munlocks for postcopy and locks again after.  Best effort:
+    a failure leaves the memory as it was.
+    """
+    if locked_kib() == 0:
+        return False
+    try:
+        munlockall()
+    except OSError:
+        pass
+    return True
+
+
+def relock() -> None:
+    """mlockall(MCL_CURRENT | MCL_FUTURE) again after :func:`unlock_if_locked` (best effort)."""
+    try:
+        mlockall(current=True, future=True)
+    except OSError:
+        pass
 
 
 def default_hugepage_size() -> int:
@@ -294,6 +323,7 @@ def blocks_from_regions(regions) -> list[RamBlock]:
 
 
 __all__ = ["MADV_DONTNEED", "MADV_REMOVE", "MADV_HUGEPAGE", "MADV_NOHUGEPAGE", "HOST_PAGE_SIZE", "page_size",
-           "madvise", "munlockall", "mlockall", "meminfo", "locked_kib", "default_hugepage_size",
-           "free_hugepages", "address_of", "Mapping", "AnonymousMapping", "anonymous", "memfd", "hugetlb",
+           "madvise", "munlockall", "mlockall", "meminfo", "locked_kib", "unlock_if_locked", "relock",
+           "default_hugepage_size", "free_hugepages", "libc", "address_of", "Mapping", "AnonymousMapping",
+           "anonymous", "memfd", "hugetlb",
            "Segment", "RamBlock", "blocks_from_regions", "parse_size"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from .._native import ffi, lib
+from ..uffd import native_error
 
 VEC_LEN = 4096
 
@@ -47,7 +48,7 @@ class PagemapScanner:
             arg.return_mask = lib.PC_PAGE_IS_WRITTEN
             n = lib.pc_pagemap_scan(self._fd, arg)
             if n < 0:
-                raise OSError(-n, f"PAGEMAP_SCAN of pid {self.pid} [{pos:#x}, {end:#x}): {os.strerror(-n)}")
+                raise native_error(n, f"PAGEMAP_SCAN of pid {self.pid} [{pos:#x}, {end:#x})", OSError)
             for i in range(n):
                 out.append((vec[i].start, vec[i].end))
             if arg.walk_end <= pos:

@@ -1,12 +1,12 @@
 """An attached program's memory, read with process_vm_readv(2) (native, GIL released)."""
 from __future__ import annotations
 
-import os
 
 from .. import codec
 from .._native import ffi, lib
 from ..errors import PostcopyError
 from ..codec.constants import TARGET_PAGE_SIZE as TP
+from ..uffd import native_error
 from .mappings import RamBlock
 
 READ_CHUNK_PAGES = 256
@@ -47,7 +47,7 @@ class ProcessMemory:
             else:
                 n = lib.pc_proc_read(self.pid, addr, buf + done, want)
                 if n < 0:
-                    raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: {os.strerror(-n)}")
+                    raise native_error(n, f"reading {want} bytes at {addr:#x} of pid {self.pid}", PostcopyError)
                 if n < want:
                     raise PostcopyError(f"reading {want} bytes at {addr:#x} of pid {self.pid}: short read ({n})")
             done += want

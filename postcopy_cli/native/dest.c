@@ -7,6 +7,7 @@
  * the RECV_BITMAP the source may ask for). Bits are updated atomically: the
  * fault thread and the placing thread run concurrently. */
 #include "dest.h"
+#include "pagesize.h"
 #include <poll.h>
 #include <stdlib.h>
 #include <stdio.h>
@@ -14,7 +15,7 @@
 #include <sys/uio.h>
 #include <time.h>
 
-#define TP 4096ULL
+#define TP PC_TARGET_PAGE_SIZE
 #define TP_SHIFT 12
 
 static uint64_t now_ns(void)

@@ -5,12 +5,13 @@
  * other message, or one it would refuse, goes back to the codec in Python,
  * which decodes it or names exactly what is wrong. */
 #include "source.h"
+#include "pagesize.h"
 #include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <time.h>
 
-#define TP 4096ULL
+#define TP PC_TARGET_PAGE_SIZE
 #define READBUF (2u << 20)
 #define RP_REQ_PAGES_ID 3
 #define RP_REQ_PAGES 4

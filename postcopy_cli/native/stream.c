@@ -2,12 +2,13 @@
  * offset|flags, flags in the low bits (ZERO 0x02, PAGE 0x08, CONTINUE 0x20);
  * PAGE carries 4096 bytes, ZERO one byte that must be 0. */
 #include "stream.h"
+#include "pagesize.h"
 #include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
-#define TP 4096ULL
+#define TP PC_TARGET_PAGE_SIZE
 #define F_ZERO 0x02
 #define F_PAGE 0x08
 #define F_CONT 0x20

@@ -8,6 +8,7 @@
  */
 #include "compat.h"
 #include "workload.h"
+#include "pagesize.h"
 
 #include <limits.h>
 #include <linux/futex.h>
@@ -67,7 +68,7 @@ int pc_workload_loop(uint8_t *ram, size_t size, size_t step, int fresh, struct p
     volatile uint8_t *data = ram;
     uint64_t passes, pos;
 
-    if (size < 2 * PC_WL_PAGE || step == 0 || step > size - PC_WL_PAGE) {
+    if (size < 2 * PC_TARGET_PAGE_SIZE || step == 0 || step > size - PC_TARGET_PAGE_SIZE) {
         STORE32(&ctl->started, 2);
         futex_wake_all(&ctl->started);
         return -EINVAL;
@@ -75,9 +76,9 @@ int pc_workload_loop(uint8_t *ram, size_t size, size_t step, int fresh, struct p
     if (fresh) {
         st->magic = PC_WORKLOAD_MAGIC;
         st->step = step;
-        save_state(st, 0, PC_WL_PAGE);
-    } else if (st->magic != PC_WORKLOAD_MAGIC || st->step != step || st->position < PC_WL_PAGE ||
-               st->position >= size || (st->position - PC_WL_PAGE) % step) {
+        save_state(st, 0, PC_TARGET_PAGE_SIZE);
+    } else if (st->magic != PC_WORKLOAD_MAGIC || st->step != step || st->position < PC_TARGET_PAGE_SIZE ||
+               st->position >= size || (st->position - PC_TARGET_PAGE_SIZE) % step) {
         /* an incoming start continues from the state page; it must be ours */
         STORE32(&ctl->started, 2);
         futex_wake_all(&ctl->started);
@@ -95,7 +96,7 @@ int pc_workload_loop(uint8_t *ram, size_t size, size_t step, int fresh, struct p
         data[pos]++;
         pos += step;
         if (pos >= size) {
-            pos = PC_WL_PAGE;
+            pos = PC_TARGET_PAGE_SIZE;
             passes++;
             __atomic_store_n(&ctl->passes, passes, __ATOMIC_RELAXED);
         }
@@ -162,10 +163,10 @@ int64_t pc_workload_check(const uint8_t *ram, size_t size, size_t step)
     int edge = 0;
     uint8_t last;
 
-    if (size < 2 * PC_WL_PAGE || step == 0)
+    if (size < 2 * PC_TARGET_PAGE_SIZE || step == 0)
         return 1;
-    last = data[PC_WL_PAGE];
-    for (size_t off = PC_WL_PAGE + step; off < size; off += step) {
+    last = data[PC_TARGET_PAGE_SIZE];
+    for (size_t off = PC_TARGET_PAGE_SIZE + step; off < size; off += step) {
         uint8_t b = data[off];
         if (b == last)
             continue;
@@ -174,7 +175,7 @@ int64_t pc_workload_check(const uint8_t *ram, size_t size, size_t step)
             last = b;
             continue;
         }
-        return 1 + (int64_t)(off / PC_WL_PAGE);
+        return 1 + (int64_t)(off / PC_TARGET_PAGE_SIZE);
     }
     return 0;
 }
@@ -200,18 +201,18 @@ static uint64_t ns_between(const struct timespec *a, const struct timespec *b)
     return (uint64_t)(b->tv_sec - a->tv_sec) * 1000000000ULL + (uint64_t)b->tv_nsec - (uint64_t)a->tv_nsec;
 }
 
-static const uint8_t zero_page[PC_WL_PAGE];
+static const uint8_t zero_page[PC_TARGET_PAGE_SIZE];
 
 /* Does page i of ram equal the expected image (zeros past its end)? */
 static int page_matches(const uint8_t *page, size_t i, const uint8_t *expected, size_t expected_len)
 {
-    size_t off = i * PC_WL_PAGE;
+    size_t off = i * PC_TARGET_PAGE_SIZE;
     size_t have = off >= expected_len ? 0 : expected_len - off;
-    if (have > PC_WL_PAGE)
-        have = PC_WL_PAGE;
+    if (have > PC_TARGET_PAGE_SIZE)
+        have = PC_TARGET_PAGE_SIZE;
     if (have && memcmp(page, expected + off, have))
         return 0;
-    if (have < PC_WL_PAGE && memcmp(page + have, zero_page, PC_WL_PAGE - have))
+    if (have < PC_TARGET_PAGE_SIZE && memcmp(page + have, zero_page, PC_TARGET_PAGE_SIZE - have))
         return 0;
     return 1;
 }
@@ -219,13 +220,13 @@ static int page_matches(const uint8_t *page, size_t i, const uint8_t *expected, 
 int pc_touch(const uint8_t *ram, size_t size, const uint8_t *expected, size_t expected_len,
              int random_order, uint64_t seed, struct pc_touch_result *out)
 {
-    size_t n = size / PC_WL_PAGE;
+    size_t n = size / PC_TARGET_PAGE_SIZE;
     uint64_t *order = NULL, *lat = NULL;
     struct timespec t0, t1, a, b;
 
     memset(out, 0, sizeof(*out));
     out->first_mismatch = -1;
-    if (n == 0 || size % PC_WL_PAGE)
+    if (n == 0 || size % PC_TARGET_PAGE_SIZE)
         return -EINVAL;
     lat = malloc(n * sizeof(*lat));
     if (random_order)
@@ -250,7 +251,7 @@ int pc_touch(const uint8_t *ram, size_t size, const uint8_t *expected, size_t ex
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (size_t k = 0; k < n; k++) {
         size_t i = random_order ? order[k] : k;
-        const volatile uint8_t *page = ram + i * PC_WL_PAGE;
+        const volatile uint8_t *page = ram + i * PC_TARGET_PAGE_SIZE;
         /* the first access is the one that may fault; time only it */
         clock_gettime(CLOCK_MONOTONIC, &a);
         (void)page[0];

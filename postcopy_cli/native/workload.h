@@ -5,7 +5,6 @@
 #include <stdint.h>
 
 #define PC_WORKLOAD_MAGIC 0x504357524b4c4431ULL /* "PCWRKLD1" */
-#define PC_WL_PAGE 4096
 #define PC_TOUCH_BUCKETS 32
 
 struct pc_workload_ctl {

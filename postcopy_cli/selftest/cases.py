@@ -14,25 +14,23 @@ The in-process case drives :class:`~postcopy_cli.dest.serve.ServeDest` and
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..codec.constants import TARGET_PAGE_SIZE
 from ..errors import PostcopyError
+from ..memory.mappings import libc
 from ..signals import Interrupted
-from .harness import NotListening, read_listening
+from .harness import NotListening, Procs, finish, read_listening
 
-PAGE = 4096
 DEFAULT_SIZE = 64 << 20
 DEFAULT_CASE_TIMEOUT = 20.0
 
@@ -107,110 +105,24 @@ def zero_run_image(size: int, seed: int = 2) -> bytes:
     """``size - 2345`` bytes (not a multiple of 4096): runs of zero pages of every length
     between runs of data pages, single zero pages, and a partial last page of data."""
     rng = random.Random(seed)
-    length = size - 2345 if size > 2 * PAGE else size - 123
+    length = size - 2345 if size > 2 * TARGET_PAGE_SIZE else size - 123
     buf = bytearray(length)
-    pages = -(-length // PAGE)
+    pages = -(-length // TARGET_PAGE_SIZE)
     p = 0
     while p < pages:
         data = rng.choice((1, 1, 2, 7, 64))
         for q in range(p, min(p + data, pages)):
-            chunk = rng.randbytes(PAGE)
-            end = min((q + 1) * PAGE, length)
-            buf[q * PAGE:end] = chunk[:end - q * PAGE]
+            chunk = rng.randbytes(TARGET_PAGE_SIZE)
+            end = min((q + 1) * TARGET_PAGE_SIZE, length)
+            buf[q * TARGET_PAGE_SIZE:end] = chunk[:end - q * TARGET_PAGE_SIZE]
         p += data + rng.choice((1, 1, 3, 16, 100))   # then a run of zero pages
     # the last (partial) page carries data so that the partial-page path is tested
-    last = (pages - 1) * PAGE
+    last = (pages - 1) * TARGET_PAGE_SIZE
     buf[last:length] = rng.randbytes(length - last)
     return bytes(buf)
 
 
 # -- subprocesses ---------------------------------------------------------------------
-
-def postcopy_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "postcopy_cli", *args]
-
-
-def child_env() -> dict:
-    """The environment of our subprocesses: they import the very postcopy_cli this one runs.
-
-    ``python -m`` puts the current directory first on sys.path, where a source
-    tree (without its compiled extension) would shadow the installed package:
-    PYTHONSAFEPATH (3.11+) leaves it out, and PYTHONPATH names where ours is.
-    """
-    import postcopy_cli
-
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(postcopy_cli.__file__)))
-    env["PYTHONSAFEPATH"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    return env
-
-
-class Procs:
-    """Subprocesses of one case; every one still running at exit is killed."""
-
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, *args: str) -> subprocess.Popen:
-        p = subprocess.Popen(postcopy_argv(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True, env=child_env())
-        self.procs.append(p)
-        return p
-
-    def kill_all(self):
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except OSError:
-                    p.kill()
-        for p in self.procs:
-            try:
-                p.communicate(timeout=5)
-            except (subprocess.TimeoutExpired, ValueError, OSError):
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.kill_all()
-
-
-class Finished:
-    """The outcome of one subprocess: exit code (None if killed on timeout), stdout, stderr."""
-
-    def __init__(self, name: str, rc: int | None, out: str, err: str):
-        self.name, self.rc, self.out, self.err = name, rc, out, err
-
-    def json(self) -> dict | None:
-        for line in reversed(self.out.strip().splitlines()):
-            try:
-                return json.loads(line)
-            except ValueError:
-                continue
-        return None
-
-    def why(self) -> str:
-        if self.rc is None:
-            return f"{self.name} timed out"
-        last = self.err.strip().splitlines()[-1] if self.err.strip() else "(no message)"
-        return f"{self.name} exit {self.rc}: {last}"
-
-
-def finish(name: str, p: subprocess.Popen, deadline: float) -> Finished:
-    try:
-        out, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
-        return Finished(name, p.returncode, out, err)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except OSError:
-            p.kill()
-        out, err = p.communicate()
-        return Finished(name, None, out or "", err or "")
-
 
 def wait_listening(p: subprocess.Popen, deadline: float) -> str | None:
     """serve-dest's bound address, from its first stdout line (``--json``'s listening event), or None."""
@@ -246,7 +158,7 @@ def restore_to_attached(ctx: SelftestContext, name: str, *, image: str, order: s
     """serve-dest + workload touch (verifies every byte) + migrate --image, as subprocesses."""
     deadline = time.monotonic() + ctx.timeout
     uffd_sock = ctx.path(f"{name}.uffd.sock")
-    mem = -(-os.path.getsize(image) // PAGE) * PAGE
+    mem = -(-os.path.getsize(image) // TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE
     with Procs() as procs:
         dest = procs.start("serve-dest", "--listen", listen, "--uffd-socket", uffd_sock, "--json",
                            "--timeout", f"{ctx.timeout:g}")
@@ -275,16 +187,17 @@ def restore_to_attached(ctx: SelftestContext, name: str, *, image: str, order: s
     problems = [f.why() for f in (f_src, f_touch, f_dest) if f.rc != 0]
     if touch_rep is None:
         problems.append("workload touch printed no report")
-    elif touch_rep.get("mismatches") != 0 or touch_rep.get("pages") != mem // PAGE:
+    elif touch_rep.get("mismatches") != 0 or touch_rep.get("pages") != mem // TARGET_PAGE_SIZE:
         problems.append(f"{touch_rep.get('mismatches')} mismatching page(s), first "
-                        f"{touch_rep.get('first-mismatch')}; {touch_rep.get('pages')} of {mem // PAGE} pages touched")
+                        f"{touch_rep.get('first-mismatch')}; {touch_rep.get('pages')} of "
+                        f"{mem // TARGET_PAGE_SIZE} pages touched")
     if dest_stats is None:
         problems.append("serve-dest printed no statistics")
-    elif dest_stats["pages"]["received"] != mem // PAGE:
-        problems.append(f"serve-dest received {dest_stats['pages']['received']} of {mem // PAGE} pages")
+    elif dest_stats["pages"]["received"] != mem // TARGET_PAGE_SIZE:
+        problems.append(f"serve-dest received {dest_stats['pages']['received']} of {mem // TARGET_PAGE_SIZE} pages")
     if problems:
         return result(name, False, "; ".join(dict.fromkeys(problems)), metrics)
-    return result(name, True, f"{mem // PAGE} pages touched in {order} order over {address.split(':')[0]}, "
+    return result(name, True, f"{mem // TARGET_PAGE_SIZE} pages touched in {order} order over {address.split(':')[0]}, "
                               f"every byte matched", metrics)
 
 
@@ -302,15 +215,10 @@ def case_restore_sequential_unix(ctx: SelftestContext) -> dict:
                                listen=f"unix:{ctx.path('restore-sequential-unix.migration.sock')}")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-_libc.mincore.restype = ctypes.c_int
-
-
 def resident_pages(addr: int, size: int) -> int:
     """How many pages of [addr, addr+size) are mapped (mincore(2)); never faults them in."""
-    vec = ctypes.create_string_buffer(-(-size // PAGE))
-    if _libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+    vec = ctypes.create_string_buffer(-(-size // TARGET_PAGE_SIZE))
+    if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mincore: {os.strerror(err)}")
     return sum(b & 1 for b in vec.raw)
@@ -369,9 +277,10 @@ def case_restore_in_process(ctx: SelftestContext) -> dict:
         mapping = server.mappings[0]
         resident = resident_pages(mapping.addr, size)
         metrics["resident_pages"] = resident
-        if resident != size // PAGE:
+        if resident != size // TARGET_PAGE_SIZE:
             # reading a missing page of registered memory could block: stop here
-            return result(name, False, f"only {resident} of {size // PAGE} pages present after completion", metrics)
+            return result(name, False, f"only {resident} of {size // TARGET_PAGE_SIZE} pages present after "
+                                       f"completion", metrics)
         chunk = 1 << 20
         with open(path, "rb") as f:
             for at in range(0, size, chunk):
@@ -379,10 +288,11 @@ def case_restore_in_process(ctx: SelftestContext) -> dict:
                 want += bytes(min(chunk, size - at) - len(want))     # past the image's end: zeros
                 got = mapping.map[at:at + len(want)]
                 if got != want:
-                    first = next(i for i in range(0, len(want), PAGE) if got[i:i + PAGE] != want[i:i + PAGE])
+                    first = next(i for i in range(0, len(want), TARGET_PAGE_SIZE)
+                                 if got[i:i + TARGET_PAGE_SIZE] != want[i:i + TARGET_PAGE_SIZE])
                     return result(name, False, f"memory differs from the image, first at page "
-                                               f"{(at + first) // PAGE}", metrics)
-        return result(name, True, f"{size // PAGE} pages present in serve-dest's own mapping, "
+                                               f"{(at + first) // TARGET_PAGE_SIZE}", metrics)
+        return result(name, True, f"{size // TARGET_PAGE_SIZE} pages present in serve-dest's own mapping, "
                                   f"byte-identical to the image", metrics)
     finally:
         server.close()
@@ -410,9 +320,10 @@ def case_malformed_stream(ctx: SelftestContext) -> dict:
     name = "malformed-stream"
     block = 1 << 20
     deadline = time.monotonic() + ctx.timeout
-    pre = (codec.encode(codec.Header()) + codec.encode(codec.Blocks((codec.BlockInfo("mem", block, PAGE),))))
+    pre = (codec.encode(codec.Header())
+           + codec.encode(codec.Blocks((codec.BlockInfo("mem", block, TARGET_PAGE_SIZE),))))
     enc = codec.RamSectionEncoder()
-    bad = enc.begin() + enc.page("mem", 2 * block, b"\xa5" * PAGE)
+    bad = enc.begin() + enc.page("mem", 2 * block, b"\xa5" * TARGET_PAGE_SIZE)
     record_at = len(pre) + 1          # the record follows the RAM section byte
     with Procs() as procs:
         dest = procs.start("serve-dest", "--listen", "tcp:127.0.0.1:0", "--ram", f"mem={block}", "--json",
@@ -493,8 +404,9 @@ def case_live_migration(ctx: SelftestContext) -> dict:
                             f"{report.get('passes-after')})")
     if dest_stats is None:
         problems.append("serve-dest printed no statistics")
-    elif dest_stats["pages"]["received"] != ctx.size // PAGE:
-        problems.append(f"serve-dest received {dest_stats['pages']['received']} of {ctx.size // PAGE} pages")
+    elif dest_stats["pages"]["received"] != ctx.size // TARGET_PAGE_SIZE:
+        problems.append(f"serve-dest received {dest_stats['pages']['received']} of "
+                        f"{ctx.size // TARGET_PAGE_SIZE} pages")
     if problems:
         return result(name, False, "; ".join(dict.fromkeys(problems)), metrics)
     return result(name, True, f"{src_stats.get('precopy-passes')} pre-copy pass(es), downtime "
@@ -516,8 +428,9 @@ def run_selftest(*, size: int = DEFAULT_SIZE, timeout: float = DEFAULT_CASE_TIME
 
     A case that raises is reported as failed with the exception; it never stops the others.
     """
-    if size % PAGE or size < 16 * PAGE:
-        raise PostcopyError(f"selftest size must be a multiple of {PAGE} and at least {16 * PAGE} bytes")
+    if size % TARGET_PAGE_SIZE or size < 16 * TARGET_PAGE_SIZE:
+        raise PostcopyError(f"selftest size must be a multiple of {TARGET_PAGE_SIZE} and at least "
+                            f"{16 * TARGET_PAGE_SIZE} bytes")
     cases = [c for c in CASES if not only or c.name in only]
     t0 = time.monotonic()
     results = []

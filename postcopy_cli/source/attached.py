@@ -8,7 +8,8 @@ import signal
 import socket
 
 from ..channels import transport
-from ..channels.handover import ControlReader, Handover, HandshakeError, receive_handover
+from ..channels.control import ControlReader
+from ..channels.handover import Handover, HandshakeError, receive_handover
 from ..errors import PostcopyError
 from ..uffd import Userfaultfd
 

@@ -10,6 +10,7 @@ import time
 from .. import codec
 from .._native import ffi
 from ..errors import UsageError, with_stats
+from ..memory.mappings import libc
 from .streamer import TP, PageStreamer, send_preamble
 
 
@@ -46,10 +47,6 @@ class ImageMemory:
         import ctypes
 
         mm = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
         addr = int(ffi.cast("uintptr_t", ffi.from_buffer(mm)))
         MAP_FIXED = 0x10
         if libc.mmap(addr, size, mmap.PROT_READ, mmap.MAP_PRIVATE | MAP_FIXED, self._fd, 0) != addr:

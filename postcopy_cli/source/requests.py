@@ -21,6 +21,7 @@ from .. import codec
 from .._native import ffi, lib
 from ..errors import PeerDisconnected, PostcopyError
 from ..sched import make_latency_thread
+from ..uffd import native_error
 from .bandwidth import BandwidthCap
 from .pages import PageBook
 
@@ -56,7 +57,7 @@ class RequestServer:
             self._keep += [to_send_p, sent_p]
             r = lib.pc_src_add_block(srv, b.name.encode(), b.length, b.page_size, memory.base(bi), to_send_p, sent_p)
             if r < 0:
-                raise PostcopyError(f"request server: block {b.name!r}: {os.strerror(-r)}")
+                raise native_error(r, f"request server: block {b.name!r}", PostcopyError)
             for offset, addr, size in memory.segments(bi):
                 lib.pc_src_add_segment(srv, bi, offset, addr, size)
         self.srv = srv
@@ -87,7 +88,7 @@ class RequestServer:
                 if r == lib.PC_SERVE_EOF:
                     raise PeerDisconnected("the destination disconnected before answering SHUT")
                 if r < 0:
-                    raise PeerDisconnected(f"the destination connection failed: {os.strerror(-r)}")
+                    raise native_error(r, "the destination connection failed", PeerDisconnected)
                 self._take_from_server()
                 lane.named = srv.named
                 while True:

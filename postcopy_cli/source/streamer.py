@@ -22,6 +22,7 @@ from ..errors import DestinationRefused, PeerDisconnected, PeerTimeout, Protocol
 from .bandwidth import BandwidthCap
 from .pages import PageBook
 from .requests import RequestServer
+from ..uffd import native_error
 
 log = logging.getLogger("postcopy.source")
 
@@ -146,7 +147,7 @@ class PageStreamer:
         w = lib.pc_src_send_pages(lane.fd, memory.pages(bi, offset, count, lane.slot), offset, count,
                                   name or ffi.NULL, zeros)
         if w < 0:
-            raise PeerDisconnected(f"the destination connection failed: {os.strerror(-w)}")
+            raise native_error(w, "the destination connection failed", PeerDisconnected)
         lane.named = bi
         self.stats["bytes"] += w
         if not resend:

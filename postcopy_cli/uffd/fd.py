@@ -27,6 +27,24 @@ class UffdError(OSError):
         self.operation = operation
 
 
+def native_error(result: int, what: str, error: type[Exception] = UffdError) -> Exception:
+    """The exception for a native call that failed with ``result`` (a negative errno, the
+    kernel's convention that the native layer keeps): ``error`` saying ``what: <strerror>``;
+    OSError kinds carry the errno as theirs."""
+    err = -result
+    if issubclass(error, UffdError):
+        return error(err, what)
+    text = f"{what}: {os.strerror(err)}"
+    return error(err, text) if issubclass(error, OSError) else error(text)
+
+
+def check_native(result: int, what: str, error: type[Exception] = UffdError) -> int:
+    """``result`` of a native call returning -errno on failure, when it did not fail (see :func:`native_error`)."""
+    if result < 0:
+        raise native_error(result, what, error)
+    return result
+
+
 class PartialCopy(UffdError):
     """UFFDIO_COPY/ZEROPAGE/CONTINUE placed only ``done`` bytes before stopping with EAGAIN.
 
@@ -213,3 +231,10 @@ class Userfaultfd:
 
     def read_messages(self, max_messages: int = 64) -> list[UffdMsg]:
         return parse_messages(self.read_raw(max_messages))
+
+
+def offered_features() -> Feature:
+    """Features this kernel offers (UFFDIO_API with 0 on a throw-away userfaultfd:
+    the handshake may be done once per fd, so it cannot be probed on the real one)."""
+    with Userfaultfd() as probe:
+        return probe.api(0).features
