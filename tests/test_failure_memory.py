@@ -8,7 +8,6 @@ thread waits in handle_userfault (read from /proc, a state, not a timing) once s
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 
 from postcopy_cli import codec
 from postcopy_cli.guest import programs as guest
-from conftest import postcopy_cmd, write_image
+from conftest import postcopy_cmd, waits_in_userfault, write_image
 from fakes import FakeSource, preamble
 from postcopy_cli.selftest.harness import kill_and_reap
 
@@ -228,14 +227,7 @@ def test_workload_touch_keeps_its_uffd_when_serve_dest_is_killed(tmp_path, serve
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def faulting():
-            for tid in os.listdir(f"/proc/{touch.pid}/task"):
-                try:
-                    with open(f"/proc/{touch.pid}/task/{tid}/wchan") as f:
-                        if f.read().strip() == "handle_userfault":
-                            return True
-                except OSError:
-                    pass
-            return False
+            return waits_in_userfault(touch.pid)
         _wait_for(faulting, "workload touch waits for a page")
         sd.proc.kill()
         out, err = touch.communicate(timeout=HANG)
@@ -264,14 +256,7 @@ def test_workload_incoming_told_failed_exits_1_not_sigsegv(tmp_path, serve_dest)
     try:
         # the loop runs (RUN is past) once it waits for a page
         def faulting():
-            for tid in os.listdir(f"/proc/{inc.pid}/task"):
-                try:
-                    with open(f"/proc/{inc.pid}/task/{tid}/wchan") as f:
-                        if f.read().strip() == "handle_userfault":
-                            return True
-                except OSError:
-                    pass
-            return False
+            return waits_in_userfault(inc.pid)
         _wait_for(faulting, "workload incoming waits for a page")
         migrate.kill()
         out, err = inc.communicate(timeout=HANG)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from postcopy_cli import codec
-from conftest import postcopy_cmd, write_image
+from conftest import postcopy_cmd, waits_in_userfault, write_image
 
 PAGE = 4096
 MiB = 1 << 20
@@ -74,14 +74,7 @@ def _attached_restore(tmp_path, size):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def faulting():
-        for tid in os.listdir(f"/proc/{touch.pid}/task"):
-            try:
-                with open(f"/proc/{touch.pid}/task/{tid}/wchan") as f:
-                    if f.read().strip() == "handle_userfault":
-                        return True
-            except OSError:
-                pass
-        return False
+        return waits_in_userfault(touch.pid)
     _wait_for(faulting, "the program runs and waits for a page")
     return sd, err, touch, migrate, (usock, listen)
 
