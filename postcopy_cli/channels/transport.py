@@ -310,9 +310,12 @@ def accept(listener: socket.socket, timeout: float | None, *, quiet=None) -> soc
             log.warning("refused a connection to %s: %s", where, reason)
 
 
-def connect(addr: Address, *, timeout: float = 10.0) -> socket.socket:
-    """Connect, retrying while the peer is not listening yet (up to ``timeout``)."""
-    deadline = time.monotonic() + timeout
+def connect(addr: Address, *, timeout: float = 10.0, on_wait=None) -> socket.socket:
+    """Connect, retrying while the peer is not listening yet (up to ``timeout``).
+
+    ``on_wait(seconds)`` is called at each retry with the seconds waited so far."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     while True:
         try:
             if addr.kind == "unix":
@@ -331,6 +334,8 @@ def connect(addr: Address, *, timeout: float = 10.0) -> socket.socket:
         except (ConnectionRefusedError, FileNotFoundError) as e:
             if time.monotonic() >= deadline:
                 raise PeerDisconnected(f"cannot connect to {addr}: {e.strerror}") from e
+            if on_wait is not None:
+                on_wait(time.monotonic() - t0)
             time.sleep(0.05)
         except OSError as e:
             raise PeerDisconnected(f"cannot connect to {addr}: {e.strerror or e}") from e

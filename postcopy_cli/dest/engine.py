@@ -154,6 +154,7 @@ class Destination:
         self._pending_discards: dict[str, list] = {}
         self._last_ping: tuple[int, float] | None = None
         self._prev_command = None
+        self._switching = False   # a discard or LISTEN arrived: pre-copy is over
         self.downtime_ms: float | None = None
         self.t_start = time.monotonic()
         self.t_run: float | None = None
@@ -522,10 +523,12 @@ class Destination:
         elif t is codec.PostcopyAdvise:
             self._advise(ev, off)
         elif t is codec.PostcopyRamDiscard:
+            self._switching = True
             self._discard(ev)
         elif t is codec.State:
             self.state_bytes = ev.data
         elif t is codec.PostcopyListen:
+            self._switching = True
             if self._prev_command is not codec.Ping:
                 self._last_ping = None   # only a PING right before LISTEN dates the pause
             self._listen()
@@ -579,10 +582,21 @@ class Destination:
                           run_to_complete_s=(end - self.t_run) if self.t_run else None, downtime_ms=self.downtime_ms)
 
     def progress(self) -> dict:
+        """A snapshot for a live display.  ``received``: pages in now (discards at the switch-over
+        take pages out again; from RUN on it only grows); ``arrived``: pages placed in all, copies
+        sent again included (never goes down); ``phase``: pre-copy, switch-over (discards or LISTEN
+        seen), post-copy (after RUN) or done."""
         raw = ffi.new("struct pc_dest_stats *")
         lib.pc_dest_get_stats(self._native, raw)
-        return {"received": int(raw.received_pages), "total": self.total_pages, "demand": int(raw.demand_pages),
-                "background": int(raw.background_pages), "faults": int(raw.faults), "requests": int(raw.requests)}
+        # the phase is read after the counters: a count lowered by discards is never
+        # reported as pre-copy (the phase changes before the first discard is applied)
+        phase = "done" if self.t_complete is not None else "post-copy" if self.t_run is not None else \
+            "switch-over" if self._switching else "pre-copy"
+        arrived = raw.precopy_pages + raw.overwritten_pages + raw.demand_pages + raw.background_pages + \
+            raw.skipped_pages
+        return {"phase": phase, "received": int(raw.received_pages), "total": self.total_pages,
+                "arrived": int(arrived), "demand": int(raw.demand_pages), "background": int(raw.background_pages),
+                "faults": int(raw.faults), "requests": int(raw.requests)}
 
     def close(self):
         """Stop the fault thread, unregister (not an attached program's missing memory), restore mlock;

@@ -150,6 +150,10 @@ class PageStreamer:
                       "background_pages": 0,
                       "zero_pages": 0, "bytes": 0, "pongs": 0, "preempt": preempt is not None}
         self.shut: int | None = None
+        # what progress() reports: the phase, its pages to send, complete pre-copy passes
+        self.phase = "starting"
+        self.phase_pages = self.remaining
+        self.passes = 0
         self._shut_event = threading.Event()
         self._error: BaseException | None = None
         self._t0 = time.monotonic()
@@ -192,6 +196,22 @@ class PageStreamer:
             for offset, addr, size in self.memory.segments(bi):
                 lib.pc_src_add_segment(srv, bi, offset, addr, size)
         return srv
+
+    def progress(self) -> dict:
+        """A snapshot for a live display, read from another thread without locks (counters only).
+
+        ``phase_bytes``: memory to send in this phase (or pre-copy pass), ``phase_done_bytes``:
+        of it, sent; ``pages_left``: its pages still to send (in pre-copy: dirty); ``sent_bytes``:
+        bytes on the wire in all; ``requests``: page requests answered.
+        """
+        srv = self._server
+        served = int(srv.st.requested_pages) if srv is not None else 0
+        total = self.phase_pages
+        done = max(0, min(total, total - self.remaining + served))
+        return {"phase": self.phase, "pass": self.passes + 1, "phase_bytes": total * TP,
+                "phase_done_bytes": done * TP, "pages_left": total - done,
+                "sent_bytes": self.stats["bytes"] + (int(srv.st.bytes) if srv is not None else 0),
+                "requests": self.stats["requests"] + (int(srv.st.requests) if srv is not None else 0)}
 
     # -- sending ---------------------------------------------------------------------
     def _send(self, lane: _Lane, parts: list) -> None:
@@ -379,6 +399,7 @@ class PageStreamer:
         complete passes.
         """
         self._begin_section(self.main)
+        self.phase, self.phase_pages = "pre-copy", self.remaining
         passes = 0
 
         def pass_done():
@@ -389,6 +410,7 @@ class PageStreamer:
             if max_passes is None or passes < max_passes:
                 on_pass_end()
                 self.remaining = sum(t.count(1) for t in self.to_send)
+                self.phase_pages, self.passes = self.remaining, passes
 
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if max_passes is not None and passes >= max_passes:
@@ -489,6 +511,7 @@ class PageStreamer:
     def run(self) -> dict:
         """Post-copy: stream until every page is sent (then EOS and EOF) and SHUT arrives."""
         self._begin_section(self.main)
+        self.phase, self.phase_pages = "post-copy", self.remaining
         self._last_heard = time.monotonic()
         if self.preempt is None:
             while self.remaining and self.shut is None:
@@ -520,6 +543,7 @@ class PageStreamer:
                 raise PeerTimeout(f"the destination did not answer SHUT within {self.timeout:g} s of EOF")
         if self.shut != 0:
             raise PostcopyError(f"the destination reported failure (SHUT {self.shut})")
+        self.phase = "done"
         self.stats["seconds"] = round(time.monotonic() - self._t0, 3)
         return self.stats
 
@@ -539,13 +563,16 @@ def send_preamble(conn: socket.socket, blocks: list, migration: codec.MigrationI
 
 
 def migrate_image(conn: socket.socket, image: ImageMemory, *, state: bytes = b"", max_bandwidth: float = 0.0,
-                  timeout: float = 30.0, preempt: socket.socket | None = None) -> dict:
+                  timeout: float = 30.0, preempt: socket.socket | None = None, on_start=None) -> dict:
     """Lazy restore: preamble, STATE, LISTEN, RUN, then every page (requested ones first), EOF, SHUT.
 
     ``preempt``: a second connection to the destination for requested pages.
+    ``on_start(streamer)``: called with the PageStreamer before it sends (its progress() for a display).
     """
     t0 = time.monotonic()
     streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout, preempt=preempt)
+    if on_start is not None:
+        on_start(streamer)
     send_preamble(conn, image.blocks, streamer.migration)
     conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
                  codec.encode(codec.PostcopyRun()))
