@@ -28,7 +28,10 @@ class Address:
     path: str = ""
 
     def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        # an IPv6 host goes in brackets, as parse_address reads it back
+        return f"tcp:[{self.host}]:{self.port}" if ":" in self.host else f"tcp:{self.host}:{self.port}"
 
     @property
     def is_local(self) -> bool:
@@ -306,7 +309,7 @@ def accept(listener: socket.socket, timeout: float | None, *, quiet=None) -> soc
         conn.close()
         if quiet is None or not quiet():
             name = listener.getsockname()
-            where = f"unix:{name}" if listener.family == socket.AF_UNIX else f"tcp:{name[0]}:{name[1]}"
+            where = f"unix:{name}" if listener.family == socket.AF_UNIX else Address("tcp", name[0], name[1])
             log.warning("refused a connection to %s: %s", where, reason)
 
 

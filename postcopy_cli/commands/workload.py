@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import UsageError
-from ..units import parse_size
+from ..units import parse_size, plural
 from ._common import common_options, emit_json
 
 
@@ -30,8 +30,8 @@ def _finish(report: dict | None) -> None:
     if report.get("mismatches"):
         from ..guest.programs import WorkloadError
 
-        raise WorkloadError(f"{report['mismatches']} page(s) differ from the expected content, "
-                                  f"first page {report['first_mismatch']}")
+        raise WorkloadError(f"{plural(report['mismatches'], 'page')} not as expected, "
+                            f"first page {report['first_mismatch']}")
 
 
 _attach = click.option("--attach", "path", required=True, metavar="PATH",

@@ -641,6 +641,15 @@ class _Channel:
         self.wake_fd = wake_fd    # the main stream: readable when the program left
         self._run = _Run()
 
+    def position(self, *, state: bool = False) -> str:
+        """Where this channel is, for messages: the preempt channel carries only RAM, so it is named
+        and the main stream's position and state go with it."""
+        main = self.dest._main.decoder if self.dest._main is not None else None
+        if not self.decoder.preempt or main is None:
+            return f"stream offset {self.decoder.offset}" + (f", state {self.decoder.state.name}" if state else "")
+        return f"preempt channel offset {self.decoder.offset}; main stream offset {main.offset}, " \
+               f"state {main.state.name}"
+
     def _flush(self):
         """Place the whole host pages assembled so far; a partial huge page stays."""
         run = self._run
@@ -698,7 +707,6 @@ class _Channel:
             self.dest._placement_failed(r, bi, offset)
 
     def _recv_into(self, conn: socket.socket, view: memoryview) -> int:
-        decoder = self.decoder
         dest = self.dest
         try:
             if self.wake_fd >= 0:
@@ -707,18 +715,16 @@ class _Channel:
         except socket.timeout:
             dest._check_program()
             dest._check_preempt()
-            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s "
-                              f"(stream offset {decoder.offset})") from None
+            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s ({self.position()})") from None
         except OSError as e:
             dest._check_program()
             dest._check_preempt()
-            raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: "
-                                   f"{e.strerror or e}") from None
+            raise PeerDisconnected(f"the source connection failed ({self.position()}): {e.strerror or e}") from None
         if not n:
             dest._check_program()
             dest._check_preempt()
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
-                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
+                                   f"({self.position(state=True)})")
         return n
 
     def _wait_readable(self, conn: socket.socket) -> None:
@@ -790,17 +796,17 @@ class _Channel:
         dest._check_fault_thread()
 
     def _pump_ended(self, r: int) -> None:
-        dest, decoder = self.dest, self.decoder
+        dest = self.dest
         if r == lib.PC_PUMP_FAULT_THREAD:
             dest._check_fault_thread()
         dest._check_program()
         dest._check_preempt()
         if r == -errno.ETIMEDOUT:
-            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s (stream offset {decoder.offset})")
+            raise PeerTimeout(f"the source sent nothing for {dest.timeout:g} s ({self.position()})")
         if r == lib.PC_PUMP_EOF:
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
-                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
-        raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: {os.strerror(-r)}")
+                                   f"({self.position(state=True)})")
+        raise PeerDisconnected(f"the source connection failed ({self.position()}): {os.strerror(-r)}")
 
     def _decode_events(self, decoder) -> bool:
         """Handle decoded events until the decoder needs data or can hand over to the fast path."""

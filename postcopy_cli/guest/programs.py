@@ -31,7 +31,7 @@ import time
 
 from .._native import ffi, lib
 from .. import signals
-from ..errors import PostcopyError
+from ..errors import PeerDisconnected, PostcopyError
 from ..channels.handover import DEFAULT_BLOCK, ControlChannel, GuestRegion, HandshakeError, send_handover
 from ..memory.mappings import MADV_DONTNEED, AnonymousMapping, madvise
 from ..sched import make_latency_thread
@@ -242,11 +242,12 @@ def _connect(path: str, timeout: float) -> socket.socket:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
             if time.monotonic() >= deadline:
-                raise WorkloadError(f"cannot connect to {path}: {e.strerror} (waited {timeout:g} s)") from None
+                raise PeerDisconnected(f"cannot connect to unix:{path}: {e.strerror} (waited {timeout:g} s)") \
+                    from None
             time.sleep(0.05)
         except OSError as e:
             sock.close()
-            raise WorkloadError(f"cannot connect to {path}: {e.strerror}") from None
+            raise PeerDisconnected(f"cannot connect to unix:{path}: {e.strerror}") from None
 
 
 def attach(path: str, ram: AnonymousMapping, *, mode: str, connect_timeout: float = 5.0) -> socket.socket:

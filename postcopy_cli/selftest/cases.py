@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import PostcopyError
+from ..units import plural
 from ..signals import Interrupted
 
 PAGE = 4096
@@ -294,7 +295,7 @@ def restore_to_attached(ctx: SelftestContext, name: str, *, image: str, order: s
     if touch_rep is None:
         problems.append("workload touch printed no report")
     elif touch_rep.get("mismatches") != 0 or touch_rep.get("pages") != mem // PAGE:
-        problems.append(f"{touch_rep.get('mismatches')} mismatching page(s), first "
+        problems.append(f"{plural(touch_rep.get('mismatches'), 'mismatching page')}, first "
                         f"{touch_rep.get('first_mismatch')}; {touch_rep.get('pages')} of {mem // PAGE} pages touched")
     if dest_stats is None:
         problems.append("serve-dest printed no statistics")
@@ -517,9 +518,11 @@ def case_live_migration(ctx: SelftestContext) -> dict:
         problems.append(f"serve-dest received {dest_stats['pages']['received']} of {ctx.size // PAGE} pages")
     if problems:
         return result(name, False, "; ".join(dict.fromkeys(problems)), metrics)
-    return result(name, True, f"{src_stats.get('precopy_passes')} pre-copy pass(es), downtime "
-                              f"{src_stats.get('downtime_ms')} ms, {src_stats.get('discarded_pages')} pages discarded, "
-                              f"post-copy {src_stats.get('postcopy_seconds')} s with {metrics['requests']} requests; "
+    return result(name, True, f"{plural(src_stats.get('precopy_passes'), 'pre-copy pass', 'pre-copy passes')}, "
+                              f"downtime {src_stats.get('downtime_ms')} ms, "
+                              f"{plural(src_stats.get('discarded_pages'), 'page')} discarded, "
+                              f"post-copy {src_stats.get('postcopy_seconds')} s with "
+                              f"{plural(metrics['requests'], 'request')}; "
                               f"memory check ok, passes {report['passes_before']} -> {report['passes_after']} "
                               f"on the destination", metrics)
 
