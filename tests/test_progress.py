@@ -9,13 +9,15 @@ backwards although the switch-over's discards lower its received count.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import pty
 import re
 import socket
+import struct
 import subprocess
-import sys
+import termios
 import threading
 import time
 
@@ -72,6 +74,18 @@ def test_status_line_drops_fields_instead_of_wrapping():
         line = status_line("post-copy", done=20 * MIB, total=64 * MIB, rate=40 * MIB, eta=3, extra="12 requests",
                            width=width)
         assert len(line) < width and line.startswith("post-copy"), (width, line)
+
+
+def test_migrate_attach_says_what_it_waits_for_before_the_engine_starts():
+    from postcopy_cli.commands.migrate import _Watch
+
+    watch, status = _Watch("tcp:127.0.0.1:4445", program="unix:/tmp/src.sock"), SourceStatus()
+    assert status(watch(0.0), WIDTH) == ["waiting for the program on unix:/tmp/src.sock (0:00)"]
+    assert status(watch(2.0), WIDTH) == ["waiting for the program on unix:/tmp/src.sock (0:02)"]
+    watch.on_program(object())
+    assert status(watch(0.1), WIDTH) == ["connecting to tcp:127.0.0.1:4445"]
+    watch.on_wait(3.2)
+    assert status(watch(3.3), WIDTH) == ["waiting for tcp:127.0.0.1:4445 (0:03)"]
 
 
 # ---------------------------------------------------------------------------
@@ -239,6 +253,7 @@ def test_migrate_on_a_terminal_says_what_it_waits_for(tmp_path):
     with _closed_port() as blocker:
         port = blocker.getsockname()[1]
         master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, WIDTH, 0, 0))
         proc = subprocess.Popen(postcopy_cmd("migrate", "--image", str(image), "--to", f"tcp:127.0.0.1:{port}",
                                              "--timeout", "2"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)

@@ -176,6 +176,9 @@ class live_status:
         self._thread = None
         self._stop = None
         self._lines: list[str] = []
+        import threading
+
+        self._lock = threading.Lock()   # updates come from a polling thread; the end from the command
 
     def renderable(self):
         from rich.text import Text
@@ -184,10 +187,11 @@ class live_status:
 
     def update(self, snap) -> None:
         """Render ``snap`` (also what the polling thread does)."""
-        width = self._live.console.width if self._live is not None else 80
-        self._lines = self.render(snap, width)
-        if self._live is not None:
-            self._live.update(self.renderable(), refresh=True)
+        with self._lock:
+            width = self._live.console.width if self._live is not None else 80
+            self._lines = self.render(snap, width)
+            if self._live is not None:
+                self._live.update(self.renderable(), refresh=True)
 
     def _poll(self):
         import time
@@ -209,8 +213,9 @@ class live_status:
         from rich.live import Live
 
         console = self.console or Console(stderr=True)
+        # on a real terminal, lines the command prints on stderr meanwhile go above the status
         self._live = Live(self.renderable(), console=console, auto_refresh=False, transient=True,
-                          redirect_stdout=False, redirect_stderr=False)
+                          redirect_stdout=False, redirect_stderr=self.console is None)
         self._live.start()
         if self.snapshot is not None:
             self._stop = threading.Event()
@@ -222,6 +227,7 @@ class live_status:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
+        with self._lock:
+            if self._live is not None:
+                self._live.stop()
+                self._live = None

@@ -21,6 +21,9 @@ class SourceStatus:
 
     def __call__(self, snap: dict, width: int) -> list[str]:
         phase = snap["phase"]
+        if phase == "program":
+            return [status_line(f"waiting for the program on {snap['program']} ({format_duration(snap['waiting'])})",
+                                width=width)]
         if phase == "connecting":
             waiting = snap.get("waiting")
             if waiting is None:
@@ -32,7 +35,7 @@ class SourceStatus:
         if phase == "switch-over":
             return [status_line("switch-over: program paused, sending discards and RUN", width=width)]
         if phase == "done":
-            return [status_line("done: waiting for the destination's SHUT", width=width)]
+            return [status_line("done", width=width)]
         total, done = snap["phase_bytes"], snap["phase_done_bytes"]
         if phase == "pre-copy":
             label = f"pre-copy pass {snap['pass']}"
@@ -46,10 +49,15 @@ class SourceStatus:
 class _Watch:
     """What the display polls: the connection wait, then the engine's progress()."""
 
-    def __init__(self, to: str):
+    def __init__(self, to: str, program: str | None = None):
         self.to = to
+        self.program = program     # --attach: waiting for the program on this socket until it connects
         self.waiting: float | None = None
         self.engine = None
+        self._t0: float | None = None
+
+    def on_program(self, *_) -> None:
+        self.program = None
 
     def on_wait(self, seconds: float) -> None:
         self.waiting = seconds
@@ -59,6 +67,10 @@ class _Watch:
 
     def __call__(self, t: float) -> dict:
         engine = self.engine
+        if self._t0 is None:
+            self._t0 = t
+        if engine is None and self.program is not None:
+            return {"phase": "program", "program": self.program, "waiting": t - self._t0, "t": t}
         if engine is None:
             return {"phase": "connecting", "to": self.to, "waiting": self.waiting, "t": t}
         return dict(engine.progress(), to=self.to, t=t)
@@ -176,7 +188,7 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
     from ..channels import transport
     from ..source.live import LiveOptions, migrate_live
 
-    watch = _Watch(str(transport.parse_address(to)))
+    watch = _Watch(str(transport.parse_address(to)), program=f"unix:{attach}")
     if postcopy_after is None and precopy_passes is None:
         postcopy_after = 1.0
     switchover = threading.Event()
@@ -186,7 +198,7 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
     try:
         with live_status(SourceStatus(), watch, enabled=not as_json):
             stats = migrate_live(attach, to, opts, switchover=switchover, on_wait=watch.on_wait,
-                                 on_start=watch.on_start,
+                                 on_program=watch.on_program, on_start=watch.on_start,
                                  on_ready=lambda: print(f"postcopy: waiting for the program on unix:{attach}",
                                                         file=sys.stderr, flush=True))
     finally:

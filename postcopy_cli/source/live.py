@@ -417,9 +417,10 @@ def shut_connections(*conns) -> bool:
 
 
 def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None, switchover=None,
-                 accept_timeout: float | None = 60.0, on_wait=None, on_start=None) -> dict:
+                 accept_timeout: float | None = 60.0, on_program=None, on_wait=None, on_start=None) -> dict:
     """``migrate --attach``: wait for the program on ``attach_path``, then migrate it to ``to``.
 
+    ``on_program(program)``: once the program connected and handed over;
     ``on_wait(seconds)``: at each retry while the destination does not listen yet;
     ``on_start(migration)``: with the LiveMigration before it sends (its progress() for a display).
     """
@@ -429,6 +430,8 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
         if on_ready:
             on_ready()
         program = accept_program(listener, accept_timeout)
+        if on_program is not None:
+            on_program(program)
         address = transport.parse_address(to)
         conn = transport.connect(address, timeout=opts.timeout, on_wait=on_wait)
         preempt = None
