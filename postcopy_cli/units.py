@@ -16,3 +16,8 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise ValueError(f"size must be positive: {text!r}")
     return value * mult
+
+
+def plural(n: int, singular: str, plural_form: str | None = None) -> str:
+    """'1 page', '2 pages', '0 pages' (``plural_form`` when adding an s is wrong)."""
+    return f"{n} {singular if n == 1 else (plural_form or singular + 's')}"

@@ -339,6 +339,8 @@ def test_source_program_killed_during_precopy(live):
     assert mig.rc == 1, mig
     line = single_stderr_line(mig.err.replace(lv.migrate.early_err, ""))
     assert f"pid {pid}" in line, line
+    # what became of it, truly: not "keeps running" (issue 9)
+    assert f"the program (pid {pid}) is gone from the source" in line and "keeps running" not in line, line
 
 
 # ---------------------------------------------------------------------------

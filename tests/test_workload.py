@@ -312,10 +312,11 @@ def test_run_keeps_running_after_socket_closes_and_reports(server):
     assert report["passes_after"] > 0 and "without quit" in err
 
 
-def test_missing_socket_is_one_line_exit_1(tmp_path):
+def test_missing_socket_is_one_line_exit_4(tmp_path):
+    """Cannot connect: exit 4 (disconnected), as in migrate."""
     proc = _spawn("run", "--attach", str(tmp_path / "nothing"), "--mem", "64K", "--connect-timeout", "0.2")
     code, out, err = _finish(proc)
-    assert code == 1 and out == "" and err.count("\n") == 1 and "cannot connect" in err
+    assert code == 4 and out == "" and err.count("\n") == 1 and "cannot connect" in err
 
 
 def test_bad_size_is_usage_error(tmp_path):

@@ -28,7 +28,10 @@ class Address:
     path: str = ""
 
     def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        # an IPv6 host goes in brackets, as parse_address reads it back
+        return f"tcp:[{self.host}]:{self.port}" if ":" in self.host else f"tcp:{self.host}:{self.port}"
 
     @property
     def is_local(self) -> bool:
@@ -311,14 +314,17 @@ def accept(listener: socket.socket, timeout: float | None, *, quiet=None) -> soc
         conn.close()
         if quiet is None or not quiet():
             name = listener.getsockname()
-            where = f"unix:{name}" if listener.family == socket.AF_UNIX else f"tcp:{name[0]}:{name[1]}"
+            where = f"unix:{name}" if listener.family == socket.AF_UNIX else Address("tcp", name[0], name[1])
             log.warning("refused a connection to %s: %s", where, reason)
 
 
-def connect_retrying(addr: Address, timeout: float) -> socket.socket:
+def connect_retrying(addr: Address, timeout: float, *, on_wait=None) -> socket.socket:
     """A socket connected to ``addr``, retrying while nothing listens there yet (no socket file, or
-    refused) for up to ``timeout`` seconds: then the last such error; any other OSError at once."""
-    deadline = time.monotonic() + timeout
+    refused) for up to ``timeout`` seconds: then the last such error; any other OSError at once.
+
+    ``on_wait(seconds)`` is called at each retry with the seconds waited so far."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     while True:
         try:
             if addr.kind == "unix":
@@ -335,13 +341,17 @@ def connect_retrying(addr: Address, timeout: float) -> socket.socket:
         except (ConnectionRefusedError, FileNotFoundError):
             if time.monotonic() >= deadline:
                 raise
+            if on_wait is not None:
+                on_wait(time.monotonic() - t0)
             time.sleep(0.05)
 
 
-def connect(addr: Address, *, timeout: float = 10.0) -> socket.socket:
-    """Connect, retrying while the peer is not listening yet (up to ``timeout``)."""
+def connect(addr: Address, *, timeout: float = 10.0, on_wait=None) -> socket.socket:
+    """Connect, retrying while the peer is not listening yet (up to ``timeout``).
+
+    ``on_wait(seconds)`` is called at each retry with the seconds waited so far."""
     try:
-        s = connect_retrying(addr, timeout)
+        s = connect_retrying(addr, timeout, on_wait=on_wait)
         # not a byte to a destination run by another user
         reason = peer_refusal(s)
         if reason is not None:

@@ -122,36 +122,156 @@ def emit_json(obj) -> None:
     sys.stdout.flush()
 
 
-class progress_display:
-    """A rich progress bar on a terminal (stderr); nothing otherwise.
+def format_size(n: float) -> str:
+    """Bytes in binary units, as every command's human output shows them: 512 B, 4.0 KiB, 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
 
-    Used as a context manager; the object is a callable taking a progress dict
-    with ``received`` and ``total`` pages and optional counters.
+
+def format_rate(bytes_per_s: float) -> str:
+    """A rate in binary units: 120.5 MiB/s."""
+    return f"{format_size(bytes_per_s)}/s"
+
+
+def format_duration(seconds: float) -> str:
+    """0:07, 1:02:03."""
+    s = max(0, int(round(seconds)))
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def status_line(label: str, *, done: int | None = None, total: int | None = None, rate: float | None = None,
+                eta: float | None = None, extra: str = "", width: int = 80) -> str:
+    """One status line of at most ``width - 1`` columns: label, bar, percent, done/total, rate, ETA, extra.
+
+    Fields that do not fit are dropped (the extra first, then the ETA, the rate,
+    the bar), never wrapped.  The last column stays free: a line that fills it
+    wraps on some terminals.
+    """
+    fields = []
+    has_bar = done is not None and bool(total)
+    if has_bar:
+        fields.append(("pct", f"{100 * min(done, total) / total:5.1f}%"))
+        d, t = format_size(done), format_size(total)
+        unit = t.split()[1]
+        fields.append(("size", f"{d.split()[0]}/{t}" if d.split()[1] == unit else f"{d}/{t}"))
+    if rate is not None:
+        fields.append(("rate", format_rate(rate)))
+    if eta is not None:
+        fields.append(("eta", f"ETA {format_duration(eta)}"))
+    if extra:
+        fields.append(("extra", extra))
+    for drop in ("", "extra", "eta", "rate", "bar", "size", "pct"):
+        if drop == "bar":
+            has_bar = False
+        elif drop:
+            fields = [f for f in fields if f[0] != drop]
+        parts = [label] + [v for _, v in fields]
+        line = " ".join(parts)
+        cells = min(30, width - 1 - len(line) - 1)   # the bar takes the room left, 8 to 30 cells
+        if has_bar and cells >= 8:
+            filled = cells * min(done, total) // total
+            return " ".join([label, "━" * filled + "─" * (cells - filled)] + parts[1:])
+        if not has_bar and len(line) <= width - 1:
+            return line
+    return label[:width - 1]
+
+
+class RateMeter:
+    """Bytes per second over the last few seconds of (time, bytes) samples."""
+
+    WINDOW = 3.0
+
+    def __init__(self):
+        self._samples: list[tuple[float, int]] = []
+
+    def add(self, t: float, nbytes: int) -> float | None:
+        self._samples.append((t, nbytes))
+        while len(self._samples) > 2 and t - self._samples[1][0] >= self.WINDOW:
+            self._samples.pop(0)
+        t0, b0 = self._samples[0]
+        return (nbytes - b0) / (t - t0) if t > t0 else None
+
+
+def eta_of(left_bytes: int, rate: float | None) -> float | None:
+    return left_bytes / rate if rate and rate > 0 and left_bytes >= 0 else None
+
+
+class live_status:
+    """A live status on stderr while a command runs, when stderr is a terminal; nothing otherwise.
+
+    ``render(snapshot, width)`` turns a snapshot into status lines; ``snapshot()``
+    is polled every 0.25 s by a thread of this object (the engines expose their
+    counters, read without locks).  ``console``: where to draw (tests: a
+    StringIO console); default stderr, only if it is a terminal.
     """
 
-    def __init__(self, *, enabled: bool, title: str):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.title = title
-        self._progress = None
-        self._task = None
+    INTERVAL = 0.25
+
+    def __init__(self, render, snapshot=None, *, enabled: bool = True, console=None):
+        self.render = render
+        self.snapshot = snapshot
+        self.console = console
+        self.enabled = enabled and (console is not None or sys.stderr.isatty())
+        self._live = None
+        self._thread = None
+        self._stop = None
+        self._lines: list[str] = []
+        import threading
+
+        self._lock = threading.Lock()   # updates come from a polling thread; the end from the command
+
+    def renderable(self):
+        from rich.text import Text
+
+        return Text("\n".join(self._lines), no_wrap=True, overflow="crop")
+
+    def update(self, snap) -> None:
+        """Render ``snap`` (also what the polling thread does)."""
+        with self._lock:
+            width = self._live.console.width if self._live is not None else 80
+            self._lines = self.render(snap, width)
+            if self._live is not None:
+                self._live.update(self.renderable(), refresh=True)
+
+    def _poll(self):
+        import time
+
+        while not self._stop.wait(self.INTERVAL):
+            try:
+                snap = self.snapshot(time.monotonic())
+            except Exception:   # a display must never end a migration
+                continue
+            if snap is not None:
+                self.update(snap)
 
     def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TransferSpeedColumn
+        if not self.enabled:
+            return self
+        import threading
 
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                      TextColumn("{task.percentage:>5.1f}%"), TransferSpeedColumn(),
-                                      TextColumn("{task.fields[detail]}"), console=Console(stderr=True),
-                                      transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task(self.title, total=None, detail="")
-        return self if self.enabled else None
+        from rich.console import Console
+        from rich.live import Live
 
-    def __call__(self, p: dict) -> None:
-        detail = " ".join(f"{k}={v}" for k, v in p.items() if k not in ("received", "total"))
-        self._progress.update(self._task, completed=p["received"] * 4096, total=p["total"] * 4096, detail=detail)
+        console = self.console or Console(stderr=True)
+        # on a real terminal, lines the command prints on stderr meanwhile go above the status
+        self._live = Live(self.renderable(), console=console, auto_refresh=False, transient=True,
+                          redirect_stdout=False, redirect_stderr=self.console is None)
+        self._live.start()
+        if self.snapshot is not None:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, name="postcopy/status", daemon=True)
+            self._thread.start()
+        return self
 
     def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.stop()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        with self._lock:
+            if self._live is not None:
+                self._live.stop()
+                self._live = None

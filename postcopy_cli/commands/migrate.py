@@ -8,7 +8,72 @@ import click
 from .. import signals
 from ..errors import UsageError
 from ..units import parse_size
-from ._common import common_options, emit_json
+from ..units import plural
+from ._common import RateMeter, common_options, emit_json, eta_of, format_duration, live_status, status_line
+
+
+class SourceStatus:
+    """The source's live status (``virsh migrate --verbose``, QEMU's ``info migrate``), from snapshots:
+    the engine's progress() or, before there is one, {"phase": "connecting", "waiting": (address, seconds)}."""
+
+    def __init__(self):
+        self._rate = RateMeter()
+
+    def __call__(self, snap: dict, width: int) -> list[str]:
+        phase = snap["phase"]
+        if phase == "program":
+            return [status_line(f"waiting for the program on {snap['program']} ({format_duration(snap['waiting'])})",
+                                width=width)]
+        if phase == "connecting":
+            waiting = snap.get("waiting")
+            if waiting is None:
+                return [status_line(f"connecting to {snap['to']}", width=width)]
+            return [status_line(f"waiting for {snap['to']} ({format_duration(waiting)})", width=width)]
+        rate = self._rate.add(snap["t"], snap["sent_bytes"])
+        if phase == "starting":
+            return [status_line(f"connected to {snap.get('to', 'the destination')}: starting", width=width)]
+        if phase == "switch-over":
+            return [status_line("switch-over: program paused, sending discards and RUN", width=width)]
+        if phase == "done":
+            return [status_line("done", width=width)]
+        total, done = snap["phase_bytes"], snap["phase_done_bytes"]
+        if phase == "pre-copy":
+            label = f"pre-copy pass {snap['pass']}"
+            extra = f"{snap['pages_left']} dirty"
+        else:
+            label, extra = "post-copy", plural(snap["requests"], "request")
+        return [status_line(label, done=done, total=total, rate=rate, eta=eta_of(total - done, rate), extra=extra,
+                            width=width)]
+
+
+class _Watch:
+    """What the display polls: the connection wait, then the engine's progress()."""
+
+    def __init__(self, to: str, program: str | None = None):
+        self.to = to
+        self.program = program     # --attach: waiting for the program on this socket until it connects
+        self.waiting: float | None = None
+        self.engine = None
+        self._t0: float | None = None
+
+    def on_program(self, *_) -> None:
+        self.program = None
+
+    def on_wait(self, seconds: float) -> None:
+        self.waiting = seconds
+
+    def on_start(self, engine) -> None:
+        self.engine = engine
+
+    def __call__(self, t: float) -> dict:
+        engine = self.engine
+        if self._t0 is None:
+            self._t0 = t
+        if engine is None and self.program is not None:
+            return {"phase": "program", "program": self.program, "waiting": t - self._t0, "t": t}
+        if engine is None:
+            return {"phase": "connecting", "to": self.to, "waiting": self.waiting, "t": t}
+        return dict(engine.progress(), to=self.to, t=t)
 
 
 def _rate(text: str | None) -> float:
@@ -93,26 +158,29 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
         return
     address = transport.parse_address(to)
     memory = ImageMemory(image, page_size=host_page)
+    watch = _Watch(str(address))
     try:
-        conn = transport.connect(address, timeout=timeout)
-        preempt = None if single_channel else transport.connect(address, timeout=timeout)
-        try:
-            # RUN goes right after the preamble: from here the destination's program runs
-            with signals.guard(at_risk=lambda: "the destination's program runs and its missing pages come from here",
-                               wake=lambda error: shut_connections(conn, preempt)):
-                stats = migrate_image(conn, memory, state=state, max_bandwidth=rate, timeout=timeout,
-                                      preempt=preempt)
-        finally:
-            conn.close()
-            if preempt is not None:
-                preempt.close()
+        with live_status(SourceStatus(), watch, enabled=not as_json):
+            conn = transport.connect(address, timeout=timeout, on_wait=watch.on_wait)
+            preempt = None if single_channel else transport.connect(address, timeout=timeout)
+            try:
+                # RUN goes right after the preamble: from here the destination's program runs
+                with signals.guard(at_risk=lambda: "the destination's program runs and its missing pages come "
+                                                   "from here",
+                                   wake=lambda error: shut_connections(conn, preempt)):
+                    stats = migrate_image(conn, memory, state=state, max_bandwidth=rate, timeout=timeout,
+                                          preempt=preempt, on_start=watch.on_start)
+            finally:
+                conn.close()
+                if preempt is not None:
+                    preempt.close()
     finally:
         memory.close()
     if as_json:
         emit_json(stats)
     else:
-        print(f"postcopy: migrated {stats['pages']} pages in {stats['total_seconds']} s "
-              f"({stats['requests']} requests answered first)", file=sys.stderr)
+        print(f"postcopy: migrated {plural(stats['pages'], 'page')} in {stats['total_seconds']} s "
+              f"({plural(stats['requests'], 'request')} answered first)", file=sys.stderr)
 
 
 def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,
@@ -123,7 +191,7 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
     from ..channels import transport
     from ..source.live import LiveOptions, migrate_live
 
-    transport.parse_address(to)
+    watch = _Watch(str(transport.parse_address(to)), program=f"unix:{attach}")
     if postcopy_after is None and precopy_passes is None:
         postcopy_after = 1.0
     switchover = threading.Event()
@@ -131,15 +199,18 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
     opts = LiveOptions(postcopy_after=postcopy_after, precopy_passes=precopy_passes, max_bandwidth=rate,
                        timeout=timeout, state=state, kill_source=kill_source, preempt=not single_channel)
     try:
-        stats = migrate_live(attach, to, opts, switchover=switchover,
-                             on_ready=lambda: print(f"postcopy: waiting for the program on unix:{attach}",
-                                                    file=sys.stderr, flush=True))
+        with live_status(SourceStatus(), watch, enabled=not as_json):
+            stats = migrate_live(attach, to, opts, switchover=switchover, on_wait=watch.on_wait,
+                                 on_program=watch.on_program, on_start=watch.on_start,
+                                 on_ready=lambda: print(f"postcopy: waiting for the program on unix:{attach}",
+                                                        file=sys.stderr, flush=True))
     finally:
         signal.signal(signal.SIGUSR1, previous)
     if as_json:
         emit_json(stats)
     else:
-        print(f"postcopy: migrated live in {stats['total_seconds']} s: {stats['precopy_passes']} pre-copy "
-              f"pass(es), downtime {stats['downtime_ms']} ms, {stats['discarded_pages']} pages discarded, "
-              f"post-copy {stats['postcopy_seconds']} s with {stats['postcopy_requests']} requests",
+        print(f"postcopy: migrated live in {stats['total_seconds']} s: "
+              f"{plural(stats['precopy_passes'], 'pre-copy pass', 'pre-copy passes')}, downtime "
+              f"{stats['downtime_ms']} ms, {plural(stats['discarded_pages'], 'page')} discarded, "
+              f"post-copy {stats['postcopy_seconds']} s with {plural(stats['postcopy_requests'], 'request')}",
               file=sys.stderr)

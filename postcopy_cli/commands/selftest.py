@@ -8,7 +8,7 @@ import click
 from ..codec.constants import TARGET_PAGE_SIZE
 from ..errors import UsageError, with_stats
 from ..units import parse_size
-from ._common import common_options, emit_json
+from ._common import common_options, emit_json, format_size
 
 
 def _fmt(v, spec: str = "") -> str:
@@ -21,7 +21,7 @@ def _render(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"postcopy selftest: {report['size'] >> 20} MiB per case, {report['seconds']:.1f} s")
+    table = Table(title=f"postcopy selftest: {format_size(report['size'])} per case, {report['seconds']:.1f} s")
     table.add_column("case", no_wrap=True)
     table.add_column("result", no_wrap=True)
     table.add_column("MiB/s", justify="right", no_wrap=True)

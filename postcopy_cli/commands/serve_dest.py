@@ -4,13 +4,49 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import click
 
 from .. import signals
 from ..errors import UsageError, with_stats
-from ..units import parse_size
-from ._common import check_block_name, common_options, emit_json, progress_display
+from ..codec.constants import TARGET_PAGE_SIZE as TP
+from ..units import parse_size, plural
+from ._common import RateMeter, check_block_name, common_options, emit_json, eta_of, live_status, status_line
+
+
+class DestStatus:
+    """serve-dest's live status from Destination.progress() snapshots (plus ``t``, monotonic seconds).
+
+    Pre-copy and post-copy are separate rows: pages copied in pre-copy may be
+    discarded at the switch-over (sent again), so the pre-copy row stops at what
+    pre-copy copied, and the post-copy row counts pages in for good (after RUN the
+    count only grows).  Neither figure ever goes down.
+    """
+
+    def __init__(self):
+        self._rate = RateMeter()
+        self._precopy: str | None = None    # the pre-copy row, frozen once pre-copy is over
+
+    def __call__(self, snap: dict, width: int) -> list[str]:
+        phase = snap["phase"]
+        rate = self._rate.add(snap["t"], snap["arrived"] * TP)
+        total, received = snap["total"] * TP, snap["received"] * TP
+        rows = []
+        if phase == "pre-copy":
+            if received:
+                self._precopy = status_line("pre-copy ", done=received, total=total, width=width)
+            return [status_line("pre-copy ", done=received, total=total, rate=rate,
+                                eta=eta_of(total - received, rate), width=width)]
+        if self._precopy is not None:
+            rows.append(self._precopy)
+        if phase == "switch-over":
+            rows.append(status_line("switch-over: discarding stale pages, waiting for RUN", width=width))
+        else:
+            rows.append(status_line("post-copy" if phase == "post-copy" else "done     ", done=received, total=total,
+                                    rate=rate, eta=eta_of(total - received, rate),
+                                    extra=plural(snap["requests"], "request"), width=width))
+        return rows
 
 
 def _parse_ram(values) -> list[tuple[str, int]]:
@@ -94,8 +130,9 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure)
     try:
         with signals.guard(at_risk=lambda: server.dest.at_risk() if server.dest else None,
                            wake=lambda error: server.dest is not None and server.dest.stop(error)), \
-                progress_display(enabled=not as_json, title="receiving") as progress:
-            result = server.run(progress=progress)
+                live_status(DestStatus(), enabled=not as_json) as status:
+            result = server.run(progress=(lambda p: status.update(dict(p, t=time.monotonic())))
+                                if status.enabled else None)
     except BaseException as e:
         if server.dest is not None:
             with_stats(e, server.dest.stats())
@@ -110,7 +147,8 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure)
     else:
         s = result.stats
         lat = s["latency-us"]
-        print(f"postcopy: migration complete: {s['pages']['received']} pages "
+        print(f"postcopy: migration complete: {plural(s['pages']['received'], 'page')} "
               f"({s['pages']['demand']} on demand, {s['pages']['background']} in background) in "
-              f"{s['total-time-ms']:.0f} ms; {s['postcopy-requests']} requests, latency p50 <= {lat['p50']} us, "
-              f"p99 <= {lat['p99']} us", file=sys.stderr)
+              f"{s['total-time-ms']:.0f} ms; {plural(s['postcopy-requests'], 'request')}" +
+              (f", latency p50 <= {lat['p50']} us, p99 <= {lat['p99']} us" if lat["p50"] is not None else ""),
+              file=sys.stderr)

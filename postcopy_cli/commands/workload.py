@@ -6,7 +6,7 @@ import sys
 import click
 
 from ..errors import UsageError, with_stats
-from ..units import parse_size
+from ..units import parse_size, plural
 from ._common import common_options, emit_json
 
 
@@ -33,7 +33,7 @@ def _finish(report: dict | None, as_json: bool, *, human=None) -> None:
     if report.get("check", "ok") != "ok":
         error = WorkloadError(f"memory check failed at page {report['first_bad_page']}")
     elif report.get("mismatches"):
-        error = WorkloadError(f"{report['mismatches']} page(s) differ from the expected content, "
+        error = WorkloadError(f"{plural(report['mismatches'], 'page')} not as expected, "
                               f"first page {report['first_mismatch']}")
     if error is not None and as_json:
         raise with_stats(error, report)

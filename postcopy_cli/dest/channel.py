@@ -63,14 +63,24 @@ class StreamReceiver:
     """
 
     def __init__(self, sink: ReceiverSink, conn: socket.socket, decoder: codec.StreamDecoder, *, timeout: float,
-                 wake_fd: int = -1):
+                 wake_fd: int = -1, main: StreamReceiver | None = None):
         self.dest = sink
         self.conn = conn
         self.decoder = decoder
         self.timeout = timeout
         self.wake_fd = wake_fd    # the main stream: readable when the program left
+        self.main = main          # the preempt channel: the main stream's receiver
         self._run = _Run()
         self._discards_pending = False
+
+    def position(self, *, state: bool = False) -> str:
+        """Where this channel is, for messages: the preempt channel carries only RAM, so it is named
+        and the main stream's position and state go with it."""
+        if not self.decoder.preempt or self.main is None:
+            return f"stream offset {self.decoder.offset}" + (f", state {self.decoder.state.name}" if state else "")
+        main = self.main.decoder
+        return f"preempt channel offset {self.decoder.offset}; main stream offset {main.offset}, " \
+               f"state {main.state.name}"
 
     def _flush(self):
         """Place the whole host pages assembled so far; a partial huge page stays."""
@@ -129,7 +139,6 @@ class StreamReceiver:
             self.dest.placement_failed(r, bi, offset)
 
     def _recv_into(self, conn: socket.socket, view: memoryview) -> int:
-        decoder = self.decoder
         dest = self.dest
         try:
             if self.wake_fd >= 0:
@@ -137,16 +146,14 @@ class StreamReceiver:
             n = conn.recv_into(view)
         except socket.timeout:
             dest.check_peers()
-            raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s "
-                              f"(stream offset {decoder.offset})") from None
+            raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s ({self.position()})") from None
         except OSError as e:
             dest.check_peers()
-            raise PeerDisconnected(f"the source connection failed at stream offset {decoder.offset}: "
-                                   f"{e.strerror or e}") from None
+            raise PeerDisconnected(f"the source connection failed ({self.position()}): {e.strerror or e}") from None
         if not n:
             dest.check_peers()
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
-                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
+                                   f"({self.position(state=True)})")
         return n
 
     def _wait_readable(self, conn: socket.socket) -> None:
@@ -218,16 +225,16 @@ class StreamReceiver:
         dest.check_fault_thread()
 
     def _pump_ended(self, r: int) -> None:
-        dest, decoder = self.dest, self.decoder
+        dest = self.dest
         if r == lib.PC_PUMP_FAULT_THREAD:
             dest.check_fault_thread()
         dest.check_peers()
         if r == -errno.ETIMEDOUT:
-            raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s (stream offset {decoder.offset})")
+            raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s ({self.position()})")
         if r == lib.PC_PUMP_EOF:
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
-                                   f"(stream offset {decoder.offset}, state {decoder.state.name})")
-        raise native_error(r, f"the source connection failed at stream offset {decoder.offset}", PeerDisconnected)
+                                   f"({self.position(state=True)})")
+        raise native_error(r, f"the source connection failed ({self.position()})", PeerDisconnected)
 
     def _decode_events(self, decoder) -> bool:
         """Handle decoded events until the decoder needs data or can hand over to the fast path."""

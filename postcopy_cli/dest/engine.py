@@ -105,6 +105,7 @@ class Destination:
         self._stop_error: PostcopyError | None = None
         self._pending_discards: dict[str, list] = {}
         self.phase = DestPhase(self, self if program else None, flush=lambda: self._main._flush())
+        self._switching = False   # a discard or LISTEN arrived: pre-copy is over
         self.t_start = time.monotonic()
         self._mlocked = False
         # written when the program leaves: it wakes the stream's thread, which alone decides what that means
@@ -383,7 +384,7 @@ class Destination:
         if marker != migration.id:
             return "its preempt channel header names another migration id"
         conn.settimeout(None)   # idle whenever nothing is requested; it ends with the main stream
-        channel = StreamReceiver(self, conn, decoder, timeout=self.timeout)
+        channel = StreamReceiver(self, conn, decoder, timeout=self.timeout, main=main)
         thread = threading.Thread(target=self._run_preempt, args=(channel,), name="postcopy/preempt", daemon=True)
         with self._preempt_lock:   # close() may be running in the stream's thread
             if self._closed:
@@ -462,11 +463,13 @@ class Destination:
             self._advise(ev, off)
             self.phase.on_advise(off)
         elif t is codec.PostcopyRamDiscard:
+            self._switching = True
             self._discard(ev)
             self.phase.on_discard(off)
         elif t is codec.State:
             self.state_bytes = ev.data
         elif t is codec.PostcopyListen:
+            self._switching = True
             self.phase.on_listen(off)
         elif t is codec.PostcopyRun:
             self.phase.on_run(off, self.state_bytes)
@@ -517,10 +520,22 @@ class Destination:
                           downtime_ms=phase.downtime_ms)
 
     def progress(self) -> dict:
+        """A snapshot for a live display.  ``received``: pages in now (discards at the switch-over
+        take pages out again; from RUN on it only grows); ``arrived``: pages placed in all, copies
+        sent again included (never goes down); ``phase``: pre-copy, switch-over (discards or LISTEN
+        seen), post-copy (after RUN) or done."""
         raw = ffi.new("struct pc_dest_stats *")
         lib.pc_dest_get_stats(self.native, raw)
-        return {"received": int(raw.received_pages), "total": self.total_pages, "demand": int(raw.demand_pages),
-                "background": int(raw.background_pages), "faults": int(raw.faults), "requests": int(raw.requests)}
+        # the phase is read after the counters: a count lowered by discards is never
+        # reported as pre-copy (_switching is set before the first discard is applied)
+        phase = self.phase
+        name = "done" if phase.t_complete is not None else "post-copy" if phase.t_run is not None else \
+            "switch-over" if self._switching else "pre-copy"
+        arrived = raw.precopy_pages + raw.overwritten_pages + raw.demand_pages + raw.background_pages + \
+            raw.skipped_pages
+        return {"phase": name, "received": int(raw.received_pages), "total": self.total_pages,
+                "arrived": int(arrived), "demand": int(raw.demand_pages), "background": int(raw.background_pages),
+                "faults": int(raw.faults), "requests": int(raw.requests)}
 
     def close(self):
         """Stop the fault thread, unregister (not an attached program's missing memory), restore mlock;

@@ -24,6 +24,7 @@ from .. import signals
 from ..channels.control import ControlReader
 from ..channels.handover import DEFAULT_BLOCK, GuestRegion, HandshakeError, send_handover
 from ..channels.transport import Address, connect_retrying
+from ..errors import PeerDisconnected
 from ..memory.mappings import MADV_DONTNEED, AnonymousMapping, madvise
 from ..uffd import Feature, RegisterMode, UffdError, Userfaultfd, offered_features
 from ..codec.constants import TARGET_PAGE_SIZE
@@ -42,9 +43,9 @@ def _connect(path: str, timeout: float) -> socket.socket:
     try:
         return connect_retrying(Address("unix", path=path), timeout)
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise WorkloadError(f"cannot connect to {path}: {e.strerror} (waited {timeout:g} s)") from None
+        raise PeerDisconnected(f"cannot connect to unix:{path}: {e.strerror} (waited {timeout:g} s)") from None
     except OSError as e:
-        raise WorkloadError(f"cannot connect to {path}: {e.strerror}") from None
+        raise PeerDisconnected(f"cannot connect to unix:{path}: {e.strerror}") from None
 
 
 def attach(path: str, ram: AnonymousMapping, *, mode: str, connect_timeout: float = 5.0) -> socket.socket:

@@ -28,6 +28,7 @@ from typing import Callable
 from ..codec.constants import TARGET_PAGE_SIZE
 from ..errors import PostcopyError
 from ..memory.mappings import libc
+from ..units import plural
 from ..signals import Interrupted
 from .harness import NotListening, Procs, finish, read_listening
 
@@ -188,7 +189,7 @@ def restore_to_attached(ctx: SelftestContext, name: str, *, image: str, order: s
     if touch_rep is None:
         problems.append("workload touch printed no report")
     elif touch_rep.get("mismatches") != 0 or touch_rep.get("pages") != mem // TARGET_PAGE_SIZE:
-        problems.append(f"{touch_rep.get('mismatches')} mismatching page(s), first "
+        problems.append(f"{plural(touch_rep.get('mismatches'), 'mismatching page')}, first "
                         f"{touch_rep.get('first-mismatch')}; {touch_rep.get('pages')} of "
                         f"{mem // TARGET_PAGE_SIZE} pages touched")
     if dest_stats is None:
@@ -409,10 +410,12 @@ def case_live_migration(ctx: SelftestContext) -> dict:
                         f"{ctx.size // TARGET_PAGE_SIZE} pages")
     if problems:
         return result(name, False, "; ".join(dict.fromkeys(problems)), metrics)
-    return result(name, True, f"{src_stats.get('precopy-passes')} pre-copy pass(es), downtime "
-                              f"{src_stats.get('downtime-ms')} ms, {src_stats.get('discarded-pages')} pages discarded, "
-                              f"post-copy {src_stats.get('postcopy_seconds')} s with {metrics['requests']} requests; "
-                              f"memory check ok, passes {report['passes_before']} -> {report['passes_after']} "
+    return result(name, True, f"{plural(src_stats.get('precopy-passes'), 'pre-copy pass', 'pre-copy passes')}, "
+                              f"downtime {src_stats.get('downtime-ms')} ms, "
+                              f"{plural(src_stats.get('discarded-pages'), 'page')} discarded, "
+                              f"post-copy {src_stats.get('postcopy-seconds')} s with "
+                              f"{plural(metrics['requests'], 'request')}; "
+                              f"memory check ok, passes {report['passes-before']} -> {report['passes-after']} "
                               f"on the destination", metrics)
 
 

@@ -68,6 +68,27 @@ class AttachedSource:
         self.paused = False
         return True
 
+    def alive(self) -> bool:
+        """The program still exists (not exited, killed or a zombie) and its control socket is open."""
+        if self.gone.is_set():
+            return False
+        # proc(5) /proc/PID/stat after the command's ")": state, ppid, pgrp, session, tty_nr,
+        # tpgid, flags; a task being killed has PF_EXITING (0x4) set before it turns zombie
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            state, flags = fields[0], int(fields[6])
+        except (OSError, IndexError, ValueError):
+            return False
+        return state not in ("Z", "X") and not flags & 0x4
+
+    def fate(self, was_paused: bool) -> str:
+        """What became of the program after a migration failed before RUN, in words that are true."""
+        if not self.alive():
+            return f"the program (pid {self.pid}) is gone from the source: it exited, was killed or closed " \
+                   f"its control socket"
+        return f"the program {'was resumed' if was_paused else 'keeps running'} on the source"
+
     def migrated(self) -> None:
         """Tell the program it now runs on the destination (it stays paused here)."""
         try:

@@ -86,13 +86,16 @@ class ImageMemory:
 
 
 def migrate_image(conn: socket.socket, image: ImageMemory, *, state: bytes = b"", max_bandwidth: float = 0.0,
-                  timeout: float = 30.0, preempt: socket.socket | None = None) -> dict:
+                  timeout: float = 30.0, preempt: socket.socket | None = None, on_start=None) -> dict:
     """Lazy restore: preamble, STATE, LISTEN, RUN, then every page (requested ones first), EOF, SHUT.
 
     ``preempt``: a second connection to the destination for requested pages.
+    ``on_start(streamer)``: called with the PageStreamer before it sends (its progress() for a display).
     """
     t0 = time.monotonic()
     streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout, preempt=preempt)
+    if on_start is not None:
+        on_start(streamer)
     try:
         send_preamble(conn, image.blocks, streamer.migration)
         conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +

@@ -76,6 +76,11 @@ class LiveMigration:
         self.stats: dict = {}
         self.run_sent = False   # POSTCOPY_RUN handed to the kernel: the destination may be running the program
 
+    def progress(self) -> dict:
+        """The streamer's snapshot (PageStreamer.progress): its figures are of the current pre-copy
+        pass or of post-copy; in pre-copy, ``pages_left`` are the dirty pages still to send."""
+        return self.streamer.progress()
+
     def _written(self, *, reprotect: bool = True, only_clean: bool = False) -> list[list[tuple[int, int]]]:
         """Per block, the page runs written since the last scan (and, with ``reprotect``, protect them again).
 
@@ -149,6 +154,7 @@ class LiveMigration:
         if opts.postcopy_after is None and opts.precopy_passes is None:
             deadline = t0   # no pre-copy at all
         passes = streamer.precopy(deadline, self._refill, max_passes=opts.precopy_passes, stop=self.switchover)
+        streamer.phase = "switch-over"
         # every page not marked to send has been sent at least once by now,
         # except pages never reached when pass 1 was cut short
         t_switch = time.monotonic()
@@ -219,21 +225,30 @@ def shut_connections(*conns) -> bool:
 
 
 def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None, switchover=None,
-                 accept_timeout: float | None = 60.0) -> dict:
-    """``migrate --attach``: wait for the program on ``attach_path``, then migrate it to ``to``."""
+                 accept_timeout: float | None = 60.0, on_program=None, on_wait=None, on_start=None) -> dict:
+    """``migrate --attach``: wait for the program on ``attach_path``, then migrate it to ``to``.
+
+    ``on_program(program)``: once the program connected and handed over;
+    ``on_wait(seconds)``: at each retry while the destination does not listen yet;
+    ``on_start(migration)``: with the LiveMigration before it sends (its progress() for a display).
+    """
     listener = transport.listen(transport.Address("unix", path=attach_path), what="--attach")
     program = None
     try:
         if on_ready:
             on_ready()
         program = accept_program(listener, accept_timeout)
+        if on_program is not None:
+            on_program(program)
         address = transport.parse_address(to)
-        conn = transport.connect(address, timeout=opts.timeout)
+        conn = transport.connect(address, timeout=opts.timeout, on_wait=on_wait)
         preempt = None
         mig = None
         try:
             preempt = transport.connect(address, timeout=opts.timeout) if opts.preempt else None
             mig = LiveMigration(program, conn, opts, switchover=switchover, preempt=preempt)
+            if on_start is not None:
+                on_start(mig)
             with signals.guard(at_risk=lambda: "it runs on the destination and its missing pages are read "
                                                "from it here" if mig.run_sent else None,
                                wake=lambda error: shut_connections(conn, preempt)):
@@ -245,13 +260,12 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
             ran = mig is not None and mig.run_sent
             if not ran:
                 # before RUN the program is still the only copy: let it go on
-                was_paused = program.resume()
-                note = "was resumed" if was_paused else "keeps running"
+                note = program.fate(program.resume())
                 stop = signals.interruption()
                 if stop is not None and not isinstance(e, signals.Interrupted):
-                    raise signals.Interrupted(stop.signum, f" (the program {note} on the source)") from None
+                    raise signals.Interrupted(stop.signum, f" ({note})") from None
                 if isinstance(e, PostcopyError):
-                    e.args = (f"{e.args[0] if e.args else e} (the program {note} on the source)",)
+                    e.args = (f"{e.args[0] if e.args else e} ({note})",)
             raise e from None
         finally:
             if mig is not None:

@@ -52,6 +52,7 @@ class PageBook:
         self._to_send = [bytearray(b"\x01") * (b.length // TP) for b in blocks]
         self._sent = [bytearray(len(t)) for t in self._to_send] if track_sent else None
         self.remaining = sum(len(t) for t in self._to_send)   # pages to send (an upper bound, see above)
+        self.phase_pages = self.remaining   # pages to send when the phase began (see begin_phase)
         self._lock = threading.Lock()
         self._lent = False
         self._block = 0                     # background chunks: the block being walked
@@ -109,6 +110,17 @@ class PageBook:
         with self._lock:
             self.remaining = sum(t.count(1) for t in self._to_send)
             return self.remaining
+
+    def begin_phase(self) -> None:
+        """A phase (a pre-copy pass, post-copy) starts: the pages still to send now are what
+        :meth:`phase_progress` counts against."""
+        self.phase_pages = self.remaining
+
+    def phase_progress(self, served: int = 0) -> tuple[int, int]:
+        """(pages of this phase, of them sent), read without the lock (a display's snapshot);
+        ``served``: pages the native request server claimed (they leave ``remaining`` untouched)."""
+        total = self.phase_pages
+        return total, max(0, min(total, total - self.remaining + served))
 
     def mark_dirty(self, bi: int, runs: list[tuple[int, int]]) -> None:
         """Pages (first, count) of block ``bi`` written since they were sent go again."""

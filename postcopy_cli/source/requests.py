@@ -68,6 +68,12 @@ class RequestServer:
         """Bytes the server has sent so far (read without a lock: a snapshot)."""
         return self.srv.st.bytes
 
+    @property
+    def answered(self) -> tuple[int, int]:
+        """(requests, requested pages) the server has answered so far (read without a lock: a snapshot)."""
+        st = self.srv.st
+        return int(st.requests), int(st.requested_pages)
+
     def start(self, on_codec: Callable[[], None], done: Callable[[], bool]) -> None:
         """Serve in a thread until ``done()`` or :meth:`stop`.  ``on_codec()`` runs in that thread
         each time the codec has bytes from the server: it takes the decoder's events (and answers

@@ -95,6 +95,10 @@ class PageStreamer:
                       "background_pages": 0,
                       "zero_pages": 0, "bytes": 0, "pongs": 0, "preempt": preempt is not None}
         self.shut: int | None = None
+        # what progress() reports: the phase and the complete pre-copy passes
+        # (the phase's pages to send are the book's)
+        self.phase = "starting"
+        self.passes = 0
         self._shut_event = threading.Event()
         self._t0 = time.monotonic()
         self.cap = BandwidthCap(max_bandwidth, self._t0)
@@ -116,6 +120,21 @@ class PageStreamer:
             self._send(self.preempt, [codec.encode(codec.Header()),
                                       codec.encode(codec.PreemptChannel(self.migration.id))])
             self._server = RequestServer(conn, self.preempt, memory, self.book, self.cap, self.decoder)
+
+    def progress(self) -> dict:
+        """A snapshot for a live display, read from another thread without locks (counters only).
+
+        ``phase_bytes``: memory to send in this phase (or pre-copy pass), ``phase_done_bytes``:
+        of it, sent; ``pages_left``: its pages still to send (in pre-copy: dirty); ``sent_bytes``:
+        bytes on the wire in all; ``requests``: page requests answered.
+        """
+        srv = self._server
+        requests, served = srv.answered if srv is not None else (0, 0)
+        total, done = self.book.phase_progress(served)
+        return {"phase": self.phase, "pass": self.passes + 1, "phase_bytes": total * TP,
+                "phase_done_bytes": done * TP, "pages_left": total - done,
+                "sent_bytes": self.stats["bytes"] + (srv.bytes_sent if srv is not None else 0),
+                "requests": self.stats["requests"] + requests}
 
     # -- sending ---------------------------------------------------------------------
     def _send(self, lane: Lane, parts: list) -> None:
@@ -268,9 +287,11 @@ class PageStreamer:
         dirtied meanwhile (and returns nothing).  Returns the number of
         complete passes.
         """
-        self._begin_section(self.main)
-        passes = 0
         book = self.book
+        self._begin_section(self.main)
+        self.phase = "pre-copy"
+        book.begin_phase()
+        passes = 0
 
         def pass_done():
             nonlocal passes
@@ -279,6 +300,8 @@ class PageStreamer:
             if max_passes is None or passes < max_passes:
                 on_pass_end()
                 book.recount()
+                book.begin_phase()
+                self.passes = passes
 
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if max_passes is not None and passes >= max_passes:
@@ -301,6 +324,8 @@ class PageStreamer:
         book = self.book
         self.stats["background_pages"] = 0
         self._begin_section(self.main)
+        self.phase = "post-copy"
+        book.begin_phase()
         self._last_heard = time.monotonic()
         if self.preempt is None:
             while book.remaining and self.shut is None:
@@ -331,6 +356,7 @@ class PageStreamer:
                 raise PeerTimeout(f"the destination did not answer SHUT within {self.timeout:g} s of EOF")
         if self.shut != 0:
             raise DestinationRefused(self.shut)
+        self.phase = "done"
         self.stats["seconds"] = round(time.monotonic() - self._t0, 3)
         return self.stats
 
