@@ -123,13 +123,16 @@ def _settle(prog: Prog, sd) -> None:
 
 
 def _proxy(target: tuple[str, int], cut_after: int) -> tuple[socket.socket, threading.Thread]:
-    """A TCP proxy for one connection: forwards, then closes both sides once ``cut_after`` bytes went through."""
+    """A TCP proxy for one connection: forwards, then closes both sides once ``cut_after`` bytes (or a little
+    more) went through and the destination has answered on the return path (so it took the connection: a connection that
+    closes before serve-dest accepts it is refused, not a migration that broke)."""
     lst = socket.create_server(("127.0.0.1", 0))
 
     def run():
         a, _ = lst.accept()
         b = socket.create_connection(target)
         done = threading.Event()
+        answered = threading.Event()
 
         def back():
             try:
@@ -137,17 +140,18 @@ def _proxy(target: tuple[str, int], cut_after: int) -> tuple[socket.socket, thre
                     d = b.recv(65536)
                     if not d:
                         break
+                    answered.set()
                     a.sendall(d)
             except OSError:
                 pass
         threading.Thread(target=back, daemon=True).start()
         sent = 0
         try:
-            while sent < cut_after:
+            while sent < cut_after or not answered.is_set():
                 d = a.recv(65536)
                 if not d:
                     break
-                b.sendall(d[:cut_after - sent])
+                b.sendall(d)
                 sent += len(d)
         finally:
             done.set()
