@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .. import codec
 from .._native import ffi, lib
-from ..errors import PeerTimeout, PostcopyError, ProtocolError
+from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
 from ..channels.control import ControlReader
 from ..channels.handover import Handover, HandshakeError
 from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise, relock, unlock_if_locked
@@ -488,6 +488,10 @@ class Destination:
         lib.pc_dest_get_stats(self.native, raw)
         if raw.first_error:
             self.check_program()
+            if raw.first_error in (errno.EPIPE, errno.ECONNRESET):
+                # a page request met the closed return path before the stream's EOF did
+                raise PeerDisconnected(f"the source connection failed while a page request was sent: "
+                                       f"{os.strerror(raw.first_error)}")
             raise PostcopyError(f"the fault thread failed: {os.strerror(raw.first_error)}")
 
     def _finish(self, decoder) -> DestinationResult:
