@@ -40,7 +40,8 @@ import time
 
 PAGE = 4096
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+# the installed postcopy_cli (pip install .), as the children run it: a source tree is not built
+from postcopy_cli.selftest import harness  # noqa: E402
 from postcopy_cli.selftest.harness import NotListening, read_listening  # noqa: E402
 
 GOAL_TOTAL_S = 1.5          # whole 1 GiB restored (scaled linearly for other sizes)
@@ -86,9 +87,9 @@ _CHILD_ENV: dict | None = None
 REV_DESC = "working tree"
 
 
-def child_env() -> dict | None:
-    """Environment for the `postcopy` children (None: inherit)."""
-    return _CHILD_ENV
+def child_env() -> dict:
+    """Environment for the `postcopy` children: the postcopy_cli this script imported, or --rev's export."""
+    return _CHILD_ENV if _CHILD_ENV is not None else harness.child_env()
 
 
 def listening_port(sd: subprocess.Popen, stdout_path: str, timeout: float = 20) -> int:
