@@ -7,7 +7,9 @@
  * the RECV_BITMAP the source may ask for). Bits are updated atomically: the
  * fault thread and the placing thread run concurrently. */
 #include "dest.h"
+#include "io.h"
 #include "pagesize.h"
+#include "wire.h"
 #include <poll.h>
 #include <stdlib.h>
 #include <stdio.h>
@@ -17,13 +19,6 @@
 
 #define TP PC_TARGET_PAGE_SIZE
 #define TP_SHIFT 12
-
-static uint64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
-}
 
 static int bit_test(const uint64_t *map, uint64_t i)
 {
@@ -202,75 +197,39 @@ static void record_latency(struct pc_dest *d, uint64_t ns)
 }
 
 /* ---- return path ---- */
-static int send_all(int fd, const uint8_t *buf, size_t len)
-{
-    while (len) {
-        ssize_t w = send(fd, buf, len, MSG_NOSIGNAL);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN) {   /* Python may have made the socket non-blocking */
-                struct pollfd p = { fd, POLLOUT, 0 };
-                if (poll(&p, 1, 30000) == 0)
-                    return -ETIMEDOUT;
-                continue;
-            }
-            return -errno;
-        }
-        buf += w;
-        len -= (size_t)w;
-    }
-    return 0;
-}
-
 int pc_dest_rp_send(struct pc_dest *d, const uint8_t *buf, size_t len)
 {
     pthread_mutex_lock(&d->rp_lock);
-    int r = d->rp_fd < 0 ? -ENOTCONN : send_all(d->rp_fd, buf, len);
+    int r = d->rp_fd < 0 ? -ENOTCONN : pc_send_all(d->rp_fd, buf, len);
     pthread_mutex_unlock(&d->rp_lock);
     return r;
 }
 
-static void put_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = (uint8_t)v; }
-static void put_be32(uint8_t *p, uint32_t v) { for (int i = 3; i >= 0; i--, v >>= 8) p[i] = (uint8_t)v; }
-static void put_be64(uint8_t *p, uint64_t v) { for (int i = 7; i >= 0; i--, v >>= 8) p[i] = (uint8_t)v; }
-
-/* QEMU's MIG_RP_MSG_REQ_PAGES_ID (3): be64 start, be32 len, u8 n, name;
- * MIG_RP_MSG_REQ_PAGES (4): be64 start, be32 len, same block as the last one.
- * Caller holds rp_lock. Returns bytes written to out (room for 4+13+255). */
+/* A request for the page at off of block, naming the block unless the last
+ * request did. Caller holds rp_lock. Returns bytes written to out (room for
+ * PC_WIRE_REQ_MAX). */
 static size_t encode_request(struct pc_dest *d, int block, uint64_t off, uint8_t *out)
 {
     const struct pc_dest_block *b = &d->blocks[block];
-    if (block == d->last_rp_block) {
-        put_be16(out, 4);
-        put_be16(out + 2, 12);
-        put_be64(out + 4, off);
-        put_be32(out + 12, (uint32_t)b->page_size);
-        return 16;
-    }
+    if (block == d->last_rp_block)
+        return pc_wire_req_pages(out, off, (uint32_t)b->page_size, NULL, 0);
     d->last_rp_block = block;
-    put_be16(out, 3);
-    put_be16(out + 2, (uint16_t)(13 + b->name_len));
-    put_be64(out + 4, off);
-    put_be32(out + 12, (uint32_t)b->page_size);
-    out[16] = b->name_len;
-    memcpy(out + 17, b->name, b->name_len);
-    return 17 + b->name_len;
+    return pc_wire_req_pages(out, off, (uint32_t)b->page_size, b->name, b->name_len);
 }
 
 static int send_requests(struct pc_dest *d, const uint64_t *reqs, size_t n)
 {
-    uint8_t buf[64 * 272];
+    uint8_t buf[64 * PC_WIRE_REQ_MAX];
     size_t i = 0;
     int r = 0;
     pthread_mutex_lock(&d->rp_lock);
     while (i < n && r == 0) {
         size_t len = 0;
-        for (; i < n && len + 272 <= sizeof buf; i++) {
+        for (; i < n && len + PC_WIRE_REQ_MAX <= sizeof buf; i++) {
             int block = (int)(reqs[i] >> 56);
             len += encode_request(d, block, reqs[i] & ((1ULL << 56) - 1), buf + len);
         }
-        r = send_all(d->rp_fd, buf, len);
+        r = pc_send_all(d->rp_fd, buf, len);
     }
     pthread_mutex_unlock(&d->rp_lock);
     if (r == 0)
@@ -416,7 +375,7 @@ int pc_dest_fault_loop(struct pc_dest *d)
             note_error(d, errno);
             return -errno;
         }
-        uint64_t t = now_ns();
+        uint64_t t = pc_now_ns();
         size_t nreq = 0;
         pthread_mutex_lock(&d->state_lock);
         for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
@@ -562,12 +521,12 @@ static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t
         int64_t placed;
         int rc = place_nowake(d, addr + done, src ? src + done : NULL, len - done, &placed);
         if (rc == 0) {
-            account(d, block, off + done, len - done, now_ns(), src == NULL);
+            account(d, block, off + done, len - done, pc_now_ns(), src == NULL);
             return 0;
         }
         int err = -rc;
         if (placed > 0) {   /* partial: account for what went in, carry on after it */
-            account(d, block, off + done, (uint64_t)placed, now_ns(), src == NULL);
+            account(d, block, off + done, (uint64_t)placed, pc_now_ns(), src == NULL);
             done += (uint64_t)placed;
         }
         if (err == EAGAIN || err == EINTR)
@@ -578,7 +537,7 @@ static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t
         for (uint64_t o = done; o < len; o += page_size) {
             int e = -place_nowake(d, addr + o, src ? src + o : NULL, page_size, &placed);
             if (e == 0) {
-                account(d, block, off + o, page_size, now_ns(), src == NULL);
+                account(d, block, off + o, page_size, pc_now_ns(), src == NULL);
             } else if (e == EEXIST) {
                 if (d->overwrite_ok) {
                     static const uint8_t zeros[TP];
@@ -587,7 +546,7 @@ static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t
                         w = overwrite(d, addr + o + q, src ? src + o + q : zeros, TP);
                     if (w)
                         return w;
-                    account(d, block, off + o, page_size, now_ns(), src == NULL);
+                    account(d, block, off + o, page_size, pc_now_ns(), src == NULL);
                 } else {
                     __atomic_fetch_add(&d->st.skipped_pages, page_size / TP, __ATOMIC_RELAXED);
                 }
@@ -612,7 +571,7 @@ static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, 
             memcpy((void *)(uintptr_t)addr, src, len);
         else
             memset((void *)(uintptr_t)addr, 0, len);
-        account(d, block, off, len, now_ns(), src == NULL);
+        account(d, block, off, len, pc_now_ns(), src == NULL);
         return 0;
     }
     int r = place_run_nowake(d, block, off, addr, src, len);
