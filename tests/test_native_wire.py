@@ -176,7 +176,7 @@ def encode_first(rec):
 
 
 class Dest:
-    """The destination's placement (native/dest.c, stream.c) on its own unregistered memory."""
+    """The destination's placement (native/dest.c, dest_pump.c) on its own unregistered memory."""
 
     def __init__(self, blocks):
         self.d = ffi.gc(lib.pc_dest_new(-1, -1, 0), lib.pc_dest_free)
