@@ -1,4 +1,5 @@
-/* The destination's native half: the fault thread and page placement.
+/* The destination's native half: set-up, the return path and the phase here;
+ * the fault thread in dest_faults.c, page placement in dest_place.c.
  *
  * Both run with the GIL released (cffi API mode), so a fault is served while
  * Python code runs, and nothing here ever touches registered memory itself.
