@@ -1,5 +1,6 @@
 #include <string.h>
 #include "bitmap.h"
+#include "wire.h"
 
 /* 64 bits of the bitmap starting at bit wi*64, bits >= nbits cleared. */
 static inline uint64_t load_word(const uint8_t *bm, uint64_t nbits, uint64_t wi)
@@ -61,26 +62,12 @@ size_t pc_bitmap_runs(const uint8_t *bitmap, uint64_t nbits, uint64_t *pos,
     return n;
 }
 
-static inline void put_be16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static inline void put_be64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--) {
-        p[i] = (uint8_t)v;
-        v >>= 8;
-    }
-}
-
 size_t pc_discard_encode(const uint8_t *bitmap, uint64_t nbits, uint64_t *pos,
                          const uint8_t *name, size_t name_len, uint64_t page_size,
                          size_t max_per_cmd, uint8_t *out, size_t out_cap,
                          uint64_t *stats)
 {
-    size_t head = 5 + 3 + name_len;
+    size_t head = pc_wire_discard_head_len(name_len);
     size_t full = head + 16 * max_per_cmd;
     size_t w = 0;
     uint64_t p = *pos;
@@ -97,8 +84,7 @@ size_t pc_discard_encode(const uint8_t *bitmap, uint64_t nbits, uint64_t *pos,
                 break;
             }
             uint64_t e = find_next(bitmap, nbits, s, 0);
-            put_be64(r, s * page_size);
-            put_be64(r + 8, (e - s) * page_size);
+            pc_wire_discard_range(r, s * page_size, (e - s) * page_size);
             r += 16;
             stats[1] += e - s;
             k++;
@@ -106,13 +92,7 @@ size_t pc_discard_encode(const uint8_t *bitmap, uint64_t nbits, uint64_t *pos,
         }
         if (k == 0)
             break;
-        cmd[0] = 0x08;
-        put_be16(cmd + 1, 6);
-        put_be16(cmd + 3, (uint16_t)(3 + name_len + 16 * k));
-        cmd[5] = 0;
-        cmd[6] = (uint8_t)name_len;
-        memcpy(cmd + 7, name, name_len);
-        cmd[7 + name_len] = 0;
+        pc_wire_discard_head(cmd, name, name_len, k);
         w += head + 16 * k;
         stats[0] += k;
         stats[2] += 1;

@@ -1,11 +1,12 @@
 /* The source's request server: reads page requests from the return path and
  * answers each at once on the preempt channel, with the GIL released. It
- * takes only well-formed MIG_RP_MSG_REQ_PAGES_ID / REQ_PAGES (QEMU's
- * layouts: be16 type, be16 len, be64 start, be32 len[, u8 n, name]); any
- * other message, or one it would refuse, goes back to the codec in Python,
+ * takes only well-formed MIG_RP_MSG_REQ_PAGES_ID / REQ_PAGES (layouts in
+ * wire.h); any other message, or one it would refuse, goes back to the codec in Python,
  * which decodes it or names exactly what is wrong. */
 #include "source.h"
+#include "io.h"
 #include "pagesize.h"
+#include "wire.h"
 #include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -13,8 +14,6 @@
 
 #define TP PC_TARGET_PAGE_SIZE
 #define READBUF (2u << 20)
-#define RP_REQ_PAGES_ID 3
-#define RP_REQ_PAGES 4
 
 struct pc_src *pc_src_new(int rp_fd, int out_fd, int quit_fd, int pid)
 {
@@ -72,10 +71,6 @@ int pc_src_add_segment(struct pc_src *s, int block, uint64_t offset, uint64_t ad
     return 0;
 }
 
-static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
-static uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
-
 /* the block's bytes [off, off+len) in our memory: the block's own mapping,
  * or read from the program into readbuf; NULL on failure (errno set) */
 static const uint8_t *block_bytes(struct pc_src *s, int block, uint64_t off, uint64_t len)
@@ -105,13 +100,6 @@ static const uint8_t *block_bytes(struct pc_src *s, int block, uint64_t off, uin
     return s->readbuf;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
-}
-
 double pc_cap_ahead(const struct pc_cap *cap, uint64_t bytes, uint64_t now_ns)
 {
     if (cap->max_bandwidth <= 0)
@@ -128,7 +116,7 @@ static void within_cap(struct pc_src *s)
 {
     if (!s->cap)
         return;
-    double ahead = pc_cap_ahead(s->cap, __atomic_load_n(&s->st.bytes, __ATOMIC_RELAXED), now_ns());
+    double ahead = pc_cap_ahead(s->cap, __atomic_load_n(&s->st.bytes, __ATOMIC_RELAXED), pc_now_ns());
     if (ahead > 0) {
         struct timespec t = { (time_t)ahead, (long)((ahead - (double)(time_t)ahead) * 1e9) };
         nanosleep(&t, NULL);
@@ -171,40 +159,27 @@ static int drain(struct pc_src *s)
 {
     uint32_t pos = 0;
     int r = 0;
-    while (s->rlen - pos >= 4) {
-        const uint8_t *m = s->rbuf + pos;
-        uint16_t type = be16(m), len = be16(m + 2);
-        if (type != RP_REQ_PAGES_ID && type != RP_REQ_PAGES) {
-            r = PC_SERVE_CODEC;
-            break;
-        }
-        if (s->rlen - pos < 4u + len)
+    for (;;) {
+        struct pc_wire_req q;
+        int64_t n = pc_wire_req_decode(s->rbuf + pos, s->rlen - pos, &q);
+        if (n == 0)
             break;   /* partial: wait for the rest */
-        int block = s->last_block;
-        if (type == RP_REQ_PAGES_ID) {
-            block = -1;
-            if (len >= 14 && m[16] == len - 13)
-                for (int i = 0; i < s->nblocks; i++)
-                    if (s->blocks[i].name_len == m[16] && !memcmp(s->blocks[i].name, m + 17, m[16]))
-                        block = i;
-        } else if (len != 12) {
-            block = -1;
+        int block = -1;
+        if (n > 0 && !q.name) {
+            block = s->last_block;
+        } else if (n > 0) {
+            for (int i = 0; i < s->nblocks; i++)
+                if (s->blocks[i].name_len == q.name_len && !memcmp(s->blocks[i].name, q.name, q.name_len))
+                    block = i;
         }
-        if (block < 0) {
-            r = PC_SERVE_CODEC;
-            break;
-        }
-        const struct pc_src_block *b = &s->blocks[block];
-        uint64_t start = be64(m + 4), rlen = be32(m + 12);
-        if (start % b->page_size || rlen == 0 || rlen % b->page_size || start > b->length ||
-            rlen > b->length - start) {
+        if (block < 0 || !pc_wire_req_fits(&q, s->blocks[block].page_size, s->blocks[block].length)) {
             r = PC_SERVE_CODEC;   /* the codec names what is wrong */
             break;
         }
         s->last_block = block;
         __atomic_fetch_add(&s->st.requests, 1, __ATOMIC_RELAXED);
-        int e = answer(s, block, start, rlen);
-        pos += 4u + len;
+        int e = answer(s, block, q.start, q.len);
+        pos += (uint32_t)n;
         if (e) {
             r = e;
             break;

@@ -1,7 +1,7 @@
 #ifndef POSTCOPY_SOURCE_H
 #define POSTCOPY_SOURCE_H
 #include "compat.h"
-#include "stream.h"
+#include "src_send.h"
 
 #define PC_SRC_MAX_BLOCKS 256
 

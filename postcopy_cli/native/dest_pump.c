@@ -1,28 +1,14 @@
-/* RAM-section fast paths. Record layout (QEMU's ram_save_page): be64
- * offset|flags, flags in the low bits (ZERO 0x02, PAGE 0x08, CONTINUE 0x20);
- * PAGE carries 4096 bytes, ZERO one byte that must be 0. */
-#include "stream.h"
+/* The destination's RAM-section fast path: the bulk of a section, runs of
+ * PAGE|CONTINUE and ZERO|CONTINUE records (layouts in wire.h). */
+#include "dest_pump.h"
 #include "pagesize.h"
+#include "wire.h"
 #include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
-#include <sys/uio.h>
 
 #define TP PC_TARGET_PAGE_SIZE
-#define F_ZERO 0x02
-#define F_PAGE 0x08
-#define F_CONT 0x20
 #define RUN_MAX 256   /* pages per placement: UFFDIO_COPY of 64 KiB+ is ~14x faster per byte */
-
-static uint64_t get_be64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, 8);
-    return __builtin_bswap64(v);
-}
-
-/* defined in dest.c */
-int pc_dest_place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *data, uint64_t len);
 
 static __thread uint8_t *staging;
 
@@ -42,17 +28,16 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
 #define FLUSH_ZEROS() do { if (zero_n) { r = pc_dest_place_zero(d, block, zero_off, zero_n * TP); \
         if (r) { out->error = r; out->error_offset = zero_off; } zero_n = 0; } } while (0)
     while (!out->error) {
-        if (len - pos < 8) {
+        uint64_t off;
+        unsigned kind;
+        int64_t n = pc_wire_ram_continue(buf + pos, len - pos, blen, &off, &kind);
+        if (n == 0)
             break;
-        }
-        uint64_t v = get_be64(buf + pos), flags = v & 0xFFF, off = v & ~0xFFFULL;
-        if (off >= blen) {
+        if (n == PC_WIRE_CODEC) {
             out->stop = 1;
             break;
         }
-        if (flags == (F_PAGE | F_CONT)) {
-            if (len - pos < 8 + TP)
-                break;
+        if (kind == PC_RAM_PAGE) {
             FLUSH_ZEROS();
             if (run_n && (off != run_off + run_n * TP || run_n == RUN_MAX))
                 FLUSH_PAGES();
@@ -62,14 +47,7 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
                 run_off = off;
             memcpy(staging + run_n * TP, buf + pos + 8, TP);
             run_n++;
-            pos += 8 + TP;
-        } else if (flags == (F_ZERO | F_CONT)) {
-            if (len - pos < 9)
-                break;
-            if (buf[pos + 8] != 0) {   /* a non-zero fill byte: the codec refuses it */
-                out->stop = 1;
-                break;
-            }
+        } else {
             FLUSH_PAGES();
             if (zero_n && (off != zero_off + zero_n * TP || zero_n == RUN_MAX))
                 FLUSH_ZEROS();
@@ -78,11 +56,8 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
             if (!zero_n)
                 zero_off = off;
             zero_n++;
-            pos += 9;
-        } else {
-            out->stop = 1;
-            break;
         }
+        pos += (uint64_t)n;
         out->records++;
         out->consumed = pos;
     }
@@ -163,114 +138,4 @@ int pc_dest_pump(struct pc_dest *d, int fd, int wake_fd, int block, uint8_t *buf
     out->consumed = consumed;
     out->records = records;
     return r;
-}
-
-static int page_is_zero(const uint8_t *p)
-{
-    const uint64_t *w = (const uint64_t *)p;
-    for (size_t i = 0; i < TP / 8; i += 4)
-        if (w[i] | w[i + 1] | w[i + 2] | w[i + 3])
-            return 0;
-    return 1;
-}
-
-static void put_be64(uint8_t *p, uint64_t v)
-{
-    v = __builtin_bswap64(v);
-    memcpy(p, &v, 8);
-}
-
-static int64_t writev_all(int fd, struct iovec *iov, int n)
-{
-    int64_t total = 0;
-    while (n > 0) {
-        ssize_t w = writev(fd, iov, n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN) {
-                struct pollfd p = { fd, POLLOUT, 0 };
-                if (poll(&p, 1, 30000) == 0)
-                    return -ETIMEDOUT;
-                continue;
-            }
-            return -errno;
-        }
-        total += w;
-        while (n > 0 && (size_t)w >= iov->iov_len) {
-            w -= (ssize_t)iov->iov_len;
-            iov++;
-            n--;
-        }
-        if (n > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + w;
-            iov->iov_len -= (size_t)w;
-        }
-    }
-    return total;
-}
-
-int64_t pc_src_send_pages(int fd, const uint8_t *data, uint64_t offset, uint64_t npages,
-                          const char *name, uint64_t *zero_pages)
-{
-    enum { BATCH = 256 };
-    static const uint8_t zero_byte = 0;
-    uint8_t hdr[BATCH][8 + 1 + 255];
-    struct iovec iov[2 * BATCH];
-    int64_t total = 0;
-    *zero_pages = 0;
-    for (uint64_t i = 0; i < npages;) {
-        int n = 0;
-        for (int k = 0; k < BATCH && i < npages; k++, i++) {
-            const uint8_t *page = data + i * TP;
-            int zero = page_is_zero(page);
-            uint64_t flags = zero ? F_ZERO : F_PAGE;
-            size_t hl = 8;
-            if (name && i == 0) {
-                size_t nl = strlen(name);
-                put_be64(hdr[k], (offset + i * TP) | flags);
-                hdr[k][8] = (uint8_t)nl;
-                memcpy(hdr[k] + 9, name, nl);
-                hl = 9 + nl;
-            } else {
-                put_be64(hdr[k], (offset + i * TP) | flags | F_CONT);
-            }
-            iov[n].iov_base = hdr[k];
-            iov[n++].iov_len = hl;
-            if (zero) {
-                iov[n].iov_base = (void *)&zero_byte;
-                iov[n++].iov_len = 1;
-                (*zero_pages)++;
-            } else {
-                iov[n].iov_base = (void *)page;
-                iov[n++].iov_len = TP;
-            }
-        }
-        int64_t w = writev_all(fd, iov, n);
-        if (w < 0)
-            return w;
-        total += w;
-    }
-    return total;
-}
-
-/* Read len bytes at addr of process pid into buf (process_vm_readv(2): the
- * pages are pinned and copied in batches, no per-page syscall). Returns
- * bytes read or -errno. */
-int64_t pc_proc_read(int pid, uint64_t addr, uint8_t *buf, uint64_t len)
-{
-    uint64_t done = 0;
-    while (done < len) {
-        struct iovec l = { buf + done, len - done }, r = { (void *)(uintptr_t)(addr + done), len - done };
-        ssize_t n = process_vm_readv(pid, &l, 1, &r, 1, 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return done ? (int64_t)done : -errno;
-        }
-        if (n == 0)
-            break;
-        done += (uint64_t)n;
-    }
-    return (int64_t)done;
 }

@@ -1,5 +1,5 @@
-#ifndef POSTCOPY_STREAM_H
-#define POSTCOPY_STREAM_H
+#ifndef POSTCOPY_DEST_PUMP_H
+#define POSTCOPY_DEST_PUMP_H
 #include "compat.h"
 #include "dest.h"
 
@@ -19,12 +19,4 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
 #define PC_PUMP_WAKE 4
 int pc_dest_pump(struct pc_dest *d, int fd, int wake_fd, int block, uint8_t *buf, uint64_t cap, uint64_t *start,
                  uint64_t *end, int timeout_ms, struct pc_ram_fast *out);
-
-/* Source: send `npages` target pages of block memory at `data` (block offset
- * `offset`) as RAM records, zero pages as ZERO records; the first record names
- * the block when `name` is non-NULL, the rest carry CONTINUE. Returns bytes
- * written or -errno; *zero_pages counts ZERO records. */
-int64_t pc_proc_read(int pid, uint64_t addr, uint8_t *buf, uint64_t len);
-int64_t pc_src_send_pages(int fd, const uint8_t *data, uint64_t offset, uint64_t npages,
-                          const char *name, uint64_t *zero_pages);
 #endif

@@ -1,0 +1,208 @@
+/* The destination's fault thread: reads the userfaultfd, turns faults into
+ * page requests (or serves them at once), and keeps the in-flight table of
+ * requested pages for the latency figures. */
+#include "dest_internal.h"
+#include "io.h"
+#include <poll.h>
+#include <stdlib.h>
+
+static const struct pc_dest_seg *seg_by_addr(const struct pc_dest *d, uint64_t addr)
+{
+    int lo = 0, hi = d->nsegs - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        const struct pc_dest_seg *s = &d->segs[mid];
+        if (addr < s->addr)
+            hi = mid - 1;
+        else if (addr >= s->addr + s->size)
+            lo = mid + 1;
+        else
+            return s;
+    }
+    return NULL;
+}
+
+/* ---- in-flight requests: page key -> time the fault was read ---- */
+
+static void inflight_put(struct pc_dest *d, uint64_t key, uint64_t t)
+{
+    size_t mask = d->inflight_cap - 1, h = (key * 0x9E3779B97F4A7C15ULL) >> 40;
+    for (size_t n = 0; n < 64; n++, h++) {
+        struct pc_inflight *e = &d->inflight[h & mask];
+        uint64_t expect = 0;
+        /* claim the slot, fill it, then publish the key */
+        if (__atomic_compare_exchange_n(&e->key, &expect, UINT64_MAX, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&e->t_ns, t, __ATOMIC_RELEASE);
+            __atomic_store_n(&e->key, key, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+    /* table crowded: this request goes unmeasured */
+}
+
+/* 1 if the page was requested (its entry is removed); *t gets the time the
+ * fault was read (0 for a request the table had no room to measure) */
+int inflight_take(struct pc_dest *d, uint64_t key, uint64_t *t)
+{
+    size_t mask = d->inflight_cap - 1, h = (key * 0x9E3779B97F4A7C15ULL) >> 40;
+    for (size_t n = 0; n < 64; n++, h++) {
+        struct pc_inflight *e = &d->inflight[h & mask];
+        if (__atomic_load_n(&e->key, __ATOMIC_ACQUIRE) == key) {
+            *t = __atomic_exchange_n(&e->t_ns, 0, __ATOMIC_ACQ_REL);
+            __atomic_store_n(&e->key, 0, __ATOMIC_RELEASE);
+            return 1;
+        }
+    }
+    *t = 0;
+    return 0;
+}
+
+static void note_error(struct pc_dest *d, int err)
+{
+    int64_t zero = 0;
+    __atomic_compare_exchange_n(&d->st.first_error, &zero, (int64_t)err, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+/* ---- the fault thread ---- */
+int wake_range(struct pc_dest *d, uint64_t addr, uint64_t len)
+{
+    struct uffdio_range r = { addr, len };
+    return ioctl(d->uffd, UFFDIO_WAKE, &r) ? -errno : 0;
+}
+
+/* A fault on a page we already placed: either a message read after the page
+ * went in (the UFFDIO_COPY woke the thread already) or a page the program
+ * dropped since (MADV_DONTNEED -> UFFD_EVENT_REMOVE), which reads as zeros. */
+void serve_late_fault(struct pc_dest *d, const struct pc_dest_block *b, uint64_t addr)
+{
+    struct uffdio_zeropage z = { { addr, b->page_size }, 0, 0 };
+    if (b->page_size == TP && ioctl(d->uffd, UFFDIO_ZEROPAGE, &z) == 0)
+        return;
+    if (b->page_size != TP) {
+        /* UFFDIO_ZEROPAGE is not allowed on hugetlbfs: copy a zero page */
+        void *zero = calloc(1, b->page_size);
+        if (zero) {
+            struct uffdio_copy c = { addr, (uint64_t)(uintptr_t)zero, b->page_size, 0, 0 };
+            int ok = ioctl(d->uffd, UFFDIO_COPY, &c) == 0;
+            free(zero);
+            if (ok)
+                return;
+        }
+    }
+    /* EEXIST: present now (the copy already woke it); anything else: wake it
+     * so that it faults again rather than sleeping forever */
+    wake_range(d, addr, b->page_size);
+}
+
+static void drop_range(struct pc_dest *d, uint64_t start, uint64_t end)
+{
+    /* a discard the source asked for: those pages are about to be sent again */
+    if (__atomic_load_n(&d->discarding, __ATOMIC_ACQUIRE))
+        return;
+    /* the program dropped [start, end): those pages now read as zeros and
+     * the source's copy of them must not be placed */
+    for (uint64_t a = start; a < end;) {
+        const struct pc_dest_seg *s = seg_by_addr(d, a);
+        if (!s) {
+            a = (a | (TP - 1)) + 1;
+            continue;
+        }
+        uint64_t stop = end < s->addr + s->size ? end : s->addr + s->size;
+        struct pc_dest_block *b = &d->blocks[s->block];
+        for (uint64_t p = a; p < stop; p += TP) {
+            uint64_t page = (s->offset + (p - s->addr)) >> TP_SHIFT;
+            if (!bit_test_and_set(b->received, page)) {
+                __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
+                __atomic_fetch_add(&d->st.removed_pages, 1, __ATOMIC_RELAXED);
+            }
+        }
+        a = stop;
+    }
+}
+
+int pc_dest_fault_loop(struct pc_dest *d)
+{
+    struct uffd_msg msgs[64];
+    uint64_t reqs[64];
+    struct pollfd p[2] = { { d->uffd, POLLIN, 0 }, { d->quit_fd, POLLIN, 0 } };
+    for (;;) {
+        int r = poll(p, 2, -1);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            note_error(d, errno);
+            return -errno;
+        }
+        if (p[1].revents)
+            return 0;
+        if (p[0].revents & POLLERR) {
+            note_error(d, EBADF);
+            return -EBADF;
+        }
+        ssize_t n = read(d->uffd, msgs, sizeof msgs);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            note_error(d, errno);
+            return -errno;
+        }
+        uint64_t t = pc_now_ns();
+        size_t nreq = 0;
+        pthread_mutex_lock(&d->state_lock);
+        for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
+            struct uffd_msg *m = &msgs[i];
+            if (m->event == UFFD_EVENT_PAGEFAULT) {
+                uint64_t addr = m->arg.pagefault.address;
+                d->st.faults++;
+                const struct pc_dest_seg *s = seg_by_addr(d, addr);
+                if (!s) {
+                    d->st.unknown_faults++;
+                    continue;
+                }
+                struct pc_dest_block *b = &d->blocks[s->block];
+                uint64_t off = (s->offset + (addr - s->addr)) & ~(b->page_size - 1);
+                uint64_t host = s->addr + (off - s->offset);
+                if (bit_test(b->received, off >> TP_SHIFT)) {
+                    d->st.late_faults++;
+                    serve_late_fault(d, b, host);
+                } else if (bit_test_and_set(b->requested, off >> TP_SHIFT)) {
+                    d->st.duplicate_faults++;
+                } else {
+                    inflight_put(d, key_of(s->block, off), t);
+                    uint64_t req = ((uint64_t)s->block << 56) | off;
+                    if (!d->requests_enabled) {
+                        if (d->npending == d->cap_pending) {
+                            size_t cap = d->cap_pending ? d->cap_pending * 2 : 256;
+                            uint64_t *np = realloc(d->pending, cap * sizeof *np);
+                            if (!np) {
+                                note_error(d, ENOMEM);
+                                continue;
+                            }
+                            d->pending = np;
+                            d->cap_pending = cap;
+                        }
+                        d->pending[d->npending++] = req;
+                    } else {
+                        reqs[nreq++] = req;
+                    }
+                }
+            } else if (m->event == UFFD_EVENT_REMOVE || m->event == UFFD_EVENT_UNMAP) {
+                if (m->event == UFFD_EVENT_UNMAP)
+                    d->st.events_other++;
+                drop_range(d, m->arg.remove.start, m->arg.remove.end);
+            } else if (m->event == UFFD_EVENT_FORK) {
+                /* a child's uffd installed in our table: we do not serve forks */
+                close((int)m->arg.fork.ufd);
+                d->st.events_other++;
+            } else {
+                d->st.events_other++;
+            }
+        }
+        if (nreq) {
+            int e = send_requests(d, reqs, nreq);
+            if (e)
+                note_error(d, -e);
+        }
+        pthread_mutex_unlock(&d->state_lock);
+    }
+}

@@ -1,0 +1,295 @@
+/* The destination's placement: pages into the program's memory (UFFDIO_COPY,
+ * UFFDIO_ZEROPAGE, or plain writes before registration and before RUN) and
+ * the page bitmaps that record them. */
+#include "dest_internal.h"
+#include "io.h"
+#include <stdlib.h>
+#include <sys/uio.h>
+#include <time.h>
+
+/* host address of block offset, and how many bytes from there stay in one segment */
+static uint64_t host_addr(const struct pc_dest *d, int block, uint64_t off, uint64_t *room)
+{
+    for (int i = 0; i < d->nsegs; i++) {
+        const struct pc_dest_seg *s = &d->segs[i];
+        if (s->block == block && off >= s->offset && off < s->offset + s->size) {
+            *room = s->offset + s->size - off;
+            return s->addr + (off - s->offset);
+        }
+    }
+    *room = 0;
+    return 0;
+}
+
+static void record_latency(struct pc_dest *d, uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    int b = 0;
+    while (b < PC_HIST_BUCKETS - 1 && (1ULL << b) <= us)
+        b++;
+    __atomic_fetch_add(&d->st.hist[b], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&d->st.blocktime_ns, ns, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&d->st.latency_samples, 1, __ATOMIC_RELAXED);
+}
+
+/* ---- placement ---- */
+static int overwrite(struct pc_dest *d, uint64_t addr, const uint8_t *src, uint64_t len)
+{
+    if (d->pid == 0) {
+        memcpy((void *)(uintptr_t)addr, src, len);
+        return 0;
+    }
+    struct iovec l = { (void *)src, len }, r = { (void *)(uintptr_t)addr, len };
+    ssize_t w = process_vm_writev(d->pid, &l, 1, &r, 1, 0);
+    return w == (ssize_t)len ? 0 : -(w < 0 ? errno : EIO);
+}
+
+/* place [addr, addr+len) from src (src NULL: zeros); returns 0 or -errno */
+static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, uint64_t t, int zero)
+{
+    struct pc_dest_block *b = &d->blocks[block];
+    for (uint64_t o = off; o < off + len; o += b->page_size) {
+        uint64_t t0;
+        if (inflight_take(d, key_of(block, o), &t0)) {
+            if (t0)
+                record_latency(d, t > t0 ? t - t0 : 0);
+            __atomic_fetch_add(&d->st.demand_pages, b->page_size / TP, __ATOMIC_RELAXED);
+        } else if (__atomic_load_n(&d->overwrite_ok, __ATOMIC_RELAXED)) {
+            /* before RUN: a pre-copy page */
+            __atomic_fetch_add(&d->st.precopy_pages, b->page_size / TP, __ATOMIC_RELAXED);
+        } else {
+            __atomic_fetch_add(&d->st.background_pages, b->page_size / TP, __ATOMIC_RELAXED);
+        }
+        for (uint64_t q = o; q < o + b->page_size; q += TP) {
+            if (!bit_test_and_set(b->received, q >> TP_SHIFT))
+                __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
+        }
+    }
+    if (zero)
+        __atomic_fetch_add(&d->st.zero_pages, len / TP, __ATOMIC_RELAXED);
+}
+
+/* A test hook: sleep between placing pages and accounting for them (0: off). */
+static void test_pause(const struct pc_dest *d)
+{
+    uint64_t ns = __atomic_load_n(&d->test_place_delay_ns, __ATOMIC_RELAXED);
+    if (ns) {
+        struct timespec t = { (time_t)(ns / 1000000000ULL), (long)(ns % 1000000000ULL) };
+        nanosleep(&t, NULL);
+    }
+}
+
+/* UFFDIO_COPY / UFFDIO_ZEROPAGE of [addr, addr+len) without waking the
+ * faulting threads; 0 or -errno, *placed the bytes that went in */
+static int place_nowake(struct pc_dest *d, uint64_t addr, const uint8_t *src, uint64_t len, int64_t *placed)
+{
+    int rc;
+    if (src) {
+        struct uffdio_copy c = { addr, (uint64_t)(uintptr_t)src, len, UFFDIO_COPY_MODE_DONTWAKE, 0 };
+        rc = ioctl(d->uffd, UFFDIO_COPY, &c);
+        *placed = c.copy;
+    } else {
+        struct uffdio_zeropage z = { { addr, len }, UFFDIO_ZEROPAGE_MODE_DONTWAKE, 0 };
+        rc = ioctl(d->uffd, UFFDIO_ZEROPAGE, &z);
+        *placed = z.zeropage;
+    }
+    if (rc == 0) {
+        *placed = (int64_t)len;
+        test_pause(d);
+        return 0;
+    }
+    int err = errno;
+    if (*placed > 0)
+        test_pause(d);
+    return -err;
+}
+
+/* Place [off, off+len) of a block at host addr from src (NULL: zeros) and
+ * account for what went in, without waking the faulting threads (see
+ * place_run); returns 0 or -errno. A page found present (EEXIST) was placed
+ * by the other channel meanwhile (or, before RUN, is overwritten). */
+static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t addr, const uint8_t *src,
+                            uint64_t len)
+{
+    uint64_t page_size = d->blocks[block].page_size;
+    uint64_t done = 0;
+    while (done < len) {
+        int64_t placed;
+        int rc = place_nowake(d, addr + done, src ? src + done : NULL, len - done, &placed);
+        if (rc == 0) {
+            account(d, block, off + done, len - done, pc_now_ns(), src == NULL);
+            return 0;
+        }
+        int err = -rc;
+        if (placed > 0) {   /* partial: account for what went in, carry on after it */
+            account(d, block, off + done, (uint64_t)placed, pc_now_ns(), src == NULL);
+            done += (uint64_t)placed;
+        }
+        if (err == EAGAIN || err == EINTR)
+            continue;
+        if (err != EEXIST)
+            return -err;
+        /* some page of the run is present: go page by page from here */
+        for (uint64_t o = done; o < len; o += page_size) {
+            int e = -place_nowake(d, addr + o, src ? src + o : NULL, page_size, &placed);
+            if (e == 0) {
+                account(d, block, off + o, page_size, pc_now_ns(), src == NULL);
+            } else if (e == EEXIST) {
+                if (d->overwrite_ok) {
+                    static const uint8_t zeros[TP];
+                    int w = 0;
+                    for (uint64_t q = 0; q < page_size && !w; q += TP)
+                        w = overwrite(d, addr + o + q, src ? src + o + q : zeros, TP);
+                    if (w)
+                        return w;
+                    account(d, block, off + o, page_size, pc_now_ns(), src == NULL);
+                } else {
+                    __atomic_fetch_add(&d->st.skipped_pages, page_size / TP, __ATOMIC_RELAXED);
+                }
+            } else {
+                return -e;
+            }
+        }
+        return 0;
+    }
+    return 0;
+}
+
+/* The program must not run on a page before it is accounted for: a thread
+ * woken by UFFDIO_COPY may read its last page and exit while the received
+ * bitmap still says a page is missing. So pages go in with DONTWAKE, are
+ * accounted, and then one UFFDIO_WAKE covers the run (waking a page still
+ * missing only makes its thread fault again). */
+static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, const uint8_t *src, uint64_t len)
+{
+    if (!__atomic_load_n(&d->registered, __ATOMIC_ACQUIRE)) {
+        if (src)
+            memcpy((void *)(uintptr_t)addr, src, len);
+        else
+            memset((void *)(uintptr_t)addr, 0, len);
+        account(d, block, off, len, pc_now_ns(), src == NULL);
+        return 0;
+    }
+    int r = place_run_nowake(d, block, off, addr, src, len);
+    int w = wake_range(d, addr, len);
+    return r ? r : w;
+}
+
+static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *data, uint64_t len)
+{
+    if (block < 0 || block >= d->nblocks)
+        return -EINVAL;
+    struct pc_dest_block *b = &d->blocks[block];
+    if (offset % b->page_size || len % b->page_size || offset + len > b->length || offset + len < offset)
+        return -EINVAL;
+    uint64_t o = offset, end = offset + len;
+    int overwrite_ok = __atomic_load_n(&d->overwrite_ok, __ATOMIC_ACQUIRE);
+    while (o < end) {
+        int have = bit_test(b->received, o >> TP_SHIFT);
+        if (have && !overwrite_ok) {
+            /* received already (placed, or dropped by the program since RUN) */
+            __atomic_fetch_add(&d->st.skipped_pages, b->page_size / TP, __ATOMIC_RELAXED);
+            /* requested, then dropped by the program before it came: the
+             * faulting thread still waits; it gets the zeros it dropped */
+            uint64_t room, addr = host_addr(d, block, o, &room);
+            uint64_t t0;
+            if (inflight_take(d, key_of(block, o), &t0) && addr)
+                serve_late_fault(d, b, addr);
+            o += b->page_size;
+            continue;
+        }
+        /* a run of pages all missing, or (before RUN) all present */
+        uint64_t room, run = 0;
+        uint64_t addr = host_addr(d, block, o, &room);
+        while (o + run < end && run < room && bit_test(b->received, (o + run) >> TP_SHIFT) == have)
+            run += b->page_size;
+        if (!addr) {   /* a hole no region maps: nothing to place */
+            account(d, block, o, b->page_size, 0, 0);
+            o += b->page_size;
+            continue;
+        }
+        const uint8_t *src = data ? data + (o - offset) : NULL;
+        int r;
+        if (have) {
+            /* pre-copy sent this page again (dirtied since): before RUN the
+             * program is stopped, so its present copy is simply overwritten */
+            if (src) {
+                r = overwrite(d, addr, src, run);
+            } else {
+                uint8_t *zero = calloc(1, run);
+                r = zero ? overwrite(d, addr, zero, run) : -ENOMEM;
+                free(zero);
+            }
+            if (!r)
+                __atomic_fetch_add(&d->st.overwritten_pages, run / TP, __ATOMIC_RELAXED);
+        } else {
+            r = place_run(d, block, o, addr, src, run);
+        }
+        if (r)
+            return r;
+        o += run;
+    }
+    return 0;
+}
+
+int pc_dest_place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *data, uint64_t len)
+{
+    return place(d, block, offset, data, len);
+}
+
+int pc_dest_place_zero(struct pc_dest *d, int block, uint64_t offset, uint64_t len)
+{
+    if (block >= 0 && block < d->nblocks && d->blocks[block].page_size != TP) {
+        /* no UFFDIO_ZEROPAGE on hugetlbfs: copy from a zero buffer */
+        uint8_t *zero = calloc(1, len);
+        if (!zero)
+            return -ENOMEM;
+        int r = place(d, block, offset, zero, len);
+        free(zero);
+        return r;
+    }
+    return place(d, block, offset, NULL, len);
+}
+
+void pc_dest_mark(struct pc_dest *d, int block, uint64_t offset, uint64_t len, int received)
+{
+    struct pc_dest_block *b = &d->blocks[block];
+    for (uint64_t o = offset; o < offset + len && o < b->length; o += TP) {
+        if (received) {
+            if (!bit_test_and_set(b->received, o >> TP_SHIFT))
+                __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
+        } else {
+            if (bit_clear(b->received, o >> TP_SHIFT))
+                __atomic_fetch_sub(&d->st.received_pages, 1, __ATOMIC_RELAXED);
+            bit_clear(b->requested, o >> TP_SHIFT);
+        }
+    }
+}
+
+int pc_dest_test(struct pc_dest *d, int block, uint64_t offset)
+{
+    return bit_test(d->blocks[block].received, offset >> TP_SHIFT);
+}
+
+uint64_t pc_dest_count_received(struct pc_dest *d, int block)
+{
+    if (block < 0)
+        return __atomic_load_n(&d->st.received_pages, __ATOMIC_ACQUIRE);
+    const struct pc_dest_block *b = &d->blocks[block];
+    uint64_t n = 0, words = (b->length / TP + 63) / 64;
+    for (uint64_t i = 0; i < words; i++)
+        n += (uint64_t)__builtin_popcountll(__atomic_load_n(&b->received[i], __ATOMIC_ACQUIRE));
+    return n;
+}
+
+void pc_dest_bitmap_le(struct pc_dest *d, int block, uint8_t *out, size_t out_len)
+{
+    const struct pc_dest_block *b = &d->blocks[block];
+    uint64_t words = (b->length / TP + 63) / 64;
+    memset(out, 0, out_len);
+    for (uint64_t i = 0; i < words && i * 8 < out_len; i++) {
+        uint64_t w = __atomic_load_n(&b->received[i], __ATOMIC_ACQUIRE);
+        for (int k = 0; k < 8 && i * 8 + k < out_len; k++)
+            out[i * 8 + k] = (uint8_t)(w >> (8 * k));
+    }
+}

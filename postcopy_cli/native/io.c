@@ -1,0 +1,57 @@
+#include "compat.h"
+#include "io.h"
+#include <poll.h>
+#include <sys/socket.h>
+
+/* after a failed write: 0 to try again, or -errno to give up */
+static int write_failed(int fd)
+{
+    if (errno == EINTR)
+        return 0;
+    if (errno == EAGAIN) {
+        struct pollfd p = { fd, POLLOUT, 0 };
+        return poll(&p, 1, PC_IO_STALL_MS) == 0 ? -ETIMEDOUT : 0;
+    }
+    return -errno;
+}
+
+int pc_send_all(int fd, const uint8_t *buf, size_t len)
+{
+    while (len) {
+        ssize_t w = send(fd, buf, len, MSG_NOSIGNAL);
+        if (w < 0) {
+            int r = write_failed(fd);
+            if (r)
+                return r;
+            continue;
+        }
+        buf += w;
+        len -= (size_t)w;
+    }
+    return 0;
+}
+
+int64_t pc_writev_all(int fd, struct iovec *iov, int n)
+{
+    int64_t total = 0;
+    while (n > 0) {
+        ssize_t w = writev(fd, iov, n);
+        if (w < 0) {
+            int r = write_failed(fd);
+            if (r)
+                return r;
+            continue;
+        }
+        total += w;
+        while (n > 0 && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
+    }
+    return total;
+}
