@@ -313,6 +313,8 @@ def test_destination_killed_during_postcopy_source_stays_paused(live):
     lv.start_source("32M")
     # pre-copy sends ~1.2 MiB of 32 MiB, so post-copy lasts several seconds at 4 MiB/s
     deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not is_running(lv.source.pid, 0.2):
+        pass     # until the source runs (it may still be starting)
     while time.monotonic() < deadline and is_running(lv.source.pid, 0.2):
         pass     # until the switch-over pauses the source
     time.sleep(0.5)
