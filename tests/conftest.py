@@ -195,3 +195,16 @@ def finish(proc: _subprocess.Popen, timeout: float = PROC_TIMEOUT) -> tuple[int,
     done = _harness.finish(" ".join(map(str, proc.args[:5])), proc, _time.monotonic() + timeout)
     assert done.rc is not None, f"{done.name} did not end within {timeout} s: {done.err[-2000:]}"
     return done.rc, done.out, done.err
+
+
+def read_pty(master: int) -> bytes:
+    """Everything written to a pty until every slave end is closed (read then fails with EIO)."""
+    out = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            return out
+        if not data:
+            return out
+        out += data

@@ -258,8 +258,8 @@ def _unprivileged(argv: list[str], columns: int = 80, **run_kw) -> subprocess.Co
         return subprocess.run(full, timeout=60, cwd="/", env=env, **(run_kw or {"capture_output": True, "text": True}))
 
 
-@needs_root
-def test_unprivileged_user_is_told_the_remedies(sysctl):
+def unprivileged_ready(sysctl) -> None:
+    """vm.unprivileged_userfaultfd=0 (restored after) and uid 65534 can run us; else skip."""
     sysctl(probe_mod.SYSCTL_UNPRIV, 0)
     st = os.stat("/dev/userfaultfd") if os.path.exists("/dev/userfaultfd") else None
     if st is not None and st.st_mode & 0o006:
@@ -267,6 +267,11 @@ def test_unprivileged_user_is_told_the_remedies(sysctl):
     smoke = _unprivileged(["--help"])
     if smoke.returncode != 0:
         pytest.skip(f"cannot run the interpreter as uid 65534 here: {smoke.stderr.strip()[-300:]}")
+
+
+@needs_root
+def test_unprivileged_user_is_told_the_remedies(sysctl):
+    unprivileged_ready(sysctl)
     proc = _unprivileged(["probe", "--json"])
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout

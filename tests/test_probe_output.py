@@ -1,7 +1,6 @@
 """`probe` output keeps every remedy whole (pipe, narrow terminal); `selftest` refuses a host that cannot do post-copy."""
 from __future__ import annotations
 
-import errno
 import fcntl
 import io
 import os
@@ -18,8 +17,8 @@ from postcopy_cli import probe as probe_mod
 from postcopy_cli.cli import run
 from postcopy_cli.commands.probe import _render
 
-from conftest import needs_root
-from test_probe import _deny_uffd, _unprivileged
+from conftest import needs_root, read_pty
+from test_probe import _deny_uffd, _unprivileged, unprivileged_ready
 
 REMEDY = probe_mod.REMEDY_UFFD
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -60,19 +59,9 @@ def test_narrow_terminal_wraps_and_keeps_remedy_whole(monkeypatch):
     assert detail.replace(" ", "") in cells.replace(" ", "")
 
 
-def _unprivileged_ready(sysctl):
-    sysctl(probe_mod.SYSCTL_UNPRIV, 0)
-    st = os.stat("/dev/userfaultfd") if os.path.exists("/dev/userfaultfd") else None
-    if st is not None and st.st_mode & 0o006:
-        pytest.skip("/dev/userfaultfd is world-accessible on this host")
-    smoke = _unprivileged(["--help"])
-    if smoke.returncode != 0:
-        pytest.skip(f"cannot run the interpreter as uid 65534 here: {smoke.stderr.strip()[-300:]}")
-
-
 @needs_root
 def test_unprivileged_probe_in_a_pipe_at_80_columns(sysctl):
-    _unprivileged_ready(sysctl)
+    unprivileged_ready(sysctl)
     proc = _unprivileged(["probe"], columns=80)          # `postcopy probe | cat`
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "…" not in proc.stdout
@@ -83,20 +72,13 @@ def test_unprivileged_probe_in_a_pipe_at_80_columns(sysctl):
 
 @needs_root
 def test_unprivileged_probe_on_an_80_column_pty(sysctl):
-    _unprivileged_ready(sysctl)
+    unprivileged_ready(sysctl)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
     chunks: list[bytes] = []
 
     def drain():
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:             # EIO: every slave end is closed
-                return
-            if not data:
-                return
-            chunks.append(data)
+        chunks.append(read_pty(master))
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
@@ -114,7 +96,7 @@ def test_unprivileged_probe_on_an_80_column_pty(sysctl):
 
 @needs_root
 def test_unprivileged_selftest_fails_at_once_with_the_remedy(sysctl):
-    _unprivileged_ready(sysctl)
+    unprivileged_ready(sysctl)
     proc = _unprivileged(["selftest", "--size", "1M"])   # timeout=60 in the helper detects a hang
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from conftest import PROC_TIMEOUT, needs_root, postcopy_cmd, write_image
+from conftest import PROC_TIMEOUT, needs_root, postcopy_cmd, read_pty, write_image
 from postcopy_cli.commands._common import format_rate, format_size, live_status, status_line
 from postcopy_cli.commands.migrate import SourceStatus
 from postcopy_cli.commands.serve_dest import DestStatus
@@ -258,15 +258,7 @@ def test_migrate_on_a_terminal_says_what_it_waits_for(tmp_path):
                                              "--timeout", "2"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
         os.close(slave)
-        seen = b""
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:   # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            seen += data
+        seen = read_pty(master)
         proc.communicate(timeout=PROC_TIMEOUT)
         os.close(master)
     text = seen.decode(errors="replace")
