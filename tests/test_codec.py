@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from postcopy_cli.codec import (MAGIC, NEED_DATA, RECV_BITMAP_ENDING, BlockInfo, Blocks, Command, Eof, Header,
-                                MigrationId,
+                                MigrationId, PreemptChannel, Resume,
                                 OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen, PostcopyRamDiscard,
                                 PostcopyResume, PostcopyRun, PostcopyState, RamEnd, RamFlag, RamPage,
                                 RamSectionEncoder, RamZero, RecvBitmap, RecvBitmapRequest, ReqPages, ReqPagesId,
@@ -60,6 +60,8 @@ RAM = (h("02")
 # section 0x04 ID right after BLOCKS: 16-byte migration id, u8 preempt channels
 MIG_ID = bytes(range(0xa0, 0xb0))
 ID = h("04" "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf" "01")
+# a new main connection after a failure: header, section 0x21 RESUME with the migration id
+RES = HDR + h("21") + MIG_ID
 RAM_EVENTS = [RamPage("pc.ram", 0x1000, PAGE_A), RamPage("pc.ram", 0x2000, PAGE_B), RamZero("pc.ram", 0x3000),
               RamZero("vga", 0x200000), RamEnd()]
 
@@ -73,7 +75,6 @@ STREAM_TABLE = [
     ("discard", P + ADVISE, [PostcopyRamDiscard("pc.ram", ((0x1000, 0x2000), (0x10000, 0x1000)))], DISCARD, None),
     ("listen", P + ADVISE, [PostcopyListen()], LISTEN, None),
     ("run", P + ADVISE + LISTEN, [PostcopyRun()], RUN, None),
-    ("resume", P, [PostcopyResume()], h("08 0009 0000"), None),
     ("recv_bitmap_request", P, [RecvBitmapRequest("pc.ram")], h("08 000a 0007 06 7063 2e72 616d"), None),
     ("state", P, [State(b"abc")], h("03 00000003 616263"), None),
     ("state_empty", P, [State(b"")], h("03 00000000"), None),
@@ -83,6 +84,15 @@ STREAM_TABLE = [
     ("migration_id", P, [MigrationId(MIG_ID, 1)], ID, None),
     ("migration_id_single_channel", P, [MigrationId(bytes(16), 0)], h("04") + bytes(16) + h("00"), None),
     ("open_return_path_after_id", P + ID, [OpenReturnPath()], OPEN_RP, None),
+    # a second connection (StreamDecoder(joining=...)): its first section says what it is
+    ("joining_preempt", HDR, [PreemptChannel(MIG_ID)], h("20") + MIG_ID, None),
+    ("joining_resume", HDR, [Resume(MIG_ID)], h("21") + MIG_ID, None),
+    ("joining_resume_recv_bitmap", RES, [RecvBitmapRequest("vga")], h("08 000a 0004 03 766761"), None),
+    ("joining_resume_ping", RES, [Ping(9)], h("08 0002 0004 00000009"), None),
+    ("joining_resume_postcopy_resume", RES, [PostcopyResume()], h("08 0009 0000"), None),
+    ("joining_resume_ram", RES + h("08 0009 0000"), RAM_EVENTS[:-1], RAM, RAM_EVENTS),
+    ("joining_resume_eof", RES + h("08 0009 0000"), [Eof()], h("10"), None),
+    ("joining_preempt_ram", HDR + h("20") + MIG_ID, RAM_EVENTS[:-1], RAM, RAM_EVENTS),
 ]
 
 RP_TABLE = [
@@ -131,8 +141,10 @@ def _encode_stream(msgs, data):
     return encode(msgs[0])
 
 
-def _stream_decoder(prelude):
-    dec = StreamDecoder()
+def _stream_decoder(prelude, name=""):
+    """A decoder past ``prelude``; rows named joining_* decode a second connection of BLOCKS' migration."""
+    dec = StreamDecoder(joining={b.name: b for b in BLOCKS.blocks}) if name.startswith("joining_") else \
+        StreamDecoder()
     dec.feed(prelude)
     _drain(dec)
     assert dec.offset == len(prelude)
@@ -145,18 +157,18 @@ class TestStreamTable:
         assert _encode_stream(msgs, data) == data
 
     def test_decode_whole(self, name, prelude, msgs, data, decoded):
-        dec = _stream_decoder(prelude)
+        dec = _stream_decoder(prelude, name)
         dec.feed(data)
         assert _drain(dec) == (decoded or msgs)
         assert dec.offset == len(prelude) + len(data)
 
     def test_decode_events_iterator(self, name, prelude, msgs, data, decoded):
-        dec = _stream_decoder(prelude)
+        dec = _stream_decoder(prelude, name)
         dec.feed(data)
         assert [_copy(e) for e in dec.events()] == (decoded or msgs)
 
     def test_decode_byte_by_byte(self, name, prelude, msgs, data, decoded):
-        dec = _stream_decoder(prelude)
+        dec = _stream_decoder(prelude, name)
         got = []
         for i in range(len(data)):
             dec.feed(data[i:i + 1])
@@ -165,10 +177,17 @@ class TestStreamTable:
         assert dec.offset == len(prelude) + len(data)
 
     def test_decode_trailing(self, name, prelude, msgs, data, decoded):
-        dec = _stream_decoder(prelude)
+        dec = _stream_decoder(prelude, name)
         dec.feed(data + b"\x08\x00\x02")  # the start of a PING
-        if name == "eof":  # nothing may follow EOF
+        if name.endswith("eof"):  # nothing may follow EOF
             assert _drain_until_error(dec) == msgs
+            return
+        if name.startswith("joining_preempt"):  # no command may follow on a preempt channel
+            got = []
+            with pytest.raises(ProtocolError, match="carries only RAM sections"):
+                while (ev := dec.next_event()) is not NEED_DATA:
+                    got.append(_copy(ev))
+            assert got == (decoded or msgs)
             return
         assert _drain(dec) == (decoded or msgs)
         assert dec.next_event() is NEED_DATA
@@ -430,6 +449,9 @@ STREAM_REFUSALS = [
     ("run_length", PL, cmd(5, b"x"), "COMMAND POSTCOPY_RUN", None, "payload length 1 (expected 0)"),
     ("open_rp_length", P, cmd(1, b"x"), "COMMAND OPEN_RETURN_PATH", None, "payload length 1 (expected 0)"),
     ("resume_length", P, cmd(9, b"x"), "COMMAND POSTCOPY_RESUME", None, "payload length 1 (expected 0)"),
+    ("resume_without_resume_section", P, cmd(9), "COMMAND POSTCOPY_RESUME", None,
+     "did not begin with a RESUME section"),
+    ("resume_section_on_main_stream", P, h("21") + MIG_ID, "stream", None, "RESUME section on a stream"),
     ("recv_bitmap_length", P, cmd(10, h("07") + b"pc.ram"), "COMMAND RECV_BITMAP", None,
      "does not match the name length"),
     ("recv_bitmap_unknown", P, cmd(10, h("04") + b"nope"), "COMMAND RECV_BITMAP", None, "unknown block 'nope'"),
@@ -489,6 +511,63 @@ def test_stream_refuses(name, prelude, bad, section, offset, problem):
         assert e.offset == (len(prelude) if offset is None else offset)
         assert problem in e.problem
         assert section in str(e) and f"at byte {e.offset}" in str(e)
+
+
+# a second connection of BLOCKS' migration: (id, prelude, bad bytes, section, offset (None = len(prelude)), problem)
+JOINING_REFUSALS = [
+    ("joining_blocks_first", HDR, BLK, "joining connection", None,
+     "section 0x01 where a second connection's PREEMPT (0x20) or RESUME (0x21) section belongs"),
+    ("joining_ram_first", HDR, RAM, "joining connection", None, "section 0x02 where a second connection's"),
+    ("preempt_command", HDR + h("20") + MIG_ID, LISTEN, "preempt channel", None,
+     "the preempt channel carries only RAM sections and EOF"),
+    ("preempt_resume", HDR + h("20") + MIG_ID, h("21") + MIG_ID, "preempt channel", None,
+     "carries only RAM sections"),
+    ("resume_blocks", RES, BLK, "resumed stream", None,
+     "section 0x01: a resumed main stream carries only commands, RAM sections and EOF"),
+    ("resume_state", RES, h("03 00000000"), "resumed stream", None, "carries only commands"),
+    ("resume_id", RES, ID, "resumed stream", None, "carries only commands"),
+    ("resume_twice", RES, h("21") + MIG_ID, "resumed stream", None, "carries only commands"),
+    ("resume_ram_before_postcopy_resume", RES, RAM, "resumed stream", None, "RAM section before POSTCOPY_RESUME"),
+    ("resume_eof_before_postcopy_resume", RES, h("10"), "EOF section", None, "EOF while the migration is paused"),
+    ("resume_run", RES, RUN, "COMMAND POSTCOPY_RUN", None, "POSTCOPY_RUN while the migration is paused"),
+    ("resume_discard", RES, DISCARD, "COMMAND POSTCOPY_RAM_DISCARD", None, "while the migration is paused"),
+    ("postcopy_resume_twice", RES + cmd(9), cmd(9), "COMMAND POSTCOPY_RESUME", None,
+     "POSTCOPY_RESUME while running (sent twice, or without a RESUME section)"),
+    ("resume_listen_after", RES + cmd(9), LISTEN, "COMMAND POSTCOPY_LISTEN", None, "POSTCOPY_LISTEN sent twice"),
+    ("resume_recv_bitmap_unknown", RES, cmd(10, h("04") + b"nope"), "COMMAND RECV_BITMAP", None,
+     "unknown block 'nope'"),
+]
+
+
+@pytest.mark.parametrize("name,prelude,bad,section,offset,problem", JOINING_REFUSALS,
+                         ids=[r[0] for r in JOINING_REFUSALS])
+def test_joining_connection_refuses(name, prelude, bad, section, offset, problem):
+    for pieces in ([bad], [bad[i:i + 1] for i in range(len(bad))]):
+        dec = StreamDecoder(joining={b.name: b for b in BLOCKS.blocks})
+        dec.feed(prelude)
+        _drain(dec)
+        with pytest.raises(ProtocolError) as ei:
+            for piece in pieces:
+                dec.feed(piece)
+                _drain(dec)
+        assert ei.value.section == section
+        assert ei.value.offset == (len(prelude) if offset is None else offset)
+        assert problem in ei.value.problem
+
+
+def test_joining_decoder_says_what_the_connection_is():
+    blocks = {b.name: b for b in BLOCKS.blocks}
+    pre = StreamDecoder(joining=blocks)
+    pre.feed(HDR + h("20") + MIG_ID)
+    assert _drain(pre) == [Header(), PreemptChannel(MIG_ID)]
+    assert (pre.preempt, pre.resumed) == (True, False)
+    res = StreamDecoder(joining=blocks)
+    res.feed(RES)
+    assert _drain(res) == [Header(), Resume(MIG_ID)]
+    assert (res.preempt, res.resumed, res.state) == (False, True, PostcopyState.PAUSED)
+    res.feed(cmd(9))
+    assert _drain(res) == [PostcopyResume()] and res.state is PostcopyState.RUNNING
+
 
 
 def test_absurd_state_length_refused_before_buffering():

@@ -60,6 +60,16 @@ EXPECTED = {
     (S.END, "STATE"): "STATE after POSTCOPY_RUN",
     (S.END, "EOF"): "EOF after EOF",
     **{(S.PAUSED, e): f"{e} while the migration is paused" for e in EVENTS},
+    (S.PAUSED, "POSTCOPY_RESUME"): S.RUNNING,
+    (S.PAUSED, "PAUSE"): S.PAUSED,
+    (S.RUNNING, "PAUSE"): S.PAUSED,
+    (S.END, "PAUSE"): "PAUSE after EOF",
+    (S.END, "POSTCOPY_RESUME"): "POSTCOPY_RESUME after EOF",
+    (S.RUNNING, "POSTCOPY_RESUME"): "POSTCOPY_RESUME while running (sent twice, or without a RESUME section)",
+    **{(s, "POSTCOPY_RESUME"): "POSTCOPY_RESUME on a stream that did not begin with a RESUME section"
+       for s in (S.NONE, S.ADVISE, S.DISCARD, S.LISTENING)},
+    **{(s, "PAUSE"): "a channel broke before POSTCOPY_RUN: only a running migration can pause"
+       for s in (S.NONE, S.ADVISE, S.DISCARD, S.LISTENING)},
 }
 
 

@@ -154,7 +154,7 @@ def test_requested_page_goes_on_the_preempt_channel(tmp_path, fake_dest):
     preempt, _ = d.listener.accept()
     preempt.settimeout(PROC_TIMEOUT)
     d.read_until(_is(codec.PostcopyRun))
-    pd = codec.StreamDecoder(preempt_blocks=d.decoder.blocks)
+    pd = codec.StreamDecoder(joining=d.decoder.blocks)
     last = size - PAGE
     d.conn.sendall(codec.encode_rp(codec.ReqPagesId("mem", last, PAGE)))
     got = []

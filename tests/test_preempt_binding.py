@@ -226,13 +226,13 @@ def test_connection_to_a_single_channel_migration_is_refused(tmp_path, serve_des
 def test_preempt_codec_carries_the_id():
     data = preempt_start(MIG_ID)
     assert data[8:] == b"\x20" + MIG_ID
-    dec = codec.StreamDecoder(preempt_blocks={"mem": BLOCK})
+    dec = codec.StreamDecoder(joining={"mem": BLOCK})
     for i in range(len(data)):   # a byte at a time: the id is waited for whole
         dec.feed(data[i:i + 1])
         events = list(dec.events())
         if i == len(data) - 1:
             assert events == [codec.PreemptChannel(MIG_ID)]
-    dec = codec.StreamDecoder(preempt_blocks={"mem": BLOCK})
+    dec = codec.StreamDecoder(joining={"mem": BLOCK})
     dec.feed(codec.encode(codec.Header()) + b"\x20" + MIG_ID + codec.encode(codec.MigrationId(MIG_ID, 1)))
     with pytest.raises(ProtocolError, match="carries only RAM sections"):
         list(dec.events())

@@ -12,7 +12,7 @@ from .decode import NEED_DATA, ReturnPathDecoder, StreamDecoder
 from .encode import (RamSectionEncoder, encode, encode_discard_payload, encode_name, encode_ram_section,
                      encode_rp)
 from .messages import (NO_MIGRATION_ID, BlockInfo, Blocks, Eof, Header, MigrationId, OpenReturnPath, Ping, Pong, PostcopyAdvise,
-                       PostcopyListen, PostcopyRamDiscard, PreemptChannel, PostcopyResume, PostcopyRun, RamEnd,
+                       PostcopyListen, PostcopyRamDiscard, PreemptChannel, Resume, PostcopyResume, PostcopyRun, RamEnd,
                        RamPage, RamZero, RecvBitmap, RecvBitmapRequest, ReqPages, ReqPagesId, ResumeAck, Shut,
                        State)
 
@@ -21,7 +21,7 @@ __all__ = [
     "MAX_STATE_LENGTH", "MIGRATION_ID_LENGTH", "Section", "Command", "RpType", "RamFlag", "PostcopyState",
     "Header", "BlockInfo", "Blocks", "RamPage", "RamZero", "RamEnd", "State", "OpenReturnPath", "Ping",
     "PostcopyAdvise", "PostcopyListen", "PostcopyRun", "PostcopyRamDiscard", "PostcopyResume",
-    "RecvBitmapRequest", "Eof", "MigrationId", "NO_MIGRATION_ID", "PreemptChannel", "Shut", "Pong", "ReqPagesId", "ReqPages", "RecvBitmap", "ResumeAck",
+    "RecvBitmapRequest", "Eof", "MigrationId", "NO_MIGRATION_ID", "PreemptChannel", "Resume", "Shut", "Pong", "ReqPagesId", "ReqPages", "RecvBitmap", "ResumeAck",
     "encode", "encode_rp", "encode_name", "encode_discard_payload", "RamSectionEncoder", "encode_ram_section",
     "StreamDecoder", "ReturnPathDecoder", "NEED_DATA",
 ]

@@ -34,6 +34,10 @@ class Section(enum.IntEnum):
     #: postcopy-preempt), which carries only RAM sections (requested pages)
     #: and EOF, so that they never queue behind background pages.
     PREEMPT = 0x20
+    #: First section of a new main connection after a failure (post-copy
+    #: recovery, DESIGN.md section 9): the 16-byte id of the migration it
+    #: resumes; RECV_BITMAP commands and POSTCOPY_RESUME follow.
+    RESUME = 0x21
 
 
 class Command(enum.IntEnum):

@@ -21,7 +21,7 @@ from ..errors import ProtocolError
 from .constants import (MAGIC, MAX_STATE_LENGTH, MIGRATION_ID_LENGTH, RAM_FLAGS_KNOWN, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE, VERSION,
                         Command, RpType, Section)
 from .states import PostcopyState, transition
-from .messages import (NO_MIGRATION_ID, BlockInfo, Blocks, Eof, Header, MigrationId, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise,
+from .messages import (NO_MIGRATION_ID, BlockInfo, Blocks, Eof, Header, MigrationId, PreemptChannel, Resume, OpenReturnPath, Ping, Pong, PostcopyAdvise,
                        PostcopyListen, PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero,
                        RecvBitmap, RecvBitmapRequest, ReqPagesId, ResumeAck, Shut, State)
 
@@ -212,23 +212,37 @@ class StreamDecoder(_Buffered):
     the next ``feed()``: copy whatever you keep.
     """
 
-    def __init__(self, *, preempt_blocks: dict[str, BlockInfo] | None = None) -> None:
-        """``preempt_blocks``: decode a preempt channel of a migration whose main stream announced these blocks."""
+    def __init__(self, *, joining: dict[str, BlockInfo] | None = None) -> None:
+        """``joining``: decode a second connection of a migration whose main stream announced these
+        blocks: its first section says what it is, PREEMPT (the preempt channel: RAM sections and EOF
+        only) or RESUME (a new main stream after a failure: RECV_BITMAP commands, POSTCOPY_RESUME,
+        then RAM sections and EOF)."""
         super().__init__()
         self._phase = _P_HEADER
-        self.preempt = preempt_blocks is not None
-        self._marked = False
+        self.joining = joining is not None
+        #: The joining connection's PREEMPT or RESUME event, once decoded.
+        self.marker: PreemptChannel | Resume | None = None
         self.blocks: dict[str, BlockInfo] = {}
         self._by_raw: dict[bytes, BlockInfo] = {}
         self.state = PostcopyState.NONE
         self._cur_name: str | None = None  # block of the previous record in this RAM section
         self._cur_len = 0
         #: The main stream's ID section (NO_MIGRATION_ID if the section after BLOCKS is another one);
-        #: None until that section has been seen.
+        #: None until that section has been seen (and on a joining connection).
         self.migration: MigrationId | None = None
-        if preempt_blocks:
-            self.blocks = dict(preempt_blocks)
-            self._by_raw = {b.name.encode("utf-8"): b for b in preempt_blocks.values()}
+        if joining:
+            self.blocks = dict(joining)
+            self._by_raw = {b.name.encode("utf-8"): b for b in joining.values()}
+
+    @property
+    def preempt(self) -> bool:
+        """A preempt channel (its PREEMPT section decoded)."""
+        return type(self.marker) is PreemptChannel
+
+    @property
+    def resumed(self) -> bool:
+        """A resumed main stream (its RESUME section decoded)."""
+        return type(self.marker) is Resume
 
     @property
     def finished(self) -> bool:
@@ -312,25 +326,24 @@ class StreamDecoder(_Buffered):
             return NEED_DATA
         kind = self._buf[self._pos]
         start = self.offset
-        if self.preempt:
-            if not self._marked:
-                if kind != Section.PREEMPT:
-                    self._fail(f"section {kind:#04x} where the preempt channel marker belongs", "preempt channel",
-                               start)
-                if not self._ensure(1 + MIGRATION_ID_LENGTH):
-                    return NEED_DATA
-                self._marked = True
-                ident = bytes(self._mv[self._pos + 1:self._pos + 1 + MIGRATION_ID_LENGTH])
-                self._pos += 1 + MIGRATION_ID_LENGTH
-                return PreemptChannel(ident)
-            if kind not in (Section.RAM, Section.EOF):
+        if self.joining:
+            if self.marker is None:
+                return self._joining_marker(kind, start)
+            if self.preempt and kind not in (Section.RAM, Section.EOF):
                 self._fail(f"section {kind:#04x}: the preempt channel carries only RAM sections and EOF",
                            "preempt channel", start)
+            if self.resumed and kind not in (Section.RAM, Section.COMMAND, Section.EOF):
+                self._fail(f"section {kind:#04x}: a resumed main stream carries only commands, RAM sections "
+                           f"and EOF", "resumed stream", start)
+            if self.resumed and kind == Section.RAM and self.state is not PostcopyState.RUNNING:
+                self._fail("RAM section before POSTCOPY_RESUME", "resumed stream", start)
         elif kind == Section.PREEMPT:
             self._fail("preempt channel marker on the main stream", "stream", start)
+        elif kind == Section.RESUME:
+            self._fail("RESUME section on a stream that began with BLOCKS", "stream", start)
         if kind == Section.ID:
             return self._migration_id(start)
-        if self.migration is None and self.blocks:
+        if self.migration is None and self.blocks and not self.joining:
             self.migration = NO_MIGRATION_ID   # no ID section right after BLOCKS
         if kind == Section.RAM:
             self._require_blocks("RAM section", start)
@@ -352,6 +365,23 @@ class StreamDecoder(_Buffered):
             self._phase = _P_DONE
             return Eof()
         self._fail(f"unknown section type {kind:#04x}", "stream", start)
+
+    def _joining_marker(self, kind: int, start: int):
+        """The first section of a joining connection: PREEMPT or RESUME, each with the migration id."""
+        if kind not in (Section.PREEMPT, Section.RESUME):
+            self._fail(f"section {kind:#04x} where a second connection's PREEMPT (0x20) or RESUME (0x21) "
+                       f"section belongs", "joining connection", start)
+        if not self._ensure(1 + MIGRATION_ID_LENGTH):
+            return NEED_DATA
+        ident = bytes(self._mv[self._pos + 1:self._pos + 1 + MIGRATION_ID_LENGTH])
+        self._pos += 1 + MIGRATION_ID_LENGTH
+        if kind == Section.PREEMPT:
+            self.marker = PreemptChannel(ident)
+        else:
+            self.marker = Resume(ident)
+            # the migration is paused until this stream's POSTCOPY_RESUME
+            self.state = PostcopyState.PAUSED
+        return self.marker
 
     def _require_blocks(self, section: str, start: int) -> None:
         if not self.blocks:

@@ -7,7 +7,7 @@ from typing import Iterable
 from ..errors import LocalProtocolError
 from .constants import (MAGIC, MAX_NAME_LENGTH, MIGRATION_ID_LENGTH, MAX_STATE_LENGTH, RECV_BITMAP_ENDING, TARGET_PAGE_SIZE,
                         Command, RamFlag, RpType, Section)
-from .messages import (Blocks, Eof, Header, MigrationId, PreemptChannel, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
+from .messages import (Blocks, Eof, Header, MigrationId, PreemptChannel, Resume, OpenReturnPath, Ping, Pong, PostcopyAdvise, PostcopyListen,
                        PostcopyRamDiscard, PostcopyResume, PostcopyRun, RamEnd, RamPage, RamZero, RecvBitmap,
                        RecvBitmapRequest, ReqPages, ReqPagesId, ResumeAck, Shut, State)
 
@@ -118,6 +118,8 @@ def encode(msg) -> bytes:
         return bytes((Section.ID,)) + _migration_id(msg.id) + _U8.pack(msg.preempt_channels)
     if t is PreemptChannel:
         return bytes((Section.PREEMPT,)) + _migration_id(msg.id)
+    if t is Resume:
+        return bytes((Section.RESUME,)) + _migration_id(msg.id)
     if t is Eof:
         return bytes((Section.EOF,))
     if t is OpenReturnPath:

@@ -150,6 +150,13 @@ class PreemptChannel:
     id: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Marks a connection as the new main stream of the paused migration whose ID section carried ``id``."""
+
+    id: bytes
+
+
 # ---- return path -----------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)

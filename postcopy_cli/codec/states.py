@@ -5,7 +5,10 @@ the events allowed in it and the state each leads to; :func:`transition` looks
 one up and refuses anything else with a :class:`ProtocolError` naming the event
 and the state (the wording of :data:`REFUSALS`).  The events are the commands
 (by their :class:`~postcopy_cli.codec.constants.Command` name), the STATE
-section and the EOF section.  The decoder validates the wire with it and the
+section, the EOF section, and PAUSE: a channel broke after RUN (post-copy
+recovery, DESIGN.md section 9; the destination's event, never on the wire).
+A resumed main stream (RESUME section) starts PAUSED and its POSTCOPY_RESUME
+leads back to RUNNING.  The decoder validates the wire with it and the
 destination's :class:`~postcopy_cli.dest.phase.DestPhase` keeps its phase with
 it.  QEMU checks the same order in each ``loadvm_postcopy_handle_*``
 (migration/savevm.c).
@@ -26,18 +29,18 @@ class PostcopyState(enum.Enum):
     LISTENING = "listening"
     RUNNING = "running"
     END = "end"
-    #: Post-copy recovery's state (a channel broke while RUNNING); nothing leads here yet.
+    #: Post-copy recovery: a channel broke while RUNNING; the program waits for its missing pages.
     PAUSED = "paused"
 
 
 S = PostcopyState
 
 #: Commands allowed in every state; they leave it as it is.
-STAYING = frozenset({"PING", "RECV_BITMAP", "POSTCOPY_RESUME"})
+STAYING = frozenset({"PING", "RECV_BITMAP"})
 
 #: The events that move the sequence (or are refused in some states).
 EVENTS = ("OPEN_RETURN_PATH", "POSTCOPY_ADVISE", "POSTCOPY_RAM_DISCARD", "POSTCOPY_LISTEN", "POSTCOPY_RUN",
-          "STATE", "EOF")
+          "STATE", "EOF", "POSTCOPY_RESUME", "PAUSE")
 
 #: state -> {event allowed in it: the state it leads to}; an event missing from a row is refused there.
 TRANSITIONS: dict[PostcopyState, dict[str, PostcopyState]] = {
@@ -47,9 +50,10 @@ TRANSITIONS: dict[PostcopyState, dict[str, PostcopyState]] = {
     S.DISCARD: {"OPEN_RETURN_PATH": S.DISCARD, "POSTCOPY_RAM_DISCARD": S.DISCARD, "POSTCOPY_LISTEN": S.LISTENING,
                 "STATE": S.DISCARD, "EOF": S.END},
     S.LISTENING: {"POSTCOPY_RUN": S.RUNNING, "STATE": S.LISTENING, "EOF": S.END},
-    S.RUNNING: {"EOF": S.END},
+    S.RUNNING: {"EOF": S.END, "PAUSE": S.PAUSED},
     S.END: {},
-    S.PAUSED: {},
+    # a failure during the resume handshake pauses again (QEMU's double failure)
+    S.PAUSED: {"POSTCOPY_RESUME": S.RUNNING, "PAUSE": S.PAUSED},
 }
 
 _BEFORE_LISTEN = {S.NONE, S.ADVISE, S.DISCARD}
@@ -68,6 +72,11 @@ REFUSALS: dict[str, dict[PostcopyState, str]] = {
                      S.RUNNING: "POSTCOPY_RUN sent twice"},
     "STATE": {S.RUNNING: "STATE after POSTCOPY_RUN", S.END: "STATE after POSTCOPY_RUN"},
     "EOF": {},
+    "POSTCOPY_RESUME": {**{s: "POSTCOPY_RESUME on a stream that did not begin with a RESUME section"
+                           for s in (S.NONE, S.ADVISE, S.DISCARD, S.LISTENING)},
+                        S.RUNNING: "POSTCOPY_RESUME while running (sent twice, or without a RESUME section)"},
+    "PAUSE": {s: "a channel broke before POSTCOPY_RUN: only a running migration can pause"
+              for s in (S.NONE, S.ADVISE, S.DISCARD, S.LISTENING)},
 }
 for _event in EVENTS:
     REFUSALS[_event].setdefault(S.END, f"{_event} after EOF")

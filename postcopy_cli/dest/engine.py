@@ -361,7 +361,7 @@ class Destination:
             return "the main stream announced no preempt channel"
         if self._preempt_thread is not None:
             return "the preempt channel is connected already"
-        decoder = codec.StreamDecoder(preempt_blocks=main.decoder.blocks)
+        decoder = codec.StreamDecoder(joining=main.decoder.blocks)
         # exactly the header and the PREEMPT section: nothing of the channel's RAM is read here
         want = 8 + 1 + codec.MIGRATION_ID_LENGTH
         marker = None
