@@ -42,6 +42,10 @@ class DestStatus:
             rows.append(self._precopy)
         if phase == "switch-over":
             rows.append(status_line("switch-over: discarding stale pages, waiting for RUN", width=width))
+        elif phase == "paused":
+            rows.append(status_line(f"PAUSED {snap['paused_s']:.0f}/{snap['recover_timeout']:g} s", done=received,
+                                    total=total, extra=f"waiting for the source to resume ({snap['reason']})",
+                                    width=width))
         else:
             rows.append(status_line("post-copy" if phase == "post-copy" else "done     ", done=received, total=total,
                                     rate=rate, eta=eta_of(total - received, rate),
@@ -91,19 +95,26 @@ def _check_writable(path: str, option: str) -> None:
               help="Receive into memory of this process instead (repeatable; library use and tests).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds without data from the source before giving up.")
+@click.option("--recover-timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="After RUN, seconds a broken or silent source connection may stay paused waiting for the "
+                   "source to resume (0: fail at once).")
 @click.option("--stats", "stats_file", metavar="FILE",
               help="Also write the final statistics as JSON to this file.")
 @click.option("--insecure", is_flag=True, help="Allow listening on a non-loopback TCP address without authentication.")
 @common_options
-def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure):
+def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stats_file, insecure):
     """Receive one migration: fill RAM blocks on demand and in background.
 
     Waits for a program to hand over its memory through --uffd-socket (or uses
     --ram memory of its own), then for a source on --listen. Every page the
     program touches before it has arrived is caught by userfaultfd, requested
     from the source and placed atomically; the rest streams in background.
+    After RUN a broken connection pauses the migration: the program's threads
+    wait for their pages while the source reconnects and resumes (for up to
+    --recover-timeout seconds).
     Exit 0 when every page is in; 1 on failure (e.g. the program exited);
-    3 on a protocol error from the source; 4 if the source disconnected.
+    3 on a protocol error from the source; 4 if the source disconnected and
+    did not resume.
 
     With --json, stdout is JSON lines (each line one JSON document): first
     {"event": "listening", "address": "tcp:HOST:PORT", "uffd-socket": PATH or
@@ -118,7 +129,7 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, stats_file, insecure)
     if stats_file:
         _check_writable(stats_file, "--stats")
     opts = ServeOptions(listen=listen, uffd_socket=uffd_socket, ram=_parse_ram(ram), timeout=timeout,
-                        insecure=insecure)
+                        insecure=insecure, recover_timeout=recover_timeout)
 
     def announce(server):
         print(f"postcopy: listening on {server.bound}" +

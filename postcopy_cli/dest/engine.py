@@ -69,11 +69,12 @@ class Destination:
     """
 
     def __init__(self, blocks: list[RamBlock], uffd: Userfaultfd, *, program: Handover | None = None,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, recover_timeout: float = 0.0):
         self.blocks = blocks
         self.uffd = uffd
         self.program = program
         self.timeout = timeout
+        self.recover_timeout = recover_timeout   # seconds a broken post-copy may stay paused (0: fail at once)
         self.index = {b.name: i for i, b in enumerate(blocks)}
         self.total_pages = sum(b.pages for b in blocks)
         self.state_bytes = b""
@@ -100,7 +101,16 @@ class Destination:
         self._preempt_conn: socket.socket | None = None
         self._preempt_lock = threading.Lock()
         self._migration_known = threading.Event()   # the main stream's ID section (or its absence) is decoded
+        self.migration: codec.MigrationId | None = None   # that ID section
+        self._wire_blocks: dict | None = None          # the blocks the main stream announced
         self._preempt_adopted = threading.Event()
+        self._dropping = False     # the stream's thread is ending the channels (a pause): their errors are no news
+        # post-copy recovery: a resumed main stream (connection, decoder past its RESUME section) waiting
+        # for the stream's thread; a newer one supersedes the connection in use
+        self._resume_lock = threading.Lock()
+        self._resume_pending: tuple[socket.socket, codec.StreamDecoder] | None = None
+        self._resume_ready = threading.Event()
+        self._superseded = False
         self._closed = False
         self._stop_error: PostcopyError | None = None
         self._pending_discards: dict[str, list] = {}
@@ -284,7 +294,8 @@ class Destination:
                            PostcopyError)
 
     def _send_rp(self, data: bytes):
-        check_native(lib.pc_dest_rp_send(self.native, data, len(data)), "writing the return path")
+        check_native(lib.pc_dest_rp_send(self.native, data, len(data)), "the source connection failed writing the "
+                     "return path", PeerDisconnected)
 
     def _recv_bitmap(self, msg: codec.RecvBitmapRequest):
         bi = self.index[msg.block]
@@ -295,15 +306,26 @@ class Destination:
 
     # -- the stream -------------------------------------------------------------------
     def run(self, conn: socket.socket) -> DestinationResult:
-        """Receive the whole migration from ``conn``; returns when every page is in."""
-        self._conn = conn
-        lib.pc_dest_set_return_path(self.native, conn.fileno())
-        self._main = StreamReceiver(self, conn, codec.StreamDecoder(), timeout=self.timeout, wake_fd=self._left_fd)
-        conn.settimeout(self.timeout)
+        """Receive the whole migration from ``conn``; returns when every page is in.
+
+        After RUN a broken connection pauses the migration (with ``recover_timeout``): the program's
+        faulting threads keep waiting, and the migration goes on on a resumed main stream (:meth:`offer`)."""
+        self._attach(conn, codec.StreamDecoder())
         try:
-            self._main.receive_loop()
-            self._join_preempt()
-            return self._finish(self._main.decoder)
+            while True:
+                try:
+                    self._main.receive_loop()
+                    self._join_preempt()
+                    return self._finish(self._main.decoder)
+                except PeerDisconnected as e:      # PeerTimeout too
+                    if not self._may_pause():
+                        raise
+                    self._pause(e)
+                except ProtocolError as e:
+                    if not (self.phase.paused and self._main.decoder.resumed):
+                        raise
+                    # the resume handshake went wrong: that connection alone is refused
+                    self._pause(e, refused=True)
         except PostcopyError as e:
             err = self._stop_error or e
             missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
@@ -318,6 +340,111 @@ class Destination:
             raise err from None
         finally:
             self.close()
+
+    def _attach(self, conn: socket.socket, decoder: codec.StreamDecoder) -> None:
+        """``conn`` is the main stream from here on (the first, or a resumed one)."""
+        self._conn = conn
+        conn.settimeout(self.timeout)
+        lib.pc_dest_set_return_path(self.native, conn.fileno())
+        self._main = StreamReceiver(self, conn, decoder, timeout=self.timeout, wake_fd=self._left_fd)
+
+    # -- post-copy recovery (DESIGN.md section 9) ------------------------------------------
+    def _may_pause(self) -> bool:
+        """A broken connection pauses the migration only after RUN, with a migration id to resume by, with
+        recovery on, and when nothing else ends it (a signal, the program's leaving)."""
+        return (self.recover_timeout > 0 and (self.phase.running or self.phase.paused) and
+                self.migration is not None and self.migration.id != codec.NO_MIGRATION_ID.id and
+                self._stop_error is None and not self._program_gone and not self._closed)
+
+    def _pause(self, error: PostcopyError, *, refused: bool = False) -> None:
+        """Drop the broken channels, pause, and wait for a resumed main stream (attached on return);
+        PeerDisconnected once ``recover_timeout`` has passed since the pause began."""
+        reason = "the source resumed on a new connection" if self._superseded else str(error)
+        self._superseded = False
+        self._drop_channels()
+        if self.phase.on_pause(reason):
+            log.warning("post-copy paused: %s; waiting up to %g s for the source to resume on this address",
+                        reason, self.recover_timeout)
+        elif refused:
+            log.warning("refused a resumed stream: %s; the migration stays paused", reason)
+        else:
+            log.warning("the resumed stream failed: %s; the migration stays paused", reason)
+        conn, decoder = self._wait_resumed()
+        log.info("a source resumes the migration")
+        self._attach(conn, decoder)
+
+    def _drop_channels(self) -> None:
+        """End the main stream and the preempt channel (the source re-opens both)."""
+        with self._preempt_lock:
+            self._dropping = True
+            pconn, thread = self._preempt_conn, self._preempt_thread
+            self._preempt_conn = self._preempt_thread = None
+            self._preempt_adopted.clear()
+        for c in (self._conn, pconn):
+            if c is not None:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        if thread is not None:
+            thread.join(self.timeout)
+        # the fault thread's requests wait (PAUSED) until a resumed stream
+        lib.pc_dest_set_return_path(self.native, -1)
+        if self._conn is not None:
+            self._conn.close()
+        self._preempt_error = None
+        self._dropping = False
+
+    def _wait_resumed(self) -> tuple[socket.socket, codec.StreamDecoder]:
+        start = self.phase.pauses[-1][0]
+        deadline = start + self.recover_timeout
+        while True:
+            with self._resume_lock:
+                pending, self._resume_pending = self._resume_pending, None
+                self._resume_ready.clear()
+            if pending is not None:
+                return pending
+            if self._stop_error is not None:
+                raise self._stop_error
+            self.check_program()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerDisconnected(f"post-copy stayed paused for {time.monotonic() - start:.1f} s "
+                                       f"(--recover-timeout {self.recover_timeout:g}) and no source resumed it; "
+                                       f"it paused because {self.phase.pause_reason}")
+            self._resume_ready.wait(min(left, 0.2))
+
+    def _offer_resume(self, conn: socket.socket, decoder: codec.StreamDecoder) -> str | None:
+        """A connection whose RESUME section names this migration: it becomes the main stream (a
+        connection still in use is dead or stale: it is dropped).  Returns why it is refused, or None."""
+        migration = self.migration
+        if migration is None or migration.id == codec.NO_MIGRATION_ID.id:
+            return "this migration has no id to resume by (its source sent no ID section)"
+        if decoder.marker.id != migration.id:
+            return "its RESUME section names another migration id"
+        if self.recover_timeout <= 0:
+            return "recovery is off (--recover-timeout 0)"
+        if not (self.phase.running or self.phase.paused):
+            return f"RESUME while the migration is {self.phase.state.value} (only a running or paused migration " \
+                   f"resumes)"
+        with self._resume_lock:
+            if self._closed:
+                return "the migration has ended"
+            if self._resume_pending is not None:
+                return "another connection is resuming the migration already"
+            conn.settimeout(self.timeout)
+            self._resume_pending = (conn, decoder)
+            self._resume_ready.set()
+            current = self._conn
+            if current is not None and current.fileno() >= 0:
+                # a connection in use (half-open: the source knew it was dead before this side did, or a
+                # resume handshake that a newer one supersedes): ended, the stream's thread takes this one
+                self._superseded = True
+                try:
+                    current.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        return None
 
     def stop(self, error: PostcopyError) -> bool:
         """Make run() fail with ``error`` (e.g. a signal): it ends the source connection.
@@ -335,7 +462,7 @@ class Destination:
 
     def at_risk(self) -> str | None:
         """Why stopping now would lose the attached program (it runs, pages are missing), or None."""
-        if self.program is None or not self.phase.running or self._closed:
+        if self.program is None or not (self.phase.running or self.phase.paused) or self._closed:
             return None
         missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
         if missing <= 0:
@@ -343,48 +470,56 @@ class Destination:
         return f"the attached program (pid {self.program.pid}) runs here and {missing} of its pages are still missing"
 
     # -- the preempt channel ---------------------------------------------------------
-    def add_preempt(self, conn: socket.socket) -> str | None:
-        """A second connection: adopted as the source's preempt channel (requested pages only) if the
-        main stream's ID section announced one, only once, and only if it starts with that id.
+    def offer(self, conn: socket.socket) -> str | None:
+        """A further connection to the listening address: by its first section, the source's preempt channel
+        (requested pages only) or, after a failure, a resumed main stream.
 
-        Returns None once adopted, else why it is refused (the caller warns and closes it; the
-        migration goes on).
+        The preempt channel is adopted if the main stream's ID section announced one, only once per main
+        stream, and only if it starts with that id; a resumed stream only with that id, while the migration
+        runs or is paused.  Returns None once adopted, else why it is refused (the caller warns and closes
+        it; the migration goes on).
         """
         deadline = time.monotonic() + self.timeout
         # the source may connect it before sending its preamble on the main stream
         while not self._migration_known.wait(0.05):
             if self._closed or time.monotonic() > deadline:
                 return "the main stream has announced no preempt channel"
-        main = self._main
-        migration = main.decoder.migration
-        if not migration.preempt_channels:
-            return "the main stream announced no preempt channel"
-        if self._preempt_thread is not None:
-            return "the preempt channel is connected already"
-        decoder = codec.StreamDecoder(joining=main.decoder.blocks)
-        # exactly the header and the PREEMPT section: nothing of the channel's RAM is read here
+        decoder = codec.StreamDecoder(joining=self._wire_blocks)
+        # exactly the header and the PREEMPT or RESUME section: nothing after it is read here
         want = 8 + 1 + codec.MIGRATION_ID_LENGTH
-        marker = None
         try:
-            while decoder.offset + decoder.buffered < want:
+            while decoder.marker is None:
                 conn.settimeout(max(0.001, deadline - time.monotonic()))
                 data = conn.recv(want - decoder.offset - decoder.buffered)
                 if not data:
                     return "it closed before sending a preempt channel header"
                 decoder.feed(data)
-                for ev in decoder.events():   # Header, PreemptChannel: raises on anything else
-                    if type(ev) is codec.PreemptChannel:
-                        marker = ev.id
+                for _ in decoder.events():   # Header, then PreemptChannel or Resume: raises on anything else
+                    pass
         except socket.timeout:
             return f"it sent no preempt channel header within {self.timeout:g} s"
         except OSError as e:
             return f"it failed before sending a preempt channel header: {e.strerror or e}"
         except ProtocolError as e:
             return str(e)
-        if marker != migration.id:
+        if decoder.resumed:
+            return self._offer_resume(conn, decoder)
+        return self._adopt_preempt(conn, decoder, deadline)
+
+    def _adopt_preempt(self, conn: socket.socket, decoder: codec.StreamDecoder, deadline: float) -> str | None:
+        migration = self.migration
+        if not migration.preempt_channels:
+            return "the main stream announced no preempt channel"
+        if decoder.marker.id != migration.id:
             return "its preempt channel header names another migration id"
+        # a resumed source re-opens its preempt channel once it has RESUME_ACK, sent just before this side
+        # runs again
+        while self.phase.paused:
+            if self._closed or time.monotonic() > deadline:
+                return "the migration is paused: a preempt channel joins a resumed stream after RESUME_ACK"
+            time.sleep(0.005)
         conn.settimeout(None)   # idle whenever nothing is requested; it ends with the main stream
-        channel = StreamReceiver(self, conn, decoder, timeout=self.timeout, main=main)
+        channel = StreamReceiver(self, conn, decoder, timeout=self.timeout, main=self._main)
         thread = threading.Thread(target=self._run_preempt, args=(channel,), name="postcopy/preempt", daemon=True)
         with self._preempt_lock:   # close() may be running in the stream's thread
             if self._closed:
@@ -411,8 +546,10 @@ class Destination:
         try:
             channel.receive_loop()
         except PostcopyError as e:
-            if self._program_gone:
-                return   # the main stream's thread decides what the program's leaving means
+            if self._program_gone or self._dropping:
+                # the main stream's thread decides what the program's leaving means, and it ended
+                # this channel itself to pause
+                return
             self._preempt_error = e
             try:
                 self._conn.shutdown(socket.SHUT_RDWR)   # wake the main stream loop
@@ -424,7 +561,7 @@ class Destination:
     def _join_preempt(self):
         """At EOF on the main stream: an announced preempt channel must have connected and ended
         (the source sent some requested pages only there)."""
-        migration = self._main.decoder.migration
+        migration = self.migration
         if migration is not None and migration.preempt_channels and not self._all_received():
             if not self._preempt_adopted.wait(self.timeout):
                 missing = self.total_pages - lib.pc_dest_count_received(self.native, -1)
@@ -450,6 +587,7 @@ class Destination:
         """A non-RAM event of the main stream (the receiver's sink); True at EOF."""
         off = decoder.offset
         if decoder.migration is not None and not self._migration_known.is_set():
+            self.migration, self._wire_blocks = decoder.migration, dict(decoder.blocks)
             self._migration_known.set()
         t = type(ev)
         if self._pending_discards and t is not codec.PostcopyRamDiscard:
@@ -476,8 +614,11 @@ class Destination:
         elif t is codec.RecvBitmapRequest:
             self._recv_bitmap(ev)
         elif t is codec.PostcopyResume:
-            raise ProtocolError("POSTCOPY_RESUME: this destination has no paused migration to resume",
-                                section="COMMAND POSTCOPY_RESUME", offset=off)
+            # (only a resumed stream's decoder lets it through) RESUME_ACK goes before the requests sent again
+            self._send_rp(codec.encode_rp(codec.ResumeAck()))
+            seconds = self.phase.on_resume(off)
+            log.warning("post-copy resumed after %.0f ms (recovery %d)", seconds * 1000,
+                        self.phase.recovery_figures()["postcopy-recoveries"])
         elif t is codec.Eof:
             return True
         self.phase.command_done(t is codec.Ping)
@@ -488,10 +629,6 @@ class Destination:
         lib.pc_dest_get_stats(self.native, raw)
         if raw.first_error:
             self.check_program()
-            if raw.first_error in (errno.EPIPE, errno.ECONNRESET):
-                # a page request met the closed return path before the stream's EOF did
-                raise PeerDisconnected(f"the source connection failed while a page request was sent: "
-                                       f"{os.strerror(raw.first_error)}")
             raise PostcopyError(f"the fault thread failed: {os.strerror(raw.first_error)}")
 
     def _finish(self, decoder) -> DestinationResult:
@@ -521,7 +658,7 @@ class Destination:
         end = phase.t_complete or time.monotonic()
         return dest_stats(raw, total_pages=self.total_pages, elapsed_s=end - self.t_start,
                           run_to_complete_s=(end - phase.t_run) if phase.t_run else None,
-                          downtime_ms=phase.downtime_ms)
+                          downtime_ms=phase.downtime_ms, recovery=phase.recovery_figures())
 
     def progress(self) -> dict:
         """A snapshot for a live display.  ``received``: pages in now (discards at the switch-over
@@ -533,17 +670,26 @@ class Destination:
         # the phase is read after the counters: a count lowered by discards is never
         # reported as pre-copy (_switching is set before the first discard is applied)
         phase = self.phase
-        name = "done" if phase.t_complete is not None else "post-copy" if phase.t_run is not None else \
-            "switch-over" if self._switching else "pre-copy"
+        name = "done" if phase.t_complete is not None else "paused" if phase.paused else \
+            "post-copy" if phase.t_run is not None else "switch-over" if self._switching else "pre-copy"
         arrived = raw.precopy_pages + raw.overwritten_pages + raw.demand_pages + raw.background_pages + \
             raw.skipped_pages
-        return {"phase": name, "received": int(raw.received_pages), "total": self.total_pages,
+        snap = {"phase": name, "received": int(raw.received_pages), "total": self.total_pages,
                 "arrived": int(arrived), "demand": int(raw.demand_pages), "background": int(raw.background_pages),
-                "faults": int(raw.faults), "requests": int(raw.requests)}
+                "faults": int(raw.faults), "requests": int(raw.requests),
+                "recoveries": phase.recovery_figures()["postcopy-recoveries"]}
+        if name == "paused":
+            snap.update(reason=phase.pause_reason, paused_s=time.monotonic() - phase.pauses[-1][0],
+                        recover_timeout=self.recover_timeout)
+        return snap
 
     def close(self):
         """Stop the fault thread, unregister (not an attached program's missing memory), restore mlock;
         the uffd itself is closed by its owner."""
+        with self._resume_lock:
+            pending, self._resume_pending = self._resume_pending, None
+        if pending is not None:
+            pending[0].close()
         with self._preempt_lock:
             self._closed = True
             conn, thread = self._preempt_conn, self._preempt_thread
@@ -560,6 +706,8 @@ class Destination:
         if not self.phase.ended and (self.program is None or self._all_received()):
             self._unregister_all()
         lib.pc_dest_set_return_path(self.native, -1)
+        if self._conn is not None:
+            self._conn.close()   # a resumed stream's (the first is its caller's too)
         if self._mlocked:
             relock()
             self._mlocked = False

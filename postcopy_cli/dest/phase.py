@@ -14,6 +14,11 @@ RUNNING       place the assembled pages; native phase: no page present is
               ``t_run``; downtime from a PING right before LISTEN
 END           ``t_complete``; native phase; wind down (SHUT 0, fault thread,
               registration); tell the program it is complete
+PAUSED        (a channel broke after RUN) native phase: faults only mark their
+              pages requested; tell the program; the pause starts
+RUNNING       (POSTCOPY_RESUME on a resumed stream) native phase: every page
+again         requested and not received is requested again; tell the
+              program; the pause ends (its duration is a recovery's)
 ============  ==============================================================
 """
 from __future__ import annotations
@@ -69,6 +74,9 @@ class DestPhase:
         self.downtime_ms: float | None = None
         self._last_ping: tuple[int, float] | None = None   # (value, when) of the last PING
         self._prev_was_ping = False
+        #: post-copy recovery: (when paused, when resumed or None) per pause, in order
+        self.pauses: list[tuple[float, float | None]] = []
+        self.pause_reason: str | None = None
 
     def _next(self, event: str, offset: int | None) -> PostcopyState:
         """The phase ``event`` leads to, or ProtocolError before any side effect."""
@@ -125,7 +133,44 @@ class DestPhase:
         wind_down()
         self._tell({"event": "complete"})
 
+    def on_pause(self, reason: str) -> bool:
+        """A channel broke after RUN (or again while paused).  True if this starts a pause."""
+        state = self._next("PAUSE", None)
+        if self.state is PostcopyState.PAUSED:
+            return False
+        self._enter(state)
+        self.pauses.append((self.clock(), None))
+        self.pause_reason = reason
+        self._tell({"event": "paused", "reason": reason})
+        return True
+
+    def on_resume(self, offset: int) -> float:
+        """POSTCOPY_RESUME on a resumed stream (RESUME_ACK sent): running again.  Returns the pause's
+        seconds."""
+        state = self._next("POSTCOPY_RESUME", offset)
+        self._enter(state)
+        start, _ = self.pauses[-1]
+        now = self.clock()
+        self.pauses[-1] = (start, now)
+        self.pause_reason = None
+        self._tell({"event": "resumed"})
+        return now - start
+
     # -- questions -----------------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        """Post-copy recovery: waiting for the source to resume on a new connection."""
+        return self.state is PostcopyState.PAUSED
+
+    def recovery_figures(self) -> dict:
+        """postcopy-recoveries, postcopy-paused-ms (all pauses, the current one so far) and
+        postcopy-recovery-ms (each completed recovery)."""
+        now = self.clock()
+        done = [round((e - s) * 1000, 3) for s, e in self.pauses if e is not None]
+        total = sum(((e if e is not None else now) - s) for s, e in self.pauses)
+        return {"postcopy-recoveries": len(done), "postcopy-paused-ms": round(total * 1000, 3),
+                "postcopy-recovery-ms": done}
+
     @property
     def running(self) -> bool:
         """The program runs on this side's pages and the migration has not ended."""

@@ -26,6 +26,7 @@ class ServeOptions:
     timeout: float = 30.0
     accept_timeout: float | None = None
     insecure: bool = False
+    recover_timeout: float = 600.0
 
 
 class ServeDest:
@@ -94,20 +95,22 @@ class ServeDest:
 
     def run(self, *, progress=None) -> DestinationResult:
         blocks = self._attach() if self.uffd_listener else self._own_memory()
-        self.dest = Destination(blocks, self.uffd, program=self.program, timeout=self.opts.timeout)
+        self.dest = Destination(blocks, self.uffd, program=self.program, timeout=self.opts.timeout,
+                                recover_timeout=self.opts.recover_timeout)
         conn = self._accept_source()
         stop = threading.Event()
         if progress:
             threading.Thread(target=self._report, args=(progress, stop), daemon=True).start()
-        threading.Thread(target=self._accept_preempt, args=(stop,), name="postcopy/accept", daemon=True).start()
+        threading.Thread(target=self._accept_more, args=(stop,), name="postcopy/accept", daemon=True).start()
         try:
             return self.dest.run(conn)
         finally:
             stop.set()
             conn.close()
 
-    def _accept_preempt(self, stop: threading.Event):
-        """The source may open a second connection: its preempt channel for requested pages."""
+    def _accept_more(self, stop: threading.Event):
+        """The source may open further connections: its preempt channel for requested pages and, after a
+        failure, a resumed main stream."""
         while not stop.is_set():
             try:
                 conn = transport.accept(self.listener, 0.2, quiet=self._ended)
@@ -116,14 +119,14 @@ class ServeDest:
             except OSError:
                 return
             # each checked on its own: a connection that sends nothing delays no other
-            threading.Thread(target=self._offer_preempt, args=(conn,), name="postcopy/offer", daemon=True).start()
+            threading.Thread(target=self._offer, args=(conn,), name="postcopy/offer", daemon=True).start()
 
     def _ended(self) -> bool:
         """Every page is in (or the migration is over): a late connection is no news."""
         return self.dest.closed or self.dest.phase.ended
 
-    def _offer_preempt(self, conn: socket.socket):
-        reason = self.dest.add_preempt(conn)
+    def _offer(self, conn: socket.socket):
+        reason = self.dest.offer(conn)
         if reason is not None:
             if not self._ended():
                 log.warning("refused an extra connection to %s during the migration: %s", self.bound, reason)

@@ -26,7 +26,7 @@ def histogram_percentile(buckets, q: float) -> float | None:
 
 
 def dest_stats(raw, *, total_pages: int, elapsed_s: float, downtime_ms: float | None = None,
-               run_to_complete_s: float | None = None) -> dict:
+               run_to_complete_s: float | None = None, recovery: dict | None = None) -> dict:
     """The destination's report from the native counters (``struct pc_dest_stats``)."""
     hist = [int(raw.hist[i]) for i in range(32)]
     samples = int(raw.latency_samples)
@@ -60,4 +60,7 @@ def dest_stats(raw, *, total_pages: int, elapsed_s: float, downtime_ms: float | 
         },
         "other-events": int(raw.events_other),
         "unknown-faults": int(raw.unknown_faults),
+        # post-copy recovery: recoveries, pause time in all, each recovery's pause, requests sent again
+        **(recovery or {"postcopy-recoveries": 0, "postcopy-paused-ms": 0.0, "postcopy-recovery-ms": []}),
+        "postcopy-rerequests": int(raw.rerequests),
     }

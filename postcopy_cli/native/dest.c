@@ -9,6 +9,7 @@
  * fault thread and the placing thread run concurrently. */
 #include "dest_internal.h"
 #include "io.h"
+#include <sys/socket.h>
 #include "wire.h"
 #include <stdlib.h>
 
@@ -121,6 +122,8 @@ int send_requests(struct pc_dest *d, const uint64_t *reqs, size_t n)
     size_t i = 0;
     int r = 0;
     pthread_mutex_lock(&d->rp_lock);
+    if (d->rp_fd < 0)
+        r = -ENOTCONN;
     while (i < n && r == 0) {
         size_t len = 0;
         for (; i < n && len + PC_WIRE_REQ_MAX <= sizeof buf; i++) {
@@ -128,6 +131,13 @@ int send_requests(struct pc_dest *d, const uint64_t *reqs, size_t n)
             len += encode_request(d, block, reqs[i] & ((1ULL << 56) - 1), buf + len);
         }
         r = pc_send_all(d->rp_fd, buf, len);
+    }
+    if (r && d->rp_fd >= 0) {
+        /* the connection is broken: end it, so the stream's thread, reading it,
+         * notices now (and pauses the migration, or fails it); the pages keep
+         * their "requested" bits and are asked for again on a resumed stream */
+        shutdown(d->rp_fd, SHUT_RDWR);
+        __atomic_fetch_add(&d->st.request_send_failures, 1, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&d->rp_lock);
     if (r == 0)
@@ -143,39 +153,95 @@ void pc_dest_set_return_path(struct pc_dest *d, int rp_fd)
     pthread_mutex_unlock(&d->rp_lock);
 }
 
-/* from POSTCOPY_LISTEN on, faults become requests; those read before are sent now */
-static int enable_requests(struct pc_dest *d)
+/* Collects into d->pending every page asked for and not received yet (the
+ * requested bit is set on the first target page of each host page).
+ * Caller holds state_lock. */
+static int collect_outstanding(struct pc_dest *d)
+{
+    d->npending = 0;
+    for (int bi = 0; bi < d->nblocks; bi++) {
+        const struct pc_dest_block *b = &d->blocks[bi];
+        uint64_t words = (b->length / TP + 63) / 64;
+        for (uint64_t w = 0; w < words; w++) {
+            uint64_t want = __atomic_load_n(&b->requested[w], __ATOMIC_ACQUIRE) &
+                            ~__atomic_load_n(&b->received[w], __ATOMIC_ACQUIRE);
+            while (want) {
+                uint64_t page = w * 64 + (uint64_t)__builtin_ctzll(want);
+                want &= want - 1;
+                if (d->npending == d->cap_pending) {
+                    size_t cap = d->cap_pending ? d->cap_pending * 2 : 256;
+                    uint64_t *np = realloc(d->pending, cap * sizeof *np);
+                    if (!np)
+                        return -ENOMEM;
+                    d->pending = np;
+                    d->cap_pending = cap;
+                }
+                d->pending[d->npending++] = ((uint64_t)bi << 56) | (page << TP_SHIFT);
+            }
+        }
+    }
+    return 0;
+}
+
+/* From POSTCOPY_LISTEN on, faults become requests; those read before are sent
+ * now.  Coming back from PAUSED (a resumed stream), every page asked for and
+ * not received is asked for again: requests in flight when the old connection
+ * broke are lost with it, and faults read while paused only set their bits. */
+static int enable_requests(struct pc_dest *d, int resuming)
 {
     pthread_mutex_lock(&d->state_lock);
     int r = d->requests_enabled ? 0 : -ENOTCONN;
     if (!d->requests_enabled && d->rp_fd >= 0) {
         d->requests_enabled = 1;
-        /* a fault whose page arrived in pre-copy meanwhile needs no request */
         size_t n = 0;
-        for (size_t i = 0; i < d->npending; i++) {
-            uint64_t off = d->pending[i] & ((1ULL << 56) - 1);
-            if (!bit_test(d->blocks[d->pending[i] >> 56].received, off >> TP_SHIFT))
-                d->pending[n++] = d->pending[i];
+        if (resuming) {
+            r = collect_outstanding(d);
+            n = d->npending;
+        } else {
+            /* a fault whose page arrived in pre-copy meanwhile needs no request */
+            for (size_t i = 0; i < d->npending; i++) {
+                uint64_t off = d->pending[i] & ((1ULL << 56) - 1);
+                if (!bit_test(d->blocks[d->pending[i] >> 56].received, off >> TP_SHIFT))
+                    d->pending[n++] = d->pending[i];
+            }
+            r = 0;
         }
-        r = n ? send_requests(d, d->pending, n) : 0;
+        if (r == 0 && n)
+            r = send_requests(d, d->pending, n);
+        if (r == 0 && resuming)
+            __atomic_fetch_add(&d->st.rerequests, n, __ATOMIC_RELAXED);
         d->npending = 0;
     }
     pthread_mutex_unlock(&d->state_lock);
     return r;
 }
 
+/* PAUSED: the source connection broke after RUN.  Faults read from here on
+ * only mark their pages requested (the faulting threads keep waiting, the
+ * registration stays); enable_requests asks for them on the resumed stream. */
+static void disable_requests(struct pc_dest *d)
+{
+    pthread_mutex_lock(&d->state_lock);
+    d->requests_enabled = 0;
+    d->npending = 0;
+    pthread_mutex_unlock(&d->state_lock);
+}
+
 /* The one place the phase reaches the hot paths.  From LISTENING on, own
  * memory is registered (the caller registered it before) and faults become
  * requests (END after a stream without LISTEN changes neither); from RUNNING
- * on, the program runs on the pages, so a present page is never overwritten.
- * Release stores: a thread that sees the new flag sees what was done before
- * it was set. */
+ * on, the program runs on the pages, so a present page is never overwritten;
+ * PAUSED holds requests back until the stream resumes.  Release stores: a
+ * thread that sees the new flag sees what was done before it was set. */
 int pc_dest_set_phase(struct pc_dest *d, int phase)
 {
     int r = 0;
-    if (phase >= PC_PHASE_LISTENING && phase != PC_PHASE_END) {
+    int from = __atomic_load_n(&d->phase, __ATOMIC_ACQUIRE);
+    if (phase == PC_PHASE_PAUSED) {
+        disable_requests(d);
+    } else if (phase >= PC_PHASE_LISTENING && phase != PC_PHASE_END) {
         __atomic_store_n(&d->registered, 1, __ATOMIC_RELEASE);
-        r = enable_requests(d);
+        r = enable_requests(d, from == PC_PHASE_PAUSED);
         if (r < 0)
             return r;
     }

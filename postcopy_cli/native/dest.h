@@ -47,6 +47,8 @@ struct pc_dest_stats {
     uint64_t latency_samples;
     uint64_t hist[PC_HIST_BUCKETS]; /* bucket i: latency < 2^i us (i=0: < 1us) */
     uint64_t received_pages;    /* target pages marked received */
+    uint64_t request_send_failures; /* page requests the broken return path did not take */
+    uint64_t rerequests;        /* requests sent again on resumed streams */
     int64_t first_error;        /* first errno the fault thread met (0: none) */
 };
 

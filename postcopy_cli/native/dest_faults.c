@@ -198,11 +198,10 @@ int pc_dest_fault_loop(struct pc_dest *d)
                 d->st.events_other++;
             }
         }
-        if (nreq) {
-            int e = send_requests(d, reqs, nreq);
-            if (e)
-                note_error(d, -e);
-        }
+        /* a failed send ends the connection (send_requests): the stream's
+         * thread decides; the pages stay requested and are asked for again */
+        if (nreq)
+            send_requests(d, reqs, nreq);
         pthread_mutex_unlock(&d->state_lock);
     }
 }
