@@ -190,6 +190,7 @@ class FaultProxy:
         self._links: dict[int, _Link] = {}    # proxy thread only, by record index
         self._draining: set[socket.socket] = set()
         self._cutting: list[_Link] = []
+        self._orphans: list[tuple[str | None, socket.socket]] = []   # half-open sides left by cut(side=)
         self._calls: collections.deque = collections.deque()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -222,21 +223,28 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ faults
 
-    def cut(self, kind: str | None = None, how: str = "rst") -> int:
-        """Closes the open connections (of `kind`, else all), both sides: ``how="rst"``
-        aborts (SO_LINGER 0: the peers read ECONNRESET), ``how="fin"`` shuts them down
-        cleanly (the peers read EOF).  Records the time of the cut if one closed; returns
-        how many closed."""
+    def cut(self, kind: str | None = None, how: str = "rst", side: str = "both") -> int:
+        """Closes the open connections (of `kind`, else all): ``how="rst"`` aborts
+        (SO_LINGER 0: the peers read ECONNRESET), ``how="fin"`` shuts them down cleanly
+        (the peers read EOF).  ``side="client"`` or ``"server"`` closes that side only and
+        leaves the other one open and silent (half-open: that peer has not noticed), until
+        a later ``cut`` of the same kind or the proxy's close.  Records the time of the cut
+        if one closed; returns how many closed."""
         if kind is not None and kind not in KINDS:
             raise ValueError(f"kind {kind!r}: one of {KINDS}")
         if how not in ("rst", "fin"):
             raise ValueError(f"how {how!r}: 'rst' or 'fin'")
+        if side not in ("both", "client", "server"):
+            raise ValueError(f"side {side!r}: 'both', 'client' or 'server'")
 
         def do():
             now = time.monotonic()
+            for k, sock in [o for o in self._orphans if kind is None or o[0] == kind]:
+                self._orphans.remove((k, sock))
+                _abort(sock)
             hit = [ln for ln in self._links.values() if kind is None or ln.rec.kind == kind]
             for ln in hit:
-                self._close_link(ln, "cut", how, now)
+                self._close_link(ln, "cut", how, now, side)
             if hit:
                 self._cuts.append(now)
             return len(hit)
@@ -412,6 +420,9 @@ class FaultProxy:
                     self._sel.unregister(s)
                     s.close()
                 self._draining.clear()
+                for _, sock in self._orphans:
+                    _abort(sock)
+                self._orphans.clear()
                 self._listener.close()
                 while self._calls:
                     fn, done, box = self._calls.popleft()
@@ -613,7 +624,7 @@ class FaultProxy:
         if ln.c2s.shut and s2c is not None and s2c.shut:
             self._close_link(ln, "client" if ln.c2s.eof else "server", "fin", time.monotonic())
 
-    def _close_link(self, ln: _Link, by: str, how: str, now: float):
+    def _close_link(self, ln: _Link, by: str, how: str, now: float, side: str = "both"):
         rec = ln.rec
         if not rec.open:
             return
@@ -626,6 +637,9 @@ class FaultProxy:
                 continue
             if sock in self._sel.get_map():
                 self._sel.unregister(sock)
+            if side != "both" and sock is not (ln.client if side == "client" else ln.server):
+                self._orphans.append((rec.kind, sock))
+                continue
             if how == "rst":
                 _abort(sock)
                 continue

@@ -169,6 +169,20 @@ def test_cut_of_one_kind_leaves_the_others(proxy, server):
         sock.close()
 
 
+def test_a_one_sided_cut_leaves_the_other_peer_half_open(proxy, server):
+    c, s = pair(proxy, server)
+    assert proxy.cut(side="client") == 1
+    assert read_to_end(c) == (b"", "reset")
+    s.sendall(b"into the void")                  # the server has not noticed: no reset, silence
+    assert not select.select([s], [], [], 0.3)[0]
+    c2, s2 = pair(proxy, server, RESUME)         # a new connection goes through meanwhile
+    assert proxy.cut("main") == 0                # the half-open side is closed, no new cut
+    assert read_to_end(s) == (b"", "reset")
+    assert len(proxy.cuts()) == 1 and proxy.connections("resume")[0].open
+    for sock in (c, s, c2, s2):
+        sock.close()
+
+
 def test_stall_holds_every_byte_until_unstall(proxy, server):
     c, s = pair(proxy, server)
     proxy.stall()
