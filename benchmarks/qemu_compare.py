@@ -77,21 +77,14 @@ def qemu_missing() -> str | None:
     return None
 
 
-def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: float) -> dict:
-    why = qemu_missing()
-    if why:
-        return {"available": False, "error": why}
-    argv = [sys.executable, script, "--mem", str(mem_mib),
-            "--precopy-s", str(precopy_s)]
-    if bw:
-        argv += ["--bw", str(bw)]
-    t = time.monotonic()
-    fc = ForeignCPU()
-    # own process group: on a timeout or ^C the QEMU processes it started go too
+def run_anchor(argv: list[str], timeout: float) -> tuple[int, str, str]:
+    """Runs an anchor script to its end: (exit code, stdout, stderr).  It runs in a process
+    group of its own, so that on a timeout (TimeoutExpired) or ^C the QEMU processes it
+    started go too."""
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = p.communicate(timeout=timeout)
-    except BaseException as e:
+    except BaseException:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(p.pid, sig)
@@ -102,12 +95,27 @@ def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: floa
                 break
             except subprocess.TimeoutExpired:
                 continue
-        if isinstance(e, subprocess.TimeoutExpired):
-            return {"available": False, "error": f"postcopy_run.py timed out after {timeout:.0f} s"}
         raise
+    return p.returncode, stdout, stderr
+
+
+def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: float) -> dict:
+    why = qemu_missing()
+    if why:
+        return {"available": False, "error": why}
+    argv = [sys.executable, script, "--mem", str(mem_mib),
+            "--precopy-s", str(precopy_s)]
+    if bw:
+        argv += ["--bw", str(bw)]
+    t = time.monotonic()
+    fc = ForeignCPU()
+    try:
+        rc, stdout, stderr = run_anchor(argv, timeout)
+    except subprocess.TimeoutExpired:
+        return {"available": False, "error": f"postcopy_run.py timed out after {timeout:.0f} s"}
     out = last_json(stdout)
-    if p.returncode or not out:
-        return {"available": False, "error": f"exit {p.returncode}: {(stdout + stderr).strip()[-500:]}"}
+    if rc or not out:
+        return {"available": False, "error": f"exit {rc}: {(stdout + stderr).strip()[-500:]}"}
     if out.get("status") != "completed":
         return {"available": False, "error": f"QEMU migration status {out.get('status')!r}", "raw": out}
     req = out.get("postcopy_requests") or 0

@@ -185,6 +185,36 @@ def kill_proc(p: subprocess.Popen | None):
         pass
 
 
+class Children:
+    """The `postcopy` children of one run: each one's stdout and stderr go to files in `work`."""
+
+    def __init__(self, work: str):
+        self.work = work
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.files: dict[str, tuple] = {}
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        self.files[name] = (open(os.path.join(self.work, name + ".out"), "w+"),
+                            open(os.path.join(self.work, name + ".err"), "w+"))
+        self.procs[name] = subprocess.Popen(argv, stdout=self.files[name][0], stderr=self.files[name][1],
+                                            cwd=self.work, env=child_env())
+        return self.procs[name]
+
+    def text(self, name: str, which: str = "out") -> str:
+        f = self.files[name][0 if which == "out" else 1]
+        f.flush()
+        f.seek(0)
+        return f.read()
+
+    def close(self):
+        """Ends the children still running and closes their files."""
+        for p in self.procs.values():
+            kill_proc(p)
+        for fo, fe in self.files.values():
+            fo.close()
+            fe.close()
+
+
 class StatusSampler(threading.Thread):
     """Samples VmHWM / VmRSS of a PID from /proc every `interval` seconds."""
 
