@@ -177,7 +177,8 @@ def test_program_never_reads_zeros_after_a_failure(tmp_path, serve_dest, how):
     image = tmp_path / "img"
     data = write_image(image, size, seed=7, zero_runs=())
     usock = str(tmp_path / "u.sock")
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", usock, "--json", "--timeout", "30")
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", usock, "--json", "--timeout", "30",
+                    "--recover-timeout", "1")   # recovery waits 1 s, then fails as before
     prog = Prog(usock, str(image), size)
     migrate = conn = None
     try:
@@ -251,7 +252,8 @@ def test_workload_incoming_told_failed_exits_1_not_sigsegv(tmp_path, serve_dest)
         for i in range(size // PAGE):
             f.write(guest.layout_page(i, size, 3, PAGE))
     usock = str(tmp_path / "u.sock")
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", usock, "--timeout", "30")
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", usock, "--timeout", "30",
+                    "--recover-timeout", "1")
     inc = subprocess.Popen(postcopy_cmd("workload", "incoming", "--mem", str(size), "--attach", usock),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     migrate = subprocess.Popen(postcopy_cmd("migrate", "--to", f"tcp:127.0.0.1:{sd.port}", "--image", str(image),
