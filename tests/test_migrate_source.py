@@ -209,7 +209,7 @@ def test_destination_disconnects(tmp_path, fake_dest):
     image = tmp_path / "img"
     write_image(image, 32 * MiB, seed=6)
     d = fake_dest()
-    proc = start_migrate(d, image)
+    proc = start_migrate(d, image, "--recover-timeout", "0")   # RUN is out already: no pause
     d.accept()
     d.read_until(_is(codec.PostcopyAdvise))
     d.conn.close()
@@ -223,7 +223,7 @@ def test_destination_disconnects_after_eof(tmp_path, fake_dest):
     image = tmp_path / "img"
     write_image(image, 1 * MiB, seed=6)
     d = fake_dest()
-    proc = start_migrate(d, image)
+    proc = start_migrate(d, image, "--recover-timeout", "0")
     d.accept()
     d.read_until(_is(codec.Eof))
     d.conn.close()
@@ -271,7 +271,7 @@ def test_destination_never_answers_shut(tmp_path, fake_dest):
     image = tmp_path / "img"
     write_image(image, 1 * MiB, seed=6)
     d = fake_dest()
-    proc = start_migrate(d, image, "--timeout", "1")
+    proc = start_migrate(d, image, "--timeout", "1", "--recover-timeout", "0")
     d.accept()
     d.read_until(_is(codec.Eof))
     rc, out, err = finish(proc)
