@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from conftest import PROC_TIMEOUT, finish, postcopy_cmd, single_stderr_line, write_image
+from fakes import read_events
 from postcopy_cli import codec
 
 PAGE = 4096
@@ -35,17 +36,7 @@ class FakeDest:
 
     def read_until(self, pred):
         """Decode events until ``pred(event)`` is true for one; returns every event read."""
-        events = []
-        while True:
-            for ev in self.decoder.events():
-                if isinstance(ev, codec.RamPage):
-                    ev = codec.RamPage(ev.block, ev.offset, bytes(ev.data))
-                events.append(ev)
-                if pred(ev):
-                    return events
-            chunk = self.conn.recv(1 << 16)
-            assert chunk, f"source closed the stream after {len(events)} events"
-            self.decoder.feed(chunk)
+        return read_events(self.conn, self.decoder, pred, "the event looked for")
 
     def close(self):
         if self.conn:

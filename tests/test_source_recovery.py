@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from conftest import PROC_TIMEOUT, finish, postcopy_cmd, write_image
+from fakes import read_events
 from postcopy_cli import codec
 
 PAGE = 4096
@@ -35,17 +36,7 @@ class Connection:
 
     def events(self, pred, what: str) -> list:
         """Events until ``pred(event)`` holds for one (returned last)."""
-        out = []
-        while True:
-            for ev in self.decoder.events():
-                if isinstance(ev, codec.RamPage):
-                    ev = codec.RamPage(ev.block, ev.offset, bytes(ev.data))
-                out.append(ev)
-                if pred(ev):
-                    return out
-            chunk = self.sock.recv(1 << 16)
-            assert chunk, f"the source closed the connection before {what} (after {len(out)} events)"
-            self.decoder.feed(chunk)
+        return read_events(self.sock, self.decoder, pred, what)
 
     def send(self, *messages) -> None:
         self.sock.sendall(b"".join(codec.encode_rp(m) for m in messages))
@@ -67,6 +58,7 @@ class RecoveringDest:
         self.address = f"tcp:127.0.0.1:{self.listener.getsockname()[1]}"
         self.migration_id: bytes | None = None
         self.resends = 0   # pages received again (preempt copies of requested pages)
+        self.procs: list = []
 
     def accept(self, joining: bool = False) -> Connection:
         sock, _ = self.listener.accept()
@@ -132,14 +124,25 @@ class RecoveringDest:
             conn.send(codec.ReqPagesId("mem", missing[-1], PAGE))
         return conn
 
-    def finish(self, conn: Connection, preempt: Connection | None = None) -> None:
-        """Read to EOF; every page is in, byte for byte; answer SHUT 0."""
+    def finish(self, conn: Connection, preempt: Connection | None = None, *, again=frozenset()) -> None:
+        """Read to EOF (on both channels); every page is in, byte for byte; answer SHUT 0.  ``again``:
+        pages the preempt channel may bring a second copy of (requested since the resume)."""
         self.take(conn.events(lambda e: isinstance(e, codec.Eof), "EOF"))
         if preempt is not None:
             self.take(preempt.events(lambda e: isinstance(e, codec.Eof), "the preempt channel's EOF"),
-                      allow_again=set(self.have))
+                      allow_again=set(self.have) - again)
         assert not self.missing(), f"{len(self.missing())} pages never arrived"
         conn.send(codec.Shut(0))
+
+    def resume_with_preempt(self) -> None:
+        """A resume, the re-opened preempt channel (after RESUME_ACK), then to the end: no page
+        received before the resume comes again on either channel."""
+        conn = self.resume()
+        before = frozenset(self.have)
+        preempt = self.accept(joining=True)
+        marker = preempt.events(lambda e: isinstance(e, codec.PreemptChannel), "PREEMPT")
+        assert marker == [codec.Header(), codec.PreemptChannel(self.migration_id)]
+        self.finish(conn, preempt, again=before)
 
     def close(self):
         self.listener.close()
@@ -159,6 +162,10 @@ def image_dest(tmp_path):
 
     yield make
     for d in made:
+        for proc in d.procs:   # a failed test leaves no source reconnecting for --recover-timeout
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         d.close()
 
 
@@ -170,9 +177,11 @@ def state_dir(tmp_path, monkeypatch):
 
 
 def start(d: RecoveringDest, *extra, image=None):
-    return subprocess.Popen(postcopy_cmd("migrate", "--to", d.address, "--image", str(image or d.path), "--json",
+    proc = subprocess.Popen(postcopy_cmd("migrate", "--to", d.address, "--image", str(image or d.path), "--json",
                                          *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    d.procs.append(proc)
+    return proc
 
 
 def ok_stats(proc) -> dict:
@@ -198,33 +207,29 @@ def test_five_cuts_in_one_migration_resend_exactly_the_missing_pages(image_dest)
     assert stats["migration-id"] == d.migration_id.hex()
 
 
-def test_cut_during_the_handshake_retries(image_dest):
+@pytest.mark.parametrize("failed_attempt", ["cut-before-resume-ack", "refused"])
+def test_a_failed_resume_attempt_is_retried(image_dest, failed_attempt):
+    """A double failure: the resume connection is cut after RECV_BITMAP, before RESUME_ACK; or the
+    destination refuses the resume (SHUT 1): the source retries on a new connection."""
     d = image_dest()
     proc = start(d, "--single-channel")
     conn, _ = d.first()
     d.read_pages(conn, 64)
     rst_close(conn.sock)
-    half = d.resume_request()
-    half.send(codec.RecvBitmap("mem", d.bitmap()))   # then a cut before RESUME_ACK
-    rst_close(half.sock)
+    failed = d.resume_request()
+    if failed_attempt == "refused":
+        failed.send(codec.Shut(1))
+        failed.sock.close()
+    else:
+        failed.send(codec.RecvBitmap("mem", d.bitmap()))
+        rst_close(failed.sock)
     conn = d.resume()
     d.finish(conn)
-    stats = ok_stats(proc)
+    rc, out, err = finish(proc)
+    assert rc == 0, err
+    stats = json.loads(out)
     assert stats["postcopy-recoveries"] == 1 and stats["postcopy-reconnect-attempts"] >= 2
-
-
-def test_refused_resume_retries(image_dest):
-    d = image_dest()
-    proc = start(d, "--single-channel")
-    conn, _ = d.first()
-    d.read_pages(conn, 64)
-    rst_close(conn.sock)
-    refused = d.resume_request()
-    refused.send(codec.Shut(1))
-    refused.sock.close()
-    conn = d.resume()
-    d.finish(conn)
-    assert ok_stats(proc)["postcopy-recoveries"] == 1
+    assert "post-copy resume failed" in err, err
 
 
 def test_recover_timeout_0_fails_at_once(image_dest):
@@ -260,16 +265,7 @@ def test_preempt_channel_cut_alone(image_dest):
     rst_close(preempt.sock)
     # the next requested page goes on the preempt channel: its write fails, the source pauses
     conn.send(codec.ReqPagesId("mem", d.missing()[-1], PAGE))
-    conn = d.resume()
-    before = set(d.have)
-    preempt = d.accept(joining=True)
-    marker = preempt.events(lambda e: isinstance(e, codec.PreemptChannel), "PREEMPT")
-    assert marker == [codec.Header(), codec.PreemptChannel(d.migration_id)]
-    d.take(conn.events(lambda e: isinstance(e, codec.Eof), "EOF"))
-    d.take(preempt.events(lambda e: isinstance(e, codec.Eof), "the preempt channel's EOF"),
-           allow_again=set(d.have) - before)
-    assert not d.missing()
-    conn.send(codec.Shut(0))
+    d.resume_with_preempt()
     stats = ok_stats(proc)
     assert stats["postcopy-recoveries"] == 1 and stats["preempt"] is True
 
@@ -318,15 +314,7 @@ def test_kill_9_then_resume_from_the_record(image_dest, state_dir):
     saved = json.loads(record.read_text())
     assert saved["migration-id"] == d.migration_id.hex() and saved["to"] == d.address
     proc = start(d, "--resume")
-    conn = d.resume()
-    before = set(d.have)
-    preempt = d.accept(joining=True)
-    preempt.events(lambda e: isinstance(e, codec.PreemptChannel), "PREEMPT")
-    d.take(conn.events(lambda e: isinstance(e, codec.Eof), "EOF"))
-    d.take(preempt.events(lambda e: isinstance(e, codec.Eof), "the preempt channel's EOF"),
-           allow_again=set(d.have) - before)
-    assert not d.missing()
-    conn.send(codec.Shut(0))
+    d.resume_with_preempt()
     assert ok_stats(proc)["postcopy-recoveries"] == 1
     assert not list(state_dir.iterdir()), "the record outlived the completed migration"
 

@@ -7,7 +7,7 @@ import sys
 import click
 
 from .. import signals
-from ..errors import UsageError
+from ..errors import PostcopyError, UsageError
 from ..units import parse_size
 from ..units import plural
 from ._common import RateMeter, common_options, emit_json, eta_of, format_duration, live_status, status_line
@@ -210,7 +210,11 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
     if mid is None:
         mid = os.urandom(16)
     _announce(as_json, mid, str(address))
-    record_file = record.write_record(image, str(address), mid, preempt_channels)
+    try:
+        record_file = record.write_record(image, str(address), mid, preempt_channels)
+    except PostcopyError as e:   # e.g. an unprivileged user and /run: --migration-id still names it
+        print(f"postcopy: warning: {e}; a restarted source needs --migration-id {mid.hex()}", file=sys.stderr)
+        record_file = None
     conn = preempt = None
     try:
         with live_status(SourceStatus(), watch, enabled=not as_json):

@@ -9,7 +9,7 @@ import time
 
 from .. import codec
 from .._native import ffi
-from ..errors import UsageError, with_stats
+from ..errors import PeerDisconnected, UsageError, with_stats
 from ..memory.mappings import libc
 from .recovery import Recovery
 from .streamer import TP, PageStreamer, send_preamble
@@ -106,11 +106,14 @@ def migrate_image(conn: socket.socket | None, image: ImageMemory, *, state: byte
         on_start(streamer)
     try:
         if not resume:
-            send_preamble(conn, image.blocks, streamer.migration)
-            conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()))
-            # from the RUN on the destination's program may run: a failure pauses, not fails
-            streamer.run_sent = True
-            conn.sendall(codec.encode(codec.PostcopyRun()))
+            try:
+                send_preamble(conn, image.blocks, streamer.migration)
+                # from the RUN on the destination's program may run (the record of it is kept)
+                streamer.run_sent = True
+                conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
+                             codec.encode(codec.PostcopyRun()))
+            except OSError as e:
+                raise PeerDisconnected(f"the destination connection failed: {e.strerror or e}") from None
         stats = streamer.run(resume=resume)
     except BaseException as e:
         # the figures so far go with the error (migrate --json prints them with it)

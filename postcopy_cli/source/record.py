@@ -58,7 +58,9 @@ def read_record(image: str, to: str) -> dict | None:
         raise PostcopyError(f"unreadable migration record {path}: {e}") from None
 
 
-def remove_record(path: str) -> None:
+def remove_record(path: str | None) -> None:
+    if path is None:
+        return
     try:
         os.unlink(path)
     except FileNotFoundError:
