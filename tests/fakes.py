@@ -56,3 +56,19 @@ class FakeSource:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_events(sock: socket.socket, decoder, pred, what: str) -> list:
+    """Decode the stream on ``sock`` until ``pred(event)`` holds for one (returned last); RAM pages
+    are copied out of the receive buffer.  Fails, naming ``what``, if the source closes first."""
+    events = []
+    while True:
+        for ev in decoder.events():
+            if isinstance(ev, codec.RamPage):
+                ev = codec.RamPage(ev.block, ev.offset, bytes(ev.data))
+            events.append(ev)
+            if pred(ev):
+                return events
+        chunk = sock.recv(1 << 16)
+        assert chunk, f"the source closed the connection before {what} (after {len(events)} events)"
+        decoder.feed(chunk)

@@ -308,7 +308,8 @@ def test_destination_killed_during_postcopy_source_stays_paused(live):
     """After RUN the destination owns the program: the source copy must not run again."""
     lv = live()
     lv.start_dest()
-    lv.start_migrate("--postcopy-after", "0.3", "--max-bandwidth", "4M")
+    # no recovery: the destination process is gone, nothing could resume
+    lv.start_migrate("--postcopy-after", "0.3", "--max-bandwidth", "4M", "--recover-timeout", "0")
     lv.start_incoming("32M", report_after=30)
     lv.start_source("32M")
     # pre-copy sends ~1.2 MiB of 32 MiB, so post-copy lasts several seconds at 4 MiB/s

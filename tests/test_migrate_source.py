@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from conftest import PROC_TIMEOUT, finish, postcopy_cmd, single_stderr_line, write_image
+from fakes import read_events
 from postcopy_cli import codec
 
 PAGE = 4096
@@ -35,17 +36,7 @@ class FakeDest:
 
     def read_until(self, pred):
         """Decode events until ``pred(event)`` is true for one; returns every event read."""
-        events = []
-        while True:
-            for ev in self.decoder.events():
-                if isinstance(ev, codec.RamPage):
-                    ev = codec.RamPage(ev.block, ev.offset, bytes(ev.data))
-                events.append(ev)
-                if pred(ev):
-                    return events
-            chunk = self.conn.recv(1 << 16)
-            assert chunk, f"source closed the stream after {len(events)} events"
-            self.decoder.feed(chunk)
+        return read_events(self.conn, self.decoder, pred, "the event looked for")
 
     def close(self):
         if self.conn:
@@ -209,7 +200,7 @@ def test_destination_disconnects(tmp_path, fake_dest):
     image = tmp_path / "img"
     write_image(image, 32 * MiB, seed=6)
     d = fake_dest()
-    proc = start_migrate(d, image)
+    proc = start_migrate(d, image, "--recover-timeout", "0")   # RUN is out already: no pause
     d.accept()
     d.read_until(_is(codec.PostcopyAdvise))
     d.conn.close()
@@ -223,7 +214,7 @@ def test_destination_disconnects_after_eof(tmp_path, fake_dest):
     image = tmp_path / "img"
     write_image(image, 1 * MiB, seed=6)
     d = fake_dest()
-    proc = start_migrate(d, image)
+    proc = start_migrate(d, image, "--recover-timeout", "0")
     d.accept()
     d.read_until(_is(codec.Eof))
     d.conn.close()
@@ -271,7 +262,7 @@ def test_destination_never_answers_shut(tmp_path, fake_dest):
     image = tmp_path / "img"
     write_image(image, 1 * MiB, seed=6)
     d = fake_dest()
-    proc = start_migrate(d, image, "--timeout", "1")
+    proc = start_migrate(d, image, "--timeout", "1", "--recover-timeout", "0")
     d.accept()
     d.read_until(_is(codec.Eof))
     rc, out, err = finish(proc)

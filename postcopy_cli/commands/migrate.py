@@ -1,12 +1,13 @@
 """`postcopy migrate`: the source side of a migration."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 from .. import signals
-from ..errors import UsageError
+from ..errors import PostcopyError, UsageError
 from ..units import parse_size
 from ..units import plural
 from ._common import RateMeter, common_options, emit_json, eta_of, format_duration, live_status, status_line
@@ -36,6 +37,9 @@ class SourceStatus:
             return [status_line("switch-over: program paused, sending discards and RUN", width=width)]
         if phase == "done":
             return [status_line("done", width=width)]
+        if phase == "paused":
+            return [status_line(f"PAUSED {format_duration(snap['paused_s'])}: {snap['reason']}; reconnecting "
+                                f"to {snap.get('to', 'the destination')} (attempt {snap['attempts']})", width=width)]
         total, done = snap["phase_bytes"], snap["phase_done_bytes"]
         if phase == "pre-copy":
             label = f"pre-copy pass {snap['pass']}"
@@ -85,6 +89,24 @@ def _rate(text: str | None) -> float:
         raise UsageError(f"--max-bandwidth {text!r}: {e}") from None
 
 
+def _migration_id(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        value = b""
+    if len(value) != 16:
+        raise UsageError(f"--migration-id {text!r}: must be 32 hex digits (16 bytes)")
+    return value
+
+
+def _announce(as_json: bool, migration_id: bytes, to: str) -> None:
+    """The migration id on a terminal (a restarted source names the migration with it)."""
+    if not as_json and sys.stderr.isatty():
+        print(f"postcopy: migration {migration_id.hex()} to {to}", file=sys.stderr, flush=True)
+
+
 def _page_size(text: str | None) -> int:
     if text is None:
         return 4096
@@ -117,9 +139,20 @@ def _page_size(text: str | None) -> int:
               help="Send requested pages on the main connection instead of a second (preempt) connection.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds to wait for the destination before giving up.")
+@click.option("--recover-timeout", "recover_timeout", type=click.FloatRange(min=0), default=600.0,
+              show_default=True,
+              help="After RUN, a failed or stalled connection pauses post-copy and the source reconnects and "
+                   "resumes for up to this many seconds before giving up (exit 4); 0 fails at once.")
+@click.option("--migration-id", "migration_id", metavar="HEX",
+              help="The migration's id (32 hex digits): set it (default random), or with --resume name the "
+                   "paused migration to take over.")
+@click.option("--resume", is_flag=True,
+              help="--image: take over a paused migration of this image to --to (a restarted source): the "
+                   "resume handshake at once, then post-copy. The id comes from --migration-id or from the "
+                   "record the first migrate wrote in $POSTCOPY_STATE_DIR (default /run/postcopy).")
 @common_options
 def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, timeout, postcopy_after,
-            precopy_passes, kill_source, single_channel):
+            precopy_passes, kill_source, single_channel, recover_timeout, migration_id, resume):
     """Migrate memory to a serve-dest: an image file (lazy restore) or a live program.
 
     With --image, the destination's requested pages are sent first and the rest
@@ -133,15 +166,21 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
     failure (the source program is resumed if that happens before RUN); 3 on a
     malformed return path or when the destination refused the stream (it
     answered SHUT 1, e.g. blocks, sizes or page sizes differ); 4 if the
-    destination disconnected. --json keys are kebab-case (total-seconds, ...);
+    destination disconnected (after RUN: once --recover-timeout has passed
+    without a resume). --json keys are kebab-case (total-seconds, ...);
     the snake_case keys of 0.1 are still written too, deprecated until 0.3.0.
     """
     from ..channels import transport
     from ..source.live import shut_connections
     from ..source.image import ImageMemory, migrate_image
+    from ..source import record
+    from ..source.recovery import recovery_to
 
+    if resume and not image:
+        raise UsageError("--resume goes with --image FILE (it takes over a paused image migration)")
     if bool(image) == bool(attach):
         raise UsageError("give exactly one of --image FILE or --attach PATH")
+    mid = _migration_id(migration_id)
     if image and (postcopy_after is not None or precopy_passes is not None or kill_source):
         raise UsageError("--postcopy-after, --precopy-passes and --kill-source go with --attach")
     if attach and page_size is not None:
@@ -154,28 +193,55 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
             state = f.read()
     if attach:
         _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,
-                      single_channel)
+                      single_channel, recover_timeout, mid)
         return
     address = transport.parse_address(to)
+    preempt_channels = 0 if single_channel else 1
+    if resume and mid is None:
+        found = record.read_record(image, str(address))
+        if found is None:
+            raise UsageError(f"--resume: no record of a migration of {image} to {address} in "
+                             f"{record.state_dir()} ($POSTCOPY_STATE_DIR); name it with --migration-id HEX")
+        mid = bytes.fromhex(found["migration-id"])
+        preempt_channels = int(found.get("preempt-channels", preempt_channels))
     memory = ImageMemory(image, page_size=host_page)
     watch = _Watch(str(address))
+    recovery = recovery_to(address, timeout=timeout, recover_timeout=recover_timeout)
+    if mid is None:
+        mid = os.urandom(16)
+    _announce(as_json, mid, str(address))
+    try:
+        record_file = record.write_record(image, str(address), mid, preempt_channels)
+    except PostcopyError as e:   # e.g. an unprivileged user and /run: --migration-id still names it
+        print(f"postcopy: warning: {e}; a restarted source needs --migration-id {mid.hex()}", file=sys.stderr)
+        record_file = None
+    conn = preempt = None
     try:
         with live_status(SourceStatus(), watch, enabled=not as_json):
-            conn = transport.connect(address, timeout=timeout, on_wait=watch.on_wait)
-            preempt = None if single_channel else transport.connect(address, timeout=timeout)
             try:
+                if not resume:
+                    conn = transport.connect(address, timeout=timeout, on_wait=watch.on_wait)
+                    preempt = transport.connect(address, timeout=timeout) if preempt_channels else None
                 # RUN goes right after the preamble: from here the destination's program runs
                 with signals.guard(at_risk=lambda: "the destination's program runs and its missing pages come "
                                                    "from here",
-                                   wake=lambda error: shut_connections(conn, preempt)):
+                                   wake=lambda error: watch.engine.wake(error) if watch.engine is not None
+                                   else shut_connections(conn, preempt)):
                     stats = migrate_image(conn, memory, state=state, max_bandwidth=rate, timeout=timeout,
-                                          preempt=preempt, on_start=watch.on_start)
+                                          preempt=preempt, on_start=watch.on_start, migration_id=mid,
+                                          preempt_channels=preempt_channels, recovery=recovery, resume=resume)
             finally:
-                conn.close()
-                if preempt is not None:
-                    preempt.close()
+                for sock in (conn, preempt):
+                    if sock is not None:
+                        sock.close()
+    except BaseException:
+        if watch.engine is None or not watch.engine.run_sent:
+            record.remove_record(record_file)   # before RUN: nothing to resume
+        raise
     finally:
         memory.close()
+    record.remove_record(record_file)
+    stats["migration_id"] = mid.hex()
     if as_json:
         emit_json(stats)
     else:
@@ -184,7 +250,7 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
 
 
 def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,
-                  single_channel):
+                  single_channel, recover_timeout, migration_id):
     import signal
     import threading
 
@@ -197,7 +263,9 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
     switchover = threading.Event()
     previous = signal.signal(signal.SIGUSR1, lambda *_: switchover.set())
     opts = LiveOptions(postcopy_after=postcopy_after, precopy_passes=precopy_passes, max_bandwidth=rate,
-                       timeout=timeout, state=state, kill_source=kill_source, preempt=not single_channel)
+                       timeout=timeout, state=state, kill_source=kill_source, preempt=not single_channel,
+                       recover_timeout=recover_timeout, migration_id=migration_id or os.urandom(16))
+    _announce(as_json, opts.migration_id, watch.to)
     try:
         with live_status(SourceStatus(), watch, enabled=not as_json):
             stats = migrate_live(attach, to, opts, switchover=switchover, on_wait=watch.on_wait,

@@ -1,5 +1,6 @@
 #include "compat.h"
 #include "io.h"
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
 
@@ -9,6 +10,11 @@ static int write_failed(int fd)
     if (errno == EINTR)
         return 0;
     if (errno == EAGAIN) {
+        /* a blocking socket returns EAGAIN only when its SO_SNDTIMEO expired
+         * (socket(7)): the peer took nothing for that long */
+        int flags = fcntl(fd, F_GETFL);
+        if (flags >= 0 && !(flags & O_NONBLOCK))
+            return -ETIMEDOUT;
         struct pollfd p = { fd, POLLOUT, 0 };
         return poll(&p, 1, PC_IO_STALL_MS) == 0 ? -ETIMEDOUT : 0;
     }

@@ -1,7 +1,8 @@
 /* Writing whole buffers to a socket from the native threads, and the clock
  * they measure with. One policy for every writer: EINTR retries; EAGAIN
- * (Python may have made the socket non-blocking) waits up to
- * PC_IO_STALL_MS for room, then gives up with -ETIMEDOUT. */
+ * on a non-blocking socket (Python may have made it so) waits up to
+ * PC_IO_STALL_MS for room, then gives up with -ETIMEDOUT; EAGAIN on a
+ * blocking socket means its SO_SNDTIMEO expired: -ETIMEDOUT at once. */
 #ifndef POSTCOPY_IO_H
 #define POSTCOPY_IO_H
 #include <stddef.h>

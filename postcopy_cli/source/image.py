@@ -9,8 +9,9 @@ import time
 
 from .. import codec
 from .._native import ffi
-from ..errors import UsageError, with_stats
+from ..errors import PeerDisconnected, UsageError, with_stats
 from ..memory.mappings import libc
+from .recovery import Recovery
 from .streamer import TP, PageStreamer, send_preamble
 
 
@@ -85,22 +86,35 @@ class ImageMemory:
         os.close(self._fd)
 
 
-def migrate_image(conn: socket.socket, image: ImageMemory, *, state: bytes = b"", max_bandwidth: float = 0.0,
-                  timeout: float = 30.0, preempt: socket.socket | None = None, on_start=None) -> dict:
+def migrate_image(conn: socket.socket | None, image: ImageMemory, *, state: bytes = b"", max_bandwidth: float = 0.0,
+                  timeout: float = 30.0, preempt: socket.socket | None = None, on_start=None,
+                  migration_id: bytes | None = None, preempt_channels: int | None = None,
+                  recovery: Recovery | None = None, resume: bool = False) -> dict:
     """Lazy restore: preamble, STATE, LISTEN, RUN, then every page (requested ones first), EOF, SHUT.
 
     ``preempt``: a second connection to the destination for requested pages.
-    ``on_start(streamer)``: called with the PageStreamer before it sends (its progress() for a display).
+    ``on_start(streamer)``: called with the PageStreamer before it sends (its progress() for a display;
+    its ``run_sent`` tells whether RUN went).
+    ``migration_id``, ``preempt_channels``, ``recovery``: see PageStreamer.  ``resume`` (``conn``
+    None): take over the paused migration ``migration_id`` (no preamble: the resume handshake).
     """
     t0 = time.monotonic()
-    streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout, preempt=preempt)
+    streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout, preempt=preempt,
+                            migration_id=migration_id, preempt_channels=preempt_channels, recovery=recovery)
+    streamer.run_sent = resume
     if on_start is not None:
         on_start(streamer)
     try:
-        send_preamble(conn, image.blocks, streamer.migration)
-        conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
-                     codec.encode(codec.PostcopyRun()))
-        stats = streamer.run()
+        if not resume:
+            try:
+                send_preamble(conn, image.blocks, streamer.migration)
+                # from the RUN on the destination's program may run (the record of it is kept)
+                streamer.run_sent = True
+                conn.sendall(codec.encode(codec.State(state)) + codec.encode(codec.PostcopyListen()) +
+                             codec.encode(codec.PostcopyRun()))
+            except OSError as e:
+                raise PeerDisconnected(f"the destination connection failed: {e.strerror or e}") from None
+        stats = streamer.run(resume=resume)
     except BaseException as e:
         # the figures so far go with the error (migrate --json prints them with it)
         raise with_stats(streamer.refusal(e), _image_totals(dict(streamer.stats), image, t0)) from None

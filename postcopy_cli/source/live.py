@@ -31,6 +31,7 @@ from ..memory.mappings import RamBlock, blocks_from_regions
 from ..memory.process import ProcessMemory
 from .attached import AttachedSource, accept_program
 from .pages import PageBook
+from .recovery import RECOVER_TIMEOUT, Recovery, recovery_to
 from .streamer import TP, PageStreamer, send_preamble
 
 log = logging.getLogger("postcopy.live")
@@ -45,6 +46,8 @@ class LiveOptions:
     state: bytes = b""
     kill_source: bool = False
     preempt: bool = True          # requested pages on a second connection
+    recover_timeout: float = RECOVER_TIMEOUT   # after RUN: seconds paused, reconnecting, before failing
+    migration_id: bytes | None = None          # the ID section's (None: random)
 
 
 def _pages_in(block: RamBlock, start: int, end: int) -> list[tuple[int, int]]:
@@ -61,7 +64,7 @@ class LiveMigration:
     """One live migration of an attached program to a destination connection."""
 
     def __init__(self, program: AttachedSource, conn: socket.socket, opts: LiveOptions, *, switchover=None,
-                 preempt: socket.socket | None = None):
+                 preempt: socket.socket | None = None, recovery: Recovery | None = None):
         self.program = program
         self.conn = conn
         self.opts = opts
@@ -72,7 +75,8 @@ class LiveMigration:
         self.scanner2 = PagemapScanner(program.pid)
         self.book = PageBook(self.memory.blocks, track_sent=True)
         self.streamer = PageStreamer(conn, self.memory, book=self.book, max_bandwidth=opts.max_bandwidth,
-                                     timeout=opts.timeout, preempt=preempt)
+                                     timeout=opts.timeout, preempt=preempt, migration_id=opts.migration_id,
+                                     recovery=recovery)
         self.stats: dict = {}
         self.run_sent = False   # POSTCOPY_RUN handed to the kernel: the destination may be running the program
 
@@ -204,6 +208,8 @@ class LiveMigration:
             "bytes": st["bytes"],
             "zero_pages": st["zero_pages"],
             "total_seconds": round(t_done - t0, 3),
+            "migration_id": streamer.migration.id.hex(),
+            **{k: v for k, v in st.items() if k.startswith("postcopy_")},
         })
         return self.stats
 
@@ -246,12 +252,13 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
         mig = None
         try:
             preempt = transport.connect(address, timeout=opts.timeout) if opts.preempt else None
-            mig = LiveMigration(program, conn, opts, switchover=switchover, preempt=preempt)
+            recovery = recovery_to(address, timeout=opts.timeout, recover_timeout=opts.recover_timeout)
+            mig = LiveMigration(program, conn, opts, switchover=switchover, preempt=preempt, recovery=recovery)
             if on_start is not None:
                 on_start(mig)
             with signals.guard(at_risk=lambda: "it runs on the destination and its missing pages are read "
                                                "from it here" if mig.run_sent else None,
-                               wake=lambda error: shut_connections(conn, preempt)):
+                               wake=lambda error: mig.streamer.wake(error)):
                 stats = mig.run()
         except BaseException as e:
             if mig is not None:

@@ -131,6 +131,21 @@ class PageBook:
             for first, count in runs:
                 ts[first:first + count] = b"\x01" * count
 
+    def from_received(self, bi: int, bitmap: bytes) -> None:
+        """After a resume: block ``bi``'s pages go again exactly where the destination's received
+        bitmap (RP RECV_BITMAP: little-endian, bit i = target page i is there) has no bit; the
+        next background chunk starts from the first page.  Only while no native server runs."""
+        with self._lock:
+            if self._lent:
+                raise RuntimeError("page book: a received bitmap applied while the request server runs")
+            ts = self._to_send[bi]
+            # bit i of a little-endian bitmap is bit i % 8 of byte i // 8
+            missing = b"".join(map(_MISSING.__getitem__, bitmap))
+            ts[:] = missing[:len(ts)]       # in place: the native server points into it
+            self._block = 0
+            self._cursor = [0] * len(self.blocks)
+            self.remaining = sum(t.count(1) for t in self._to_send)
+
     def clean_spans(self, bi: int, seg) -> list[tuple[int, int]]:
         """Host ranges of segment ``seg`` (a memory.mappings.Segment) of block ``bi`` whose pages
         are not due to be sent: where a scan for written pages can still find something new."""
@@ -162,6 +177,10 @@ class PageBook:
         """The native server has stopped: it touches the arrays no more."""
         with self._lock:
             self._lent = False
+
+
+# per bitmap byte, its 8 pages as to_send bytes: 1 where the bit is clear
+_MISSING = [bytes(1 - (v >> k & 1) for k in range(8)) for v in range(256)]
 
 
 def _runs(flags: bytearray, value: int, lo: int, hi: int):

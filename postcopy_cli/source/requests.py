@@ -19,7 +19,7 @@ from typing import Callable
 
 from .. import codec
 from .._native import ffi, lib
-from ..errors import PeerDisconnected, PostcopyError
+from ..errors import PeerDisconnected, PostcopyError, ProtocolError
 from ..sched import make_latency_thread
 from ..uffd import native_error
 from .bandwidth import BandwidthCap
@@ -78,6 +78,17 @@ class RequestServer:
         """Serve in a thread until ``done()`` or :meth:`stop`.  ``on_codec()`` runs in that thread
         each time the codec has bytes from the server: it takes the decoder's events (and answers
         requests on the lane itself).  A failure ends the thread and is kept in :attr:`error`."""
+        srv = self.srv
+        # what the codec holds of the return path (a partial message, the REQ_PAGES block) goes to the server
+        last = self.decoder.last_block
+        srv.last_block = self.index[last] if last is not None else -1
+        rest = self.decoder.take_unconsumed()
+        if len(rest) > len(srv.rbuf):
+            raise ProtocolError(f"a message of over {len(srv.rbuf)} bytes before page requests",
+                                section="return path", offset=self.decoder.offset)
+        ffi.memmove(srv.rbuf, rest, len(rest))
+        srv.rlen = len(rest)
+        srv.need_more = 1 if rest else 0
         self.book.lend()
         self._thread = threading.Thread(target=self._serve, args=(on_codec, done), name="postcopy/requests",
                                         daemon=True)

@@ -5,6 +5,12 @@ One connection carries both directions (DESIGN.md section 4).  The
 passes): requested pages jump the queue — background chunks go only when the
 small socket buffers have room, so a requested page waits behind little more
 than one chunk — and the rest streams in runs, zero pages as ZERO records.
+
+After RUN a failed connection pauses post-copy instead of failing it (DESIGN.md
+section 9): with a :class:`~postcopy_cli.source.recovery.Recovery` the streamer
+drops its connections, keeps its PageBook, reconnects with backoff and resumes
+(RESUME, RECV_BITMAP per block, POSTCOPY_RESUME; the destination answers each
+bitmap, then RESUME_ACK), sending again exactly the pages the bitmaps lack.
 """
 from __future__ import annotations
 
@@ -12,15 +18,17 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Protocol
 
-from .. import codec
+from .. import codec, signals
 from .._native import ffi, lib
 from ..errors import DestinationRefused, PeerDisconnected, PeerTimeout, ProtocolError
 from .bandwidth import BandwidthCap
 from .pages import PageBook
+from .recovery import BACKOFF_FIRST, BACKOFF_MAX, Recovery
 from .requests import RequestServer
 from ..uffd import native_error
 
@@ -77,9 +85,14 @@ class PageStreamer:
     connection.
     """
 
-    def __init__(self, conn: socket.socket, memory: MemorySource, *, book: PageBook | None = None,
+    def __init__(self, conn: socket.socket | None, memory: MemorySource, *, book: PageBook | None = None,
                  max_bandwidth: float = 0.0, timeout: float = 30.0, decoder: codec.ReturnPathDecoder | None = None,
-                 preempt: socket.socket | None = None):
+                 preempt: socket.socket | None = None, migration_id: bytes | None = None,
+                 preempt_channels: int | None = None, recovery: Recovery | None = None):
+        """``conn`` (None: attach later, or resume in :meth:`run`) and ``preempt`` are attached
+        with :meth:`attach`.  ``migration_id``: the ID section's 16 bytes (default: random);
+        ``preempt_channels``: announced there (default: 1 with ``preempt``); ``recovery``: how
+        post-copy reconnects after a failure (None: it fails)."""
         self.conn = conn
         self.memory = memory
         self.blocks = memory.blocks
@@ -93,7 +106,9 @@ class PageStreamer:
         # pages sent again on the preempt channel because they were still in flight
         self.stats = {"requests": 0, "requested_pages": 0, "requests_already_sent": 0, "resent_pages": 0,
                       "background_pages": 0,
-                      "zero_pages": 0, "bytes": 0, "pongs": 0, "preempt": preempt is not None}
+                      "zero_pages": 0, "bytes": 0, "pongs": 0,
+                      "postcopy_recoveries": 0, "postcopy_paused_ms": 0.0, "postcopy_recovery_ms": [],
+                      "postcopy_reconnect_attempts": 0}
         self.shut: int | None = None
         # what progress() reports: the phase and the complete pre-copy passes
         # (the phase's pages to send are the book's)
@@ -103,23 +118,49 @@ class PageStreamer:
         self._t0 = time.monotonic()
         self.cap = BandwidthCap(max_bandwidth, self._t0)
         self._poller = select.poll()
-        self._fd = conn.fileno()
         self._last_heard = self._t0
-        self.main = Lane(conn, 0)
-        self.preempt = Lane(preempt, 1) if preempt is not None else None
+        self._last_writable = self._t0
         # the main stream's ID section: the destination adopts a preempt
-        # channel only if announced there, and only with this id
-        self.migration = codec.MigrationId(os.urandom(codec.MIGRATION_ID_LENGTH), 1 if preempt is not None else 0)
-        conn.setblocking(True)
+        # channel only if announced there, and only with this id; a resume names it too
+        if preempt_channels is None:
+            preempt_channels = 1 if preempt is not None else 0
+        self.migration = codec.MigrationId(migration_id or os.urandom(codec.MIGRATION_ID_LENGTH), preempt_channels)
+        self.stats["preempt"] = preempt_channels > 0
+        self.recovery = recovery
+        self.paused: dict | None = None   # while paused: reason, since (monotonic), attempts
+        self._woken = threading.Event()
+        self._wake_error: BaseException | None = None
+        self.main: Lane | None = None
+        self.preempt: Lane | None = None
         self._server: RequestServer | None = None
+        self._fd = -1
+        if conn is not None:
+            self.attach(conn, preempt)
+
+    def attach(self, conn: socket.socket, preempt: socket.socket | None = None) -> None:
+        """Stream on these connections from here on: ``conn`` is the main stream and its return
+        path (the decoder's bytes so far belong to it), ``preempt`` the preempt channel (its
+        header and PREEMPT section are sent here).  The first start and every resume come here."""
+        for sock in (conn, preempt):
+            if sock is not None:
+                sock.setblocking(True)
+                # a write that makes no progress for --timeout fails (EAGAIN): a stalled link
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))
+        self.conn = conn
+        self._fd = conn.fileno()
+        self.main = Lane(conn, 0)
+        self.preempt = None
+        self._server = None
         if preempt is not None:
-            preempt.setblocking(True)
+            self.preempt = Lane(preempt, 1)
             # requests no longer queue behind background pages: the main stream
             # may keep more in flight (fewer wake-ups per byte)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BULK_BUFFER)
             self._send(self.preempt, [codec.encode(codec.Header()),
                                       codec.encode(codec.PreemptChannel(self.migration.id))])
-            self._server = RequestServer(conn, self.preempt, memory, self.book, self.cap, self.decoder)
+            # requests already decoded are queued for the preempt channel; the server takes the rest
+            self._handle_return_path(b"")
+            self._server = RequestServer(conn, self.preempt, self.memory, self.book, self.cap, self.decoder)
 
     def progress(self) -> dict:
         """A snapshot for a live display, read from another thread without locks (counters only).
@@ -131,10 +172,16 @@ class PageStreamer:
         srv = self._server
         requests, served = srv.answered if srv is not None else (0, 0)
         total, done = self.book.phase_progress(served)
-        return {"phase": self.phase, "pass": self.passes + 1, "phase_bytes": total * TP,
+        snap = {"phase": self.phase, "pass": self.passes + 1, "phase_bytes": total * TP,
                 "phase_done_bytes": done * TP, "pages_left": total - done,
                 "sent_bytes": self.stats["bytes"] + (srv.bytes_sent if srv is not None else 0),
                 "requests": self.stats["requests"] + requests}
+        paused = self.paused
+        if paused is not None:
+            # ``attempts``: reconnections tried in this pause; ``paused_s``: since the failure
+            snap.update(phase="paused", attempts=paused["attempts"], reason=paused["reason"],
+                        paused_s=time.monotonic() - paused["since"])
+        return snap
 
     # -- sending ---------------------------------------------------------------------
     def _send(self, lane: Lane, parts: list) -> None:
@@ -151,6 +198,8 @@ class PageStreamer:
                         n = 0
         except (BrokenPipeError, ConnectionResetError) as e:
             raise PeerDisconnected(f"the destination disconnected: {e.strerror}") from None
+        except (BlockingIOError, TimeoutError):   # SO_SNDTIMEO expired
+            raise PeerTimeout(f"the destination took no data for {self.timeout:g} s") from None
         self.stats["bytes"] += total
 
     def _send_pages(self, lane: Lane, bi: int, offset: int, count: int, *, resend: bool = False) -> None:
@@ -269,6 +318,11 @@ class PageStreamer:
         got = 0
         for _, ev in events:
             got |= ev
+        now = time.monotonic()
+        if got & select.POLLOUT or not mask & select.POLLOUT:
+            self._last_writable = now
+        elif now - self._last_writable > self.timeout:
+            raise PeerTimeout(f"the destination took no data for {self.timeout:g} s")
         if serve_requests and got & (select.POLLIN | select.POLLHUP | select.POLLERR):
             self._receive()
             self._last_heard = time.monotonic()
@@ -317,32 +371,66 @@ class PageStreamer:
         if self._server is not None and self._server.error is not None:
             raise self._server.error
 
-    def run(self) -> dict:
+    def run(self, *, resume: bool = False) -> dict:
         """Post-copy: stream until every page is sent (then EOS and EOF) and SHUT arrives.
 
-        ``stats["background_pages"]`` counts the post-copy's background pages only."""
-        book = self.book
+        With :attr:`recovery`, a failed connection pauses and resumes (see the module);
+        ``resume``: no connection yet, start with the resume handshake (a source taking over a
+        paused migration).  ``stats["background_pages"]`` counts the post-copy's background
+        pages only."""
         self.stats["background_pages"] = 0
-        self._begin_section(self.main)
         self.phase = "post-copy"
-        book.begin_phase()
-        self._last_heard = time.monotonic()
+        self.book.begin_phase()
+        failure: BaseException | None = PeerDisconnected("taking over a paused migration") if resume else None
+        while True:
+            if failure is not None:
+                self._recover(failure)
+                failure = None
+            try:
+                self._stream()
+                break
+            except (PeerDisconnected, OSError) as e:
+                e = self.refusal(e)
+                if not self._recoverable(e):
+                    raise e from None
+                failure = e
+        if self.shut != 0:
+            raise DestinationRefused(self.shut)
+        self.phase = "done"
+        self.stats["seconds"] = round(time.monotonic() - self._t0, 3)
+        return self.stats
+
+    def _stream(self) -> None:
+        """Post-copy on the attached connections: a new RAM section, every page still to send,
+        EOF, then SHUT (a PeerTimeout when none comes within --timeout)."""
+        book = self.book
+        self._begin_section(self.main)
+        self._last_heard = self._last_writable = time.monotonic()
+        self._handle_return_path(b"")   # requests decoded with the resume's answers
         if self.preempt is None:
             while book.remaining and self.shut is None:
                 self._pump()
         else:
+            srv = self._server
             self._begin_section(self.preempt)
-            self._server.start(self._from_request_server, lambda: self.shut is not None)
+            if self.requests:
+                self._send_requested(self.preempt)
+            srv.start(self._from_request_server, lambda: self.shut is not None)
             try:
                 # the server takes pages too, so ``remaining`` over-estimates:
                 # done is when no page is left to send
                 while book.remaining and self.shut is None:
                     self._raise_thread_error()
                     self._pump(serve_requests=False)
+            except BaseException:
+                self._shutdown_lanes()   # the server's writes fail at once, it ends
+                raise
             finally:
-                for key, n in self._server.stop().items():
+                for key, n in srv.stop().items():
                     self.stats[key] += n
-            self._raise_thread_error()
+                self._server = None
+            if srv.error is not None:
+                raise srv.error
             with self.preempt.lock:
                 self._send(self.preempt, [self.enc.end(), codec.encode(codec.Eof())])
                 self.preempt.ended = True
@@ -354,11 +442,147 @@ class PageStreamer:
             self._pump()
             if self.shut is None and time.monotonic() - self._last_heard > self.timeout:
                 raise PeerTimeout(f"the destination did not answer SHUT within {self.timeout:g} s of EOF")
-        if self.shut != 0:
-            raise DestinationRefused(self.shut)
-        self.phase = "done"
-        self.stats["seconds"] = round(time.monotonic() - self._t0, 3)
-        return self.stats
+
+    # -- recovery (DESIGN.md sections 4 and 9) -------------------------------------------
+    def wake(self, error: BaseException | None = None) -> bool:
+        """Make the sending thread fail by itself with ``error`` (a signal stops the command): its
+        connections are shut down and a pause ends at once.  For signals.guard."""
+        self._wake_error = error
+        self._woken.set()
+        self._shutdown_lanes()
+        return True
+
+    def _recoverable(self, error: BaseException) -> bool:
+        return (self.recovery is not None and self.recovery.timeout > 0 and not self._woken.is_set()
+                and signals.interruption() is None and not isinstance(error, DestinationRefused))
+
+    def _shutdown_lanes(self) -> None:
+        for lane in (self.main, self.preempt):
+            if lane is not None:
+                try:
+                    lane.conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _drop_lanes(self) -> None:
+        """Paused: the connections are shut down and closed (the caller's sockets too)."""
+        self._shutdown_lanes()
+        for lane in (self.main, self.preempt):
+            if lane is not None:
+                lane.conn.close()
+        self.main = self.preempt = None
+        self.conn = None
+        self._fd = -1
+        self.requests = []   # the destination asks again for every page still outstanding
+
+    def _recover(self, failure: BaseException) -> None:
+        """Paused after ``failure``: reconnect at once, then with backoff, until a resume succeeds
+        (returns) or --recover-timeout has passed since the failure (PeerDisconnected)."""
+        rec = self.recovery
+        t_fail = time.monotonic()
+        reason = str(failure) or type(failure).__name__
+        self._drop_lanes()
+        self.paused = {"reason": reason, "since": t_fail, "attempts": 0}
+        self.phase = "paused"
+        log.warning("post-copy paused: %s; reconnecting to %s for up to %g s", reason, rec.to, rec.timeout)
+        delay = BACKOFF_FIRST
+        while True:
+            if self._woken.is_set():
+                raise self._wake_error or failure
+            stop = signals.interruption()
+            if stop is not None:
+                raise stop
+            self.paused["attempts"] += 1
+            self.stats["postcopy_reconnect_attempts"] += 1
+            if self._try_resume():
+                break
+            waited = time.monotonic() - t_fail
+            if waited >= rec.timeout:
+                self.stats["postcopy_paused_ms"] += round(waited * 1000, 3)
+                missing = self.book.recount()
+                raise PeerDisconnected(
+                    f"post-copy paused {waited:.1f} s without resuming (--recover-timeout {rec.timeout:g}) "
+                    f"after: {reason}; {missing} pages never sent")
+            self._woken.wait(min(delay, rec.timeout - waited))
+            delay = min(delay * 2, BACKOFF_MAX)
+        ms = (time.monotonic() - t_fail) * 1000
+        self.stats["postcopy_recoveries"] += 1
+        self.stats["postcopy_paused_ms"] = round(self.stats["postcopy_paused_ms"] + ms, 3)
+        self.stats["postcopy_recovery_ms"].append(round(ms, 3))
+        self.paused = None
+        self.phase = "post-copy"
+        log.warning("post-copy resumed after %.1f ms (recovery %d)", ms, self.stats["postcopy_recoveries"])
+
+    def _try_resume(self) -> bool:
+        """One attempt: connect, the resume handshake, the preempt channel, attach.  A failure
+        once connected is a double failure: one warning line, and the caller retries."""
+        rec = self.recovery
+        try:
+            conn = rec.connect()
+        except (PeerDisconnected, OSError):
+            return False   # nothing listens yet: retried quietly
+        preempt = None
+        try:
+            conn.setblocking(True)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))
+            decoder, bitmaps = self._resume_handshake(conn)
+            for bi, bitmap in enumerate(bitmaps):
+                self.book.from_received(bi, bitmap)
+            if self.migration.preempt_channels:
+                preempt = rec.connect()
+            self.decoder = decoder
+            self.attach(conn, preempt)
+            return True
+        except (PeerDisconnected, OSError, ProtocolError) as e:
+            for sock in (conn, preempt):
+                if sock is not None:
+                    sock.close()
+            self.main = self.preempt = None
+            self.conn = None
+            self._fd = -1
+            log.warning("post-copy resume failed: %s", e)
+            return False
+
+    def _resume_handshake(self, conn: socket.socket) -> tuple[codec.ReturnPathDecoder, list[bytes]]:
+        """Header, RESUME, RECV_BITMAP per block, POSTCOPY_RESUME; then the destination's bitmap of
+        every block in order and RESUME_ACK 1.  Returns the new return path's decoder (holding
+        what followed RESUME_ACK) and the bitmaps."""
+        conn.sendall(b"".join([codec.encode(codec.Header()), codec.encode(codec.Resume(self.migration.id)),
+                               *(codec.encode(codec.RecvBitmapRequest(b.name)) for b in self.blocks),
+                               codec.encode(codec.PostcopyResume())]))
+        decoder = codec.ReturnPathDecoder(self.blocks)
+        bitmaps: list[bytes] = []
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        while True:
+            for ev in decoder.events():
+                t = type(ev)
+                if t is codec.RecvBitmap and len(bitmaps) < len(self.blocks):
+                    want = self.blocks[len(bitmaps)].name
+                    if ev.block != want:
+                        raise ProtocolError(f"RECV_BITMAP of block {ev.block!r} where block {want!r} was due",
+                                            section="return path", offset=decoder.offset)
+                    bitmaps.append(ev.bitmap)
+                elif t is codec.ResumeAck and len(bitmaps) == len(self.blocks):
+                    if ev.value != 1:
+                        raise ProtocolError(f"RESUME_ACK {ev.value} (expected 1)", section="return path",
+                                            offset=decoder.offset)
+                    return decoder, bitmaps
+                elif t is codec.Shut:
+                    raise PeerDisconnected(f"the destination refused the resume (SHUT {ev.status})")
+                else:
+                    raise ProtocolError(f"{type(ev).__name__} where {len(bitmaps)} of {len(self.blocks)} "
+                                        f"RECV_BITMAP and then RESUME_ACK were due", section="return path",
+                                        offset=decoder.offset)
+            if not poller.poll(int(self.timeout * 1000)):
+                raise PeerTimeout(f"no answer to the resume within {self.timeout:g} s")
+            try:
+                data = conn.recv(1 << 20)
+            except OSError as e:
+                raise PeerDisconnected(f"the resume connection failed: {e.strerror or e}") from None
+            if not data:
+                raise PeerDisconnected("the destination closed the connection during the resume")
+            decoder.feed(data)
 
     def refusal(self, error: BaseException) -> BaseException:
         """``error``, or :class:`DestinationRefused` if the destination sent SHUT != 0 before it closed.
@@ -370,7 +594,7 @@ class PageStreamer:
         Unix sockets keep it readable after the reset or EOF."""
         if isinstance(error, PeerTimeout) or not isinstance(error, (PeerDisconnected, OSError)):
             return error
-        if self.shut is None:
+        if self.shut is None and self.conn is not None:
             self._drain_return_path()
         return DestinationRefused(self.shut) if self.shut else error
 
@@ -396,6 +620,11 @@ class PageStreamer:
                 return
             if shuts:
                 self.shut = shuts[0]
+
+
+def _timeval(seconds: float) -> bytes:
+    """A struct timeval (SO_SNDTIMEO)."""
+    return struct.pack("@ll", int(seconds), int(seconds % 1 * 1e6))
 
 
 def send_preamble(conn: socket.socket, blocks: list, migration: codec.MigrationId) -> None:
