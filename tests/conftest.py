@@ -10,6 +10,9 @@ from postcopy_cli.selftest import harness as _harness
 # The programs the tests start (python -m postcopy_cli, python -c ...) import the
 # postcopy_cli under test (selftest.harness.child_env says how).
 os.environ.update(_harness.child_env())
+# migrate --image's resume records (source/record.py) go to a directory of this test run, not /run/postcopy
+import tempfile as _tempfile
+os.environ.setdefault("POSTCOPY_STATE_DIR", _tempfile.mkdtemp(prefix="postcopy-test-state-"))
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")

@@ -68,8 +68,9 @@ EXPECTED = {
     (S.RUNNING, "POSTCOPY_RESUME"): "POSTCOPY_RESUME while running (sent twice, or without a RESUME section)",
     **{(s, "POSTCOPY_RESUME"): "POSTCOPY_RESUME on a stream that did not begin with a RESUME section"
        for s in (S.NONE, S.ADVISE, S.DISCARD, S.LISTENING)},
-    **{(s, "PAUSE"): "a channel broke before POSTCOPY_RUN: only a running migration can pause"
-       for s in (S.NONE, S.ADVISE, S.DISCARD, S.LISTENING)},
+    (S.LISTENING, "PAUSE"): S.PAUSED,
+    **{(s, "PAUSE"): "a channel broke before POSTCOPY_LISTEN: only a listening or running migration can pause"
+       for s in (S.NONE, S.ADVISE, S.DISCARD)},
 }
 
 

@@ -246,18 +246,18 @@ def test_recover_timeout_ends_the_pause_with_exit_4(attached):
     assert prog.blocked() and not [l for l in prog.lines if l.endswith(" bad")]
 
 
-@pytest.mark.parametrize("case", ["recover-timeout-0", "before-run", "no-migration-id"])
+@pytest.mark.parametrize("case", ["recover-timeout-0", "before-listen", "no-migration-id"])
 def test_no_pause_where_nothing_can_resume(serve_dest, case):
-    """--recover-timeout 0 (today's behaviour), a break before RUN (the source program still runs there) and a
-    source without an ID section (nothing to resume by): exit 4 at once."""
+    """--recover-timeout 0 (today's behaviour), a break before LISTEN (the source cannot have sent RUN: its
+    program still runs there) and a source without an ID section (nothing to resume by): exit 4 at once."""
     n = 16
     block = codec.BlockInfo("mem", n * PAGE, PAGE)
     sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={n * PAGE}",
                     *(["--recover-timeout", "0"] if case == "recover-timeout-0" else []))
     src = Source(sd.port, block, os.urandom(n * PAGE))
-    if case == "before-run":
+    if case == "before-listen":
         src.send(codec.Header(), codec.Blocks((block,)), codec.MigrationId(MID, 0), codec.OpenReturnPath(),
-                 codec.PostcopyAdvise(PAGE, PAGE), codec.PostcopyListen())
+                 codec.PostcopyAdvise(PAGE, PAGE))
     elif case == "no-migration-id":
         src.send(codec.Header(), codec.Blocks((block,)), codec.OpenReturnPath(), codec.PostcopyAdvise(PAGE, PAGE),
                  codec.PostcopyListen(), codec.PostcopyRun())
@@ -270,6 +270,31 @@ def test_no_pause_where_nothing_can_resume(serve_dest, case):
     rc, out, err = sd.wait(timeout=HANG)
     assert rc == 4, err
     assert "paused" not in err, err
+
+
+def test_a_break_while_listening_pauses_and_the_resume_runs_the_program(attached):
+    """The connection breaks after LISTEN with RUN lost on the way (a reset drops what the receiver has not
+    read): the source, which sent RUN, resumes; the program is told to run then, with the STATE bytes."""
+    n = 16
+    sd, prog, block, data = attached(n)
+    src = Source(sd.port, block, data)
+    src.send(codec.Header(), codec.Blocks((block,)), codec.MigrationId(MID, 0), codec.OpenReturnPath(),
+             codec.PostcopyAdvise(PAGE, PAGE), codec.State(b"dev"), codec.PostcopyListen(), codec.Ping(1))
+    src.read_until(has(codec.Pong), "PONG")
+    rst_close(src.conn)
+    time.sleep(0.3)   # (not a timing assertion: the program must not be told to run in any case)
+    assert not any(e.get("event") == "run" for e in prog.events()), prog.events()
+    again = Source(sd.port, block, data)
+    again.resume()
+    again.read_until(has(codec.ResumeAck), "RESUME_ACK")
+    again.pages(range(n))
+    again.finish()
+    rc, out, err = sd.wait()
+    assert rc == 0, err
+    _wait_for(lambda: "DONE" in prog.lines, "the program touched every page")
+    runs = [e for e in prog.events() if e.get("event") == "run"]
+    assert len(runs) == 1 and runs[0]["state"] == "ZGV2", prog.events()   # base64 of b"dev"
+    assert not [l for l in prog.lines if l.endswith(" bad")]
 
 
 def test_resume_refused_before_run(serve_dest):
@@ -335,3 +360,36 @@ def test_preempt_channel_cut_alone_pauses_and_resumes(serve_dest):
     assert "refused an extra connection" not in err, err
     src.close()
     pre2.close()
+
+
+def test_a_stale_preempt_channel_from_before_the_pause_is_refused(serve_dest):
+    """A preempt channel of the broken connection that completes its header only after the resume (it was
+    still on its way) is refused; the one the source opens after RESUME_ACK is adopted."""
+    n = 16
+    data = os.urandom(n * PAGE)
+    block = codec.BlockInfo("mem", n * PAGE, PAGE)
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={n * PAGE}")
+    src = Source(sd.port, block, data)
+    src.start(preempt=1)
+    src.send(codec.Ping(1))
+    src.read_until(has(codec.Pong), "PONG")
+    stale = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    head = codec.encode(codec.Header()) + codec.encode(codec.PreemptChannel(MID))
+    stale.sendall(head[:10])          # its offer waits for the rest
+    time.sleep(0.2)                   # (not a timing assertion: only lets the offer begin before the break)
+    rst_close(src.conn)
+    again = Source(sd.port, block, data)
+    again.resume()
+    again.read_until(has(codec.ResumeAck), "RESUME_ACK")
+    stale.sendall(head[10:] + again.ram.begin() + again.ram.page("mem", 0, data[:PAGE]) + again.ram.end())
+    assert refused(stale)
+    fresh = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    enc = codec.RamSectionEncoder()
+    fresh.sendall(head + enc.begin() + enc.page("mem", 0, data[:PAGE]) + enc.end() + codec.encode(codec.Eof()))
+    again.pages(range(1, n))
+    again.finish()
+    rc, out, err = sd.wait()
+    assert rc == 0, err
+    assert "preempt channel of a connection that broke" in err, err
+    assert err.count("refused an extra connection") == 1, err
+    fresh.close()

@@ -101,7 +101,9 @@ def test_preempt_channel_failure_names_the_channel_and_the_main_stream(serve_des
     size = 64 * PAGE
     block = codec.BlockInfo("mem", size, PAGE)
     ident = bytes(range(1, 17))
-    dest = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={size}", "--timeout", "20")
+    # (--recover-timeout 0: no pause, the failure itself is the message under test)
+    dest = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={size}", "--timeout", "20",
+                      "--recover-timeout", "0")
     main = socket.create_connection(("127.0.0.1", dest.port), timeout=PROC_TIMEOUT)
     preamble = b"".join([codec.encode(codec.Header()), codec.encode(codec.Blocks((block,))),
                          codec.encode(codec.MigrationId(ident, 1)), codec.encode(codec.OpenReturnPath()),

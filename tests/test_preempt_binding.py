@@ -95,12 +95,12 @@ def read_by_peer(conn: socket.socket) -> None:
 class Restore:
     """serve-dest --uffd-socket with a `workload touch --image` attached (sequential: it blocks on page 0)."""
 
-    def __init__(self, tmp_path, serve_dest, *, timeout: str = "20"):
+    def __init__(self, tmp_path, serve_dest, *, timeout: str = "20", recover_timeout: str = "600"):
         self.image = tmp_path / "mem.img"
         self.data = write_image(self.image, SIZE, seed=11, zero_runs=())
         sock = tmp_path / "uffd.sock"
         self.sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock), "--json",
-                             "--timeout", timeout)
+                             "--timeout", timeout, "--recover-timeout", recover_timeout)
         self.toucher = subprocess.Popen(postcopy_cmd("workload", "touch", "--size", str(SIZE), "--attach", str(sock),
                                                      "--image", str(self.image), "--order", "sequential", "--json",
                                                      "--connect-timeout", "20"),
@@ -148,7 +148,8 @@ def test_eof_waits_for_the_announced_preempt_channel(tmp_path, serve_dest):
 
 def test_announced_preempt_channel_that_never_connects_fails(tmp_path, serve_dest):
     """Announced, never opened, pages missing at EOF: a clear failure naming the channel, not a success."""
-    r = Restore(tmp_path, serve_dest, timeout="2")
+    # (no pause: what is under test is the wait at EOF and its message)
+    r = Restore(tmp_path, serve_dest, timeout="2", recover_timeout="0")
     main = connect(r.sd.port)
     try:
         main.sendall(preamble(codec.MigrationId(MIG_ID, 1)) + ram(r.data, range(16, PAGES)) + EOF)

@@ -5,8 +5,10 @@ the events allowed in it and the state each leads to; :func:`transition` looks
 one up and refuses anything else with a :class:`ProtocolError` naming the event
 and the state (the wording of :data:`REFUSALS`).  The events are the commands
 (by their :class:`~postcopy_cli.codec.constants.Command` name), the STATE
-section, the EOF section, and PAUSE: a channel broke after RUN (post-copy
-recovery, DESIGN.md section 9; the destination's event, never on the wire).
+section, the EOF section, and PAUSE: a channel broke from LISTEN on (post-copy
+recovery, DESIGN.md section 9; the destination's event, never on the wire: a
+break while LISTENING pauses too, as QEMU's postcopy-paused does, since the
+source may have sent RUN and be paused itself).
 A resumed main stream (RESUME section) starts PAUSED and its POSTCOPY_RESUME
 leads back to RUNNING.  The decoder validates the wire with it and the
 destination's :class:`~postcopy_cli.dest.phase.DestPhase` keeps its phase with
@@ -49,7 +51,7 @@ TRANSITIONS: dict[PostcopyState, dict[str, PostcopyState]] = {
                "STATE": S.ADVISE, "EOF": S.END},
     S.DISCARD: {"OPEN_RETURN_PATH": S.DISCARD, "POSTCOPY_RAM_DISCARD": S.DISCARD, "POSTCOPY_LISTEN": S.LISTENING,
                 "STATE": S.DISCARD, "EOF": S.END},
-    S.LISTENING: {"POSTCOPY_RUN": S.RUNNING, "STATE": S.LISTENING, "EOF": S.END},
+    S.LISTENING: {"POSTCOPY_RUN": S.RUNNING, "STATE": S.LISTENING, "EOF": S.END, "PAUSE": S.PAUSED},
     S.RUNNING: {"EOF": S.END, "PAUSE": S.PAUSED},
     S.END: {},
     # a failure during the resume handshake pauses again (QEMU's double failure)
@@ -75,8 +77,8 @@ REFUSALS: dict[str, dict[PostcopyState, str]] = {
     "POSTCOPY_RESUME": {**{s: "POSTCOPY_RESUME on a stream that did not begin with a RESUME section"
                            for s in (S.NONE, S.ADVISE, S.DISCARD, S.LISTENING)},
                         S.RUNNING: "POSTCOPY_RESUME while running (sent twice, or without a RESUME section)"},
-    "PAUSE": {s: "a channel broke before POSTCOPY_RUN: only a running migration can pause"
-              for s in (S.NONE, S.ADVISE, S.DISCARD, S.LISTENING)},
+    "PAUSE": {s: "a channel broke before POSTCOPY_LISTEN: only a listening or running migration can pause"
+              for s in (S.NONE, S.ADVISE, S.DISCARD)},
 }
 for _event in EVENTS:
     REFUSALS[_event].setdefault(S.END, f"{_event} after EOF")

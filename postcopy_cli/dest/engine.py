@@ -31,6 +31,7 @@ from ..sched import make_latency_thread
 from .channel import StreamReceiver
 from .faults import FaultThread
 from .phase import DestPhase
+from ..codec.states import PostcopyState
 from .stats import dest_stats
 from ..uffd import RegisterMode, UffdError, Userfaultfd, check_native, native_error
 
@@ -111,6 +112,7 @@ class Destination:
         self._resume_pending: tuple[socket.socket, codec.StreamDecoder] | None = None
         self._resume_ready = threading.Event()
         self._superseded = False
+        self._epoch = 0            # main streams attached so far: a preempt channel joins the one it met
         self._closed = False
         self._stop_error: PostcopyError | None = None
         self._pending_discards: dict[str, list] = {}
@@ -344,15 +346,18 @@ class Destination:
     def _attach(self, conn: socket.socket, decoder: codec.StreamDecoder) -> None:
         """``conn`` is the main stream from here on (the first, or a resumed one)."""
         self._conn = conn
+        self._epoch += 1
         conn.settimeout(self.timeout)
         lib.pc_dest_set_return_path(self.native, conn.fileno())
         self._main = StreamReceiver(self, conn, decoder, timeout=self.timeout, wake_fd=self._left_fd)
 
     # -- post-copy recovery (DESIGN.md section 9) ------------------------------------------
     def _may_pause(self) -> bool:
-        """A broken connection pauses the migration only after RUN, with a migration id to resume by, with
-        recovery on, and when nothing else ends it (a signal, the program's leaving)."""
-        return (self.recover_timeout > 0 and (self.phase.running or self.phase.paused) and
+        """A broken connection pauses the migration only from LISTEN on (the source may have sent RUN), with
+        a migration id to resume by, with recovery on, and when nothing else ends it (a signal, the
+        program's leaving)."""
+        return (self.recover_timeout > 0 and self.phase.state in (PostcopyState.LISTENING, PostcopyState.RUNNING,
+                                                                  PostcopyState.PAUSED) and
                 self.migration is not None and self.migration.id != codec.NO_MIGRATION_ID.id and
                 self._stop_error is None and not self._program_gone and not self._closed)
 
@@ -424,7 +429,7 @@ class Destination:
             return "its RESUME section names another migration id"
         if self.recover_timeout <= 0:
             return "recovery is off (--recover-timeout 0)"
-        if not (self.phase.running or self.phase.paused):
+        if not self.phase.paused and not self.phase.running:
             return f"RESUME while the migration is {self.phase.state.value} (only a running or paused migration " \
                    f"resumes)"
         with self._resume_lock:
@@ -484,6 +489,9 @@ class Destination:
         while not self._migration_known.wait(0.05):
             if self._closed or time.monotonic() > deadline:
                 return "the main stream has announced no preempt channel"
+        # a preempt channel belongs to the main stream it met (a stale one, from before a pause, is
+        # refused: its source re-opens one after RESUME_ACK, once the resumed stream is attached)
+        epoch = self._epoch
         decoder = codec.StreamDecoder(joining=self._wire_blocks)
         # exactly the header and the PREEMPT or RESUME section: nothing after it is read here
         want = 8 + 1 + codec.MIGRATION_ID_LENGTH
@@ -504,9 +512,10 @@ class Destination:
             return str(e)
         if decoder.resumed:
             return self._offer_resume(conn, decoder)
-        return self._adopt_preempt(conn, decoder, deadline)
+        return self._adopt_preempt(conn, decoder, deadline, epoch)
 
-    def _adopt_preempt(self, conn: socket.socket, decoder: codec.StreamDecoder, deadline: float) -> str | None:
+    def _adopt_preempt(self, conn: socket.socket, decoder: codec.StreamDecoder, deadline: float,
+                       epoch: int) -> str | None:
         migration = self.migration
         if not migration.preempt_channels:
             return "the main stream announced no preempt channel"
@@ -526,6 +535,8 @@ class Destination:
                 return "the migration has ended"
             if self._preempt_thread is not None:
                 return "the preempt channel is connected already"
+            if epoch != self._epoch:
+                return "it is the preempt channel of a connection that broke (the migration paused since)"
             # requests no longer queue behind background pages on the main stream:
             # it may keep more in flight (fewer wake-ups per byte)
             try:
@@ -616,7 +627,7 @@ class Destination:
         elif t is codec.PostcopyResume:
             # (only a resumed stream's decoder lets it through) RESUME_ACK goes before the requests sent again
             self._send_rp(codec.encode_rp(codec.ResumeAck()))
-            seconds = self.phase.on_resume(off)
+            seconds = self.phase.on_resume(off, self.state_bytes)
             log.warning("post-copy resumed after %.0f ms (recovery %d)", seconds * 1000,
                         self.phase.recovery_figures()["postcopy-recoveries"])
         elif t is codec.Eof:

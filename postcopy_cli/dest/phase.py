@@ -14,11 +14,12 @@ RUNNING       place the assembled pages; native phase: no page present is
               ``t_run``; downtime from a PING right before LISTEN
 END           ``t_complete``; native phase; wind down (SHUT 0, fault thread,
               registration); tell the program it is complete
-PAUSED        (a channel broke after RUN) native phase: faults only mark their
-              pages requested; tell the program; the pause starts
+PAUSED        (a channel broke from LISTEN on) native phase: faults only mark
+              their pages requested; tell the program; the pause starts
 RUNNING       (POSTCOPY_RESUME on a resumed stream) native phase: every page
 again         requested and not received is requested again; tell the
-              program; the pause ends (its duration is a recovery's)
+              program (to run, if the break lost RUN: a source resumes only
+              after it sent RUN); the pause ends (its duration is a recovery's)
 ============  ==============================================================
 """
 from __future__ import annotations
@@ -144,7 +145,7 @@ class DestPhase:
         self._tell({"event": "paused", "reason": reason})
         return True
 
-    def on_resume(self, offset: int) -> float:
+    def on_resume(self, offset: int, state_bytes: bytes) -> float:
         """POSTCOPY_RESUME on a resumed stream (RESUME_ACK sent): running again.  Returns the pause's
         seconds."""
         state = self._next("POSTCOPY_RESUME", offset)
@@ -153,7 +154,12 @@ class DestPhase:
         now = self.clock()
         self.pauses[-1] = (start, now)
         self.pause_reason = None
-        self._tell({"event": "resumed"})
+        if self.t_run is None:
+            # paused while LISTENING: the RUN the source sent went down with the connection
+            self._tell({"event": "run", "state": base64.b64encode(state_bytes).decode()})
+            self.t_run = now
+        else:
+            self._tell({"event": "resumed"})
         return now - start
 
     # -- questions -----------------------------------------------------------------

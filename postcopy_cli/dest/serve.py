@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
+from .. import codec
 from ..channels import transport
+from ..codec.constants import Section
 from .engine import Destination, DestinationResult
 from .faults import own_memory_uffd
 from ..errors import PostcopyError
@@ -27,6 +30,28 @@ class ServeOptions:
     accept_timeout: float | None = None
     insecure: bool = False
     recover_timeout: float = 600.0
+
+
+def _joining_section(conn: socket.socket, timeout: float) -> str | None:
+    """"PREEMPT" or "RESUME" if the connection's first section (after the 8-byte header) says it joins a
+    migration under way; None for anything else (the main stream's decoder judges it), read with MSG_PEEK."""
+    deadline = time.monotonic() + timeout
+    head = b""
+    while len(head) < 9 and time.monotonic() < deadline:
+        ready, _, _ = select.select([conn], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        try:
+            head = conn.recv(9, socket.MSG_PEEK)
+        except OSError:
+            return None
+        if len(head) < 9:
+            if not head:
+                return None
+            time.sleep(0.001)   # the rest of the header is on its way
+    if len(head) < 9 or head[:8] != codec.encode(codec.Header()):
+        return None
+    return {Section.PREEMPT: "PREEMPT", Section.RESUME: "RESUME"}.get(head[8])
 
 
 class ServeDest:
@@ -82,11 +107,19 @@ class ServeDest:
         return blocks
 
     def _accept_source(self) -> socket.socket:
-        """Wait for the source; give up if the attached program goes away meanwhile."""
+        """Wait for the source; give up if the attached program goes away meanwhile.  A connection that
+        joins a migration (a preempt channel or a resumed stream of a migration this serve-dest has not
+        begun, e.g. one that a serve-dest before it received) is refused on its own."""
         deadline = None if self.opts.accept_timeout is None else time.monotonic() + self.opts.accept_timeout
         while True:
             try:
-                return transport.accept(self.listener, 0.2)
+                conn = transport.accept(self.listener, 0.2)
+                joining = _joining_section(conn, self.opts.timeout)
+                if joining is None:
+                    return conn
+                conn.close()
+                log.warning("refused a connection to %s: its first section is %s, of a migration this serve-dest "
+                            "has not begun", self.bound, joining)
             except PostcopyError:
                 self.dest.check_program()
                 if deadline is not None and time.monotonic() > deadline:
