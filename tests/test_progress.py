@@ -277,3 +277,20 @@ def test_migrate_off_a_terminal_draws_no_bar(tmp_path):
     assert r.returncode == 4
     assert "waiting for" not in r.stderr and "━" not in r.stderr and "\x1b" not in r.stderr
     assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_both_displays_show_a_paused_migration():
+    """Post-copy recovery: PAUSED, why, how long, and (source) the reconnect attempts."""
+    dest_rows = DestStatus()({"phase": "paused", "received": 100, "total": 400, "arrived": 100, "demand": 3,
+                              "background": 97, "faults": 3, "requests": 3, "recoveries": 1, "paused_s": 4.2,
+                              "recover_timeout": 600.0, "reason": "the source connection failed", "t": 1.0},
+                             width=160)
+    line = dest_rows[-1]
+    assert line.startswith("PAUSED 4/600 s") and "waiting for the source to resume" in line, dest_rows
+    assert "the source connection failed" in line and "25.0%" in line, line
+    src_rows = SourceStatus()({"phase": "paused", "pass": 1, "phase_bytes": 1 << 20, "phase_done_bytes": 0,
+                               "pages_left": 256, "sent_bytes": 0, "requests": 0, "attempts": 3, "paused_s": 2.5,
+                               "reason": "the destination connection failed", "to": "tcp:127.0.0.1:1", "t": 1.0},
+                              width=160)
+    assert len(src_rows) == 1 and "PAUSED" in src_rows[0] and "attempt 3" in src_rows[0], src_rows
+    assert "the destination connection failed" in src_rows[0], src_rows

@@ -113,7 +113,8 @@ def cut_repeatedly(proxy: FaultProxy, cuts: int, *, kind=None, first_after: int 
     for i in range(cuts):
         if i:
             proxy.wait_resumed(i, timeout=PROC_TIMEOUT)
-            time.sleep(0.05)
+            if i % 2:
+                time.sleep(0.05)   # else the next break comes right after RESUME_ACK
         proxy.cut(kind)
 
 
@@ -140,6 +141,19 @@ def test_preempt_channel_cut_alone(restore):
         r.proxy.wait_resumed(1, timeout=PROC_TIMEOUT)
         mstats, dstats = r.finish(mig)
         assert dstats["postcopy-recoveries"] >= 1 and mstats["postcopy-recoveries"] >= 1
+
+
+def test_half_open_source_notices_first(restore):
+    """Only the source's side breaks; serve-dest's connection stays open and silent (half-open, as when a
+    peer's host vanished): the source resumes on a new connection and serve-dest drops the dead one."""
+    r = restore(64 * MiB)
+    with r.explained():
+        mig = r.migrate("--max-bandwidth", "30M", "--single-channel")
+        wait_postcopy(r.proxy, 256 << 10)
+        r.proxy.cut(side="client")
+        r.proxy.wait_resumed(1, timeout=PROC_TIMEOUT)
+        mstats, dstats = r.finish(mig)
+    assert mstats["postcopy-recoveries"] == 1 and dstats["postcopy-recoveries"] == 1, (mstats, dstats)
 
 
 def test_stall_past_timeout_then_resume(restore):
