@@ -393,3 +393,27 @@ def test_a_stale_preempt_channel_from_before_the_pause_is_refused(serve_dest):
     assert "preempt channel of a connection that broke" in err, err
     assert err.count("refused an extra connection") == 1, err
     fresh.close()
+
+
+def test_shut_lost_with_the_last_connection_is_told_again(serve_dest):
+    """Every page is in, but the connection breaks right after EOF (SHUT 0 lost with it): serve-dest waits
+    for the source to come back and answers its resume with SHUT 0, instead of leaving it to retry."""
+    n = 8
+    data = os.urandom(n * PAGE)
+    block = codec.BlockInfo("mem", n * PAGE, PAGE)
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={n * PAGE}")
+    src = Source(sd.port, block, data)
+    src.start()
+    src.pages(range(n))
+    src.send(codec.Ping(1))
+    src.read_until(has(codec.Pong), "PONG")   # serve-dest has taken every page
+    src.send(codec.Eof())
+    rst_close(src.conn)
+    again = Source(sd.port, block, data)
+    again.resume()
+    again.read_until(has(codec.Shut), "SHUT")
+    assert again.events == [codec.Shut(0)], again.events
+    rc, out, err = sd.wait()
+    assert rc == 0, err
+    import json
+    assert json.loads(out.splitlines()[-1])["pages"]["received"] == n

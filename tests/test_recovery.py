@@ -264,3 +264,34 @@ def test_ten_cuts_in_one_live_migration(live):
         assert lv.source.alive(), lv.source.wait()
         lv.source.kill(signal.SIGTERM)
         assert lv.source.wait().rc == 0
+
+
+@pytest.mark.slow
+def test_cuts_at_random_moments_loop_with_cpu_hogs(tmp_path):
+    """20 small restores with two CPU hogs, each cut once or twice at a random moment of its post-copy
+    (right at its start, in the middle, near or after its last page): every one ends with exit 0 on all
+    processes and every byte right."""
+    import random
+    import sys
+    rng = random.Random(7)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for i in range(20):
+            run_dir = tmp_path / f"run{i}"
+            run_dir.mkdir()
+            r = ImageRestore(run_dir, 8 * MiB)
+            try:
+                with r.explained():
+                    mig = r.migrate("--max-bandwidth", "16M",
+                                    *(["--single-channel"] if i % 2 else []))
+                    r.proxy.wait_bytes("main", "s2c", 1, timeout=PROC_TIMEOUT)
+                    for _ in range(1 + i % 2):
+                        time.sleep(rng.uniform(0, 0.6))
+                        r.proxy.cut()
+                    r.finish(mig)
+            finally:
+                r.close()
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()

@@ -329,3 +329,43 @@ def test_resume_usage_errors(tmp_path, state_dir):
                            text=True, timeout=PROC_TIMEOUT)
         assert p.returncode == 2, (args, p.stderr)
         assert "Traceback" not in p.stderr and ("--resume" in p.stderr or "--migration-id" in p.stderr), p.stderr
+
+
+def test_resume_answered_shut_0_means_complete(tmp_path):
+    """The connection breaks after EOF before SHUT arrives; on the resume the destination answers SHUT 0
+    (it has every page): migrate exits 0 without sending anything more."""
+    import socket as _socket
+    from postcopy_cli import codec as _codec
+    from conftest import postcopy_cmd as _cmd, write_image as _write
+    import subprocess as _sp
+    image = tmp_path / "img"
+    _write(image, 1 << 20, seed=2)
+    lst = _socket.create_server(("127.0.0.1", 0))
+    lst.settimeout(60)
+    mig = _sp.Popen(_cmd("migrate", "--to", f"tcp:127.0.0.1:{lst.getsockname()[1]}", "--image", str(image),
+                         "--json", "--single-channel", "--recover-timeout", "30"),
+                    stdout=_sp.PIPE, stderr=_sp.PIPE, text=True)
+    conn, _ = lst.accept()
+    conn.settimeout(60)
+    dec = _codec.StreamDecoder()
+    while not dec.finished:
+        chunk = conn.recv(1 << 20)
+        assert chunk, "migrate closed before EOF"
+        dec.feed(chunk)
+        for _ in dec.events():
+            pass
+    conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    conn.close()
+    again, _ = lst.accept()
+    again.settimeout(60)
+    jd = _codec.StreamDecoder(joining=dec.blocks)
+    while not any(isinstance(e, _codec.PostcopyResume) for e in list(jd.events()) or [None]):
+        chunk = again.recv(1 << 16)
+        assert chunk, "migrate closed during its resume"
+        jd.feed(chunk)
+    again.sendall(_codec.encode_rp(_codec.Shut(0)))
+    out, err = mig.communicate(timeout=60)
+    assert mig.returncode == 0, err
+    assert again.recv(100) == b"", "nothing more is sent after SHUT 0"
+    again.close()
+    lst.close()

@@ -113,6 +113,9 @@ class Destination:
         self._resume_ready = threading.Event()
         self._superseded = False
         self._epoch = 0            # main streams attached so far: a preempt channel joins the one it met
+        self._shut_delivered = False
+        self._shut_sent = False
+        self.told_complete = threading.Event()   # a resuming source was told the migration is complete
         self._closed = False
         self._stop_error: PostcopyError | None = None
         self._pending_discards: dict[str, list] = {}
@@ -320,6 +323,10 @@ class Destination:
                     self._join_preempt()
                     return self._finish(self._main.decoder)
                 except PeerDisconnected as e:      # PeerTimeout too
+                    if self.phase.running and self._all_received() and not self._program_gone:
+                        # every page is in: the migration has succeeded, whatever became of the connection
+                        # (a source that missed SHUT 0 comes back to resume and is told it again)
+                        return self._finish(self._main.decoder)
                     if not self._may_pause():
                         raise
                     self._pause(e)
@@ -427,6 +434,26 @@ class Destination:
             return "this migration has no id to resume by (its source sent no ID section)"
         if decoder.marker.id != migration.id:
             return "its RESUME section names another migration id"
+        if self.phase.ended:
+            # every page is in and SHUT 0 went on a connection that broke: the source missed it
+            try:
+                # its handshake is read whole first: closed with nothing unread, the connection ends with
+                # a FIN after SHUT, not a reset that could overtake it
+                conn.settimeout(self.timeout)
+                seen = False
+                while not seen:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    decoder.feed(data)
+                    seen = any(type(ev) is codec.PostcopyResume for ev in decoder.events())
+                conn.sendall(codec.encode_rp(codec.Shut(0)))
+            except (OSError, ProtocolError):
+                pass
+            conn.close()
+            log.info("a source resumed the complete migration: told it SHUT 0 again")
+            self.told_complete.set()
+            return None
         if self.recover_timeout <= 0:
             return "recovery is off (--recover-timeout 0)"
         if not self.phase.paused and not self.phase.running:
@@ -648,10 +675,40 @@ class Destination:
             raise ProtocolError(f"EOF with {self.total_pages - received} of {self.total_pages} pages never sent",
                                 section="EOF", offset=decoder.offset)
         self.phase.on_end(decoder.offset, self._wind_down)
+        self._shut_delivered = self._shut_sent and self._await_source_close()
         return DestinationResult(self.stats(), self.state_bytes, True)
 
+    def _await_source_close(self) -> bool:
+        """After SHUT 0: False if the connection breaks (a reset) before the source closes it: SHUT may have
+        gone down with it, and the source would try to resume.  A source closes right after SHUT; one that
+        keeps the connection open a second longer has it still, and SHUT with it."""
+        conn = self._conn
+        deadline = time.monotonic() + min(self.timeout, 1.0)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return True
+                conn.settimeout(left)
+                if not conn.recv(65536):
+                    return True
+        except socket.timeout:
+            return True
+        except OSError:
+            return False
+
+    @property
+    def shut_maybe_lost(self) -> bool:
+        """The migration is complete, but the source may not have read SHUT 0: it may come back to resume."""
+        return (self.phase.ended and not self._shut_delivered and self.recover_timeout > 0 and
+                self.migration is not None and self.migration.id != codec.NO_MIGRATION_ID.id)
+
     def _wind_down(self):
-        self._send_rp(codec.encode_rp(codec.Shut(0)))
+        try:
+            self._send_rp(codec.encode_rp(codec.Shut(0)))
+            self._shut_sent = True
+        except PeerDisconnected:
+            self._shut_sent = False   # the source learns it on its resume (shut_maybe_lost)
         self.fault_thread.stop()
         self._unregister_all()
 

@@ -136,7 +136,12 @@ class ServeDest:
             threading.Thread(target=self._report, args=(progress, stop), daemon=True).start()
         threading.Thread(target=self._accept_more, args=(stop,), name="postcopy/accept", daemon=True).start()
         try:
-            return self.dest.run(conn)
+            result = self.dest.run(conn)
+            if self.dest.shut_maybe_lost:
+                # the source did not close after SHUT 0: if the link broke, it comes back to resume, and is
+                # told SHUT 0 again (else it would retry until its --recover-timeout)
+                self.dest.told_complete.wait(min(self.opts.timeout, self.opts.recover_timeout))
+            return result
         finally:
             stop.set()
             conn.close()

@@ -386,6 +386,8 @@ class PageStreamer:
             if failure is not None:
                 self._recover(failure)
                 failure = None
+                if self.shut == 0:
+                    break
             try:
                 self._stream()
                 break
@@ -525,7 +527,13 @@ class PageStreamer:
         try:
             conn.setblocking(True)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))
-            decoder, bitmaps = self._resume_handshake(conn)
+            try:
+                decoder, bitmaps = self._resume_handshake(conn)
+            except _AlreadyComplete:
+                conn.close()
+                self.shut = 0
+                log.info("the destination has every page: the migration is complete")
+                return True
             for bi, bitmap in enumerate(bitmaps):
                 self.book.from_received(bi, bitmap)
             if self.migration.preempt_channels:
@@ -568,6 +576,9 @@ class PageStreamer:
                         raise ProtocolError(f"RESUME_ACK {ev.value} (expected 1)", section="return path",
                                             offset=decoder.offset)
                     return decoder, bitmaps
+                elif t is codec.Shut and ev.status == 0:
+                    # the migration is complete: its SHUT 0 went down with the broken connection
+                    raise _AlreadyComplete()
                 elif t is codec.Shut:
                     raise PeerDisconnected(f"the destination refused the resume (SHUT {ev.status})")
                 else:
@@ -620,6 +631,10 @@ class PageStreamer:
                 return
             if shuts:
                 self.shut = shuts[0]
+
+
+class _AlreadyComplete(Exception):
+    """A resume answered SHUT 0: the destination has every page."""
 
 
 def _timeval(seconds: float) -> bytes:
