@@ -99,6 +99,21 @@ def run_anchor(argv: list[str], timeout: float) -> tuple[int, str, str]:
     return p.returncode, stdout, stderr
 
 
+def completed_anchor_run(argv: list[str], timeout: float) -> tuple[dict | None, dict | None]:
+    """Run postcopy_run.py: (its JSON figures, None) for a completed migration, else (None, the
+    "not available" result saying why)."""
+    try:
+        rc, stdout, stderr = run_anchor(argv, timeout)
+    except subprocess.TimeoutExpired:
+        return None, {"available": False, "error": f"postcopy_run.py timed out after {timeout:.0f} s"}
+    out = last_json(stdout)
+    if rc or not out:
+        return None, {"available": False, "error": f"exit {rc}: {(stdout + stderr).strip()[-500:]}"}
+    if out.get("status") != "completed":
+        return None, {"available": False, "error": f"QEMU migration status {out.get('status')!r}", "raw": out}
+    return out, None
+
+
 def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: float) -> dict:
     why = qemu_missing()
     if why:
@@ -109,15 +124,9 @@ def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: floa
         argv += ["--bw", str(bw)]
     t = time.monotonic()
     fc = ForeignCPU()
-    try:
-        rc, stdout, stderr = run_anchor(argv, timeout)
-    except subprocess.TimeoutExpired:
-        return {"available": False, "error": f"postcopy_run.py timed out after {timeout:.0f} s"}
-    out = last_json(stdout)
-    if rc or not out:
-        return {"available": False, "error": f"exit {rc}: {(stdout + stderr).strip()[-500:]}"}
-    if out.get("status") != "completed":
-        return {"available": False, "error": f"QEMU migration status {out.get('status')!r}", "raw": out}
+    out, failed = completed_anchor_run(argv, timeout)
+    if failed:
+        return failed
     req = out.get("postcopy_requests") or 0
     bt = out.get("dest_postcopy_blocktime_ms")
     tot = (out.get("total_time_ms") or 0) / 1000

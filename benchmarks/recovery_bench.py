@@ -36,7 +36,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))     # proxy.py, the FaultProxy
 from restore_bench import (REPO, Children, NotListening, ForeignCPU, add_anchors_option, find_anchor,  # noqa: E402
                            listening_port, make_image, postcopy_cmd, use_rev, wait_idle)
-from qemu_compare import last_json, qemu_missing, run_anchor  # noqa: E402
+from qemu_compare import completed_anchor_run, last_json, qemu_missing  # noqa: E402
 from proxy import FaultProxy, ProxyError  # noqa: E402
 
 GOAL_MEDIAN_X = 1.0            # our median recovery <= QEMU's
@@ -65,15 +65,9 @@ def run_qemu(script: str, args) -> dict:
     if args.preempt:
         argv.append("--preempt")
     fc = ForeignCPU()
-    try:
-        rc, stdout, stderr = run_anchor(argv, args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"available": False, "error": f"postcopy_run.py timed out after {args.timeout:.0f} s"}
-    out = last_json(stdout)
-    if rc or not out:
-        return {"available": False, "error": f"exit {rc}: {(stdout + stderr).strip()[-500:]}"}
-    if out.get("status") != "completed":
-        return {"available": False, "error": f"QEMU migration status {out.get('status')!r}", "raw": out}
+    out, failed = completed_anchor_run(argv, args.timeout)
+    if failed:
+        return failed
     rec = out.get("recoveries_s")
     if not isinstance(rec, list):
         return {"available": False, "error": "postcopy_run.py printed no recoveries_s (an anchor without --pauses?)",

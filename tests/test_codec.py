@@ -495,24 +495,6 @@ STREAM_REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("name,prelude,bad,section,offset,problem", STREAM_REFUSALS,
-                         ids=[r[0] for r in STREAM_REFUSALS])
-def test_stream_refuses(name, prelude, bad, section, offset, problem):
-    for pieces in ([bad], [bad[i:i + 1] for i in range(len(bad))]):
-        dec = StreamDecoder()
-        dec.feed(prelude)
-        _drain(dec)
-        with pytest.raises(ProtocolError) as ei:
-            for p in pieces:
-                dec.feed(p)
-                _drain(dec)
-        e = ei.value
-        assert e.section == section
-        assert e.offset == (len(prelude) if offset is None else offset)
-        assert problem in e.problem
-        assert section in str(e) and f"at byte {e.offset}" in str(e)
-
-
 # a second connection of BLOCKS' migration: (id, prelude, bad bytes, section, offset (None = len(prelude)), problem)
 JOINING_REFUSALS = [
     ("joining_blocks_first", HDR, BLK, "joining connection", None,
@@ -539,20 +521,25 @@ JOINING_REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("name,prelude,bad,section,offset,problem", JOINING_REFUSALS,
-                         ids=[r[0] for r in JOINING_REFUSALS])
-def test_joining_connection_refuses(name, prelude, bad, section, offset, problem):
+@pytest.mark.parametrize("name,prelude,bad,section,offset,problem", STREAM_REFUSALS + JOINING_REFUSALS,
+                         ids=[r[0] for r in STREAM_REFUSALS + JOINING_REFUSALS])
+def test_stream_refuses(name, prelude, bad, section, offset, problem):
+    joining = any(r[0] == name for r in JOINING_REFUSALS)
     for pieces in ([bad], [bad[i:i + 1] for i in range(len(bad))]):
-        dec = StreamDecoder(joining={b.name: b for b in BLOCKS.blocks})
+        dec = StreamDecoder(joining={b.name: b for b in BLOCKS.blocks}) if joining else StreamDecoder()
         dec.feed(prelude)
         _drain(dec)
         with pytest.raises(ProtocolError) as ei:
-            for piece in pieces:
-                dec.feed(piece)
+            for p in pieces:
+                dec.feed(p)
                 _drain(dec)
-        assert ei.value.section == section
-        assert ei.value.offset == (len(prelude) if offset is None else offset)
-        assert problem in ei.value.problem
+        e = ei.value
+        assert e.section == section
+        assert e.offset == (len(prelude) if offset is None else offset)
+        assert problem in e.problem
+        assert section in str(e) and f"at byte {e.offset}" in str(e)
+
+
 
 
 def test_joining_decoder_says_what_the_connection_is():

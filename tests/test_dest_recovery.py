@@ -82,12 +82,27 @@ class Source:
         self.conn.close()
 
 
+def running_source(sd, block: codec.BlockInfo, data: bytes, pages: int) -> "Source":
+    """A source past RUN that sent ``pages`` pages and got a page request back (the program faults)."""
+    src = Source(sd.port, block, data)
+    src.start()
+    src.pages(range(pages))
+    src.read_until(lambda evs: src.requested(), "a request")
+    return src
+
+
 def refused(conn: socket.socket) -> bool:
     """serve-dest closed ``conn`` without sending a byte (a close with our bytes unread is a reset)."""
     try:
         return conn.recv(100) == b""
     except ConnectionResetError:
         return True
+
+
+def own_memory(serve_dest, n: int):
+    """serve-dest receiving ``n`` pages into its own memory: (serve-dest, the block, the source's data)."""
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={n * PAGE}")
+    return sd, codec.BlockInfo("mem", n * PAGE, PAGE), os.urandom(n * PAGE)
 
 
 def has(kind):
@@ -159,10 +174,7 @@ def test_refusals_leave_the_paused_migration_waiting(attached):
     fail) on their own connection with a warning; the right source then resumes."""
     n = 32
     sd, prog, block, data = attached(n)
-    src = Source(sd.port, block, data)
-    src.start()
-    src.pages(range(4))
-    src.read_until(lambda evs: src.requested(), "a request")
+    src = running_source(sd, block, data, 4)
     rst_close(src.conn)
     _wait_for(lambda: any(e.get("event") == "paused" for e in prog.events()), "paused")
 
@@ -205,10 +217,7 @@ def test_half_open_the_source_resumes_before_the_destination_noticed(attached):
     """The old connection is still open (the destination saw no failure): a RESUME with the right id drops it."""
     n = 32
     sd, prog, block, data = attached(n)
-    old = Source(sd.port, block, data)
-    old.start()
-    old.pages(range(8))
-    old.read_until(lambda evs: old.requested(), "a request")
+    old = running_source(sd, block, data, 8)
     new = Source(sd.port, block, data)
     new.resume()
     new.read_until(has(codec.ResumeAck), "RESUME_ACK")
@@ -233,10 +242,7 @@ def test_half_open_the_source_resumes_before_the_destination_noticed(attached):
 def test_recover_timeout_ends_the_pause_with_exit_4(attached):
     n = 32
     sd, prog, block, data = attached(n, "--recover-timeout", "1")
-    src = Source(sd.port, block, data)
-    src.start()
-    src.pages(range(4))
-    src.read_until(lambda evs: src.requested(), "a request")
+    src = running_source(sd, block, data, 4)
     rst_close(src.conn)
     rc, out, err = sd.wait()
     assert rc == 4, err
@@ -300,9 +306,7 @@ def test_a_break_while_listening_pauses_and_the_resume_runs_the_program(attached
 def test_resume_refused_before_run(serve_dest):
     """A RESUME while the migration only listens is refused on its own; the migration goes on."""
     n = 16
-    data = os.urandom(n * PAGE)
-    block = codec.BlockInfo("mem", n * PAGE, PAGE)
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={n * PAGE}")
+    sd, block, data = own_memory(serve_dest, n)
     src = Source(sd.port, block, data)
     src.send(codec.Header(), codec.Blocks((block,)), codec.MigrationId(MID, 0), codec.OpenReturnPath(),
              codec.PostcopyAdvise(PAGE, PAGE), codec.PostcopyListen(), codec.Ping(1))
@@ -323,9 +327,7 @@ def test_preempt_channel_cut_alone_pauses_and_resumes(serve_dest):
     """A break of the preempt channel alone pauses the migration too: both channels are dropped, the resumed
     stream brings it to the end, and a new preempt channel is adopted after RESUME_ACK."""
     n = 32
-    data = os.urandom(n * PAGE)
-    block = codec.BlockInfo("mem", n * PAGE, PAGE)
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={n * PAGE}")
+    sd, block, data = own_memory(serve_dest, n)
     src = Source(sd.port, block, data)
     src.start(preempt=1)
     pre = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
@@ -366,9 +368,7 @@ def test_a_stale_preempt_channel_from_before_the_pause_is_refused(serve_dest):
     """A preempt channel of the broken connection that completes its header only after the resume (it was
     still on its way) is refused; the one the source opens after RESUME_ACK is adopted."""
     n = 16
-    data = os.urandom(n * PAGE)
-    block = codec.BlockInfo("mem", n * PAGE, PAGE)
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={n * PAGE}")
+    sd, block, data = own_memory(serve_dest, n)
     src = Source(sd.port, block, data)
     src.start(preempt=1)
     src.send(codec.Ping(1))
@@ -399,9 +399,7 @@ def test_shut_lost_with_the_last_connection_is_told_again(serve_dest):
     """Every page is in, but the connection breaks right after EOF (SHUT 0 lost with it): serve-dest waits
     for the source to come back and answers its resume with SHUT 0, instead of leaving it to retry."""
     n = 8
-    data = os.urandom(n * PAGE)
-    block = codec.BlockInfo("mem", n * PAGE, PAGE)
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--ram", f"mem={n * PAGE}")
+    sd, block, data = own_memory(serve_dest, n)
     src = Source(sd.port, block, data)
     src.start()
     src.pages(range(n))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import time
@@ -19,7 +18,7 @@ import pytest
 from conftest import PROC_TIMEOUT, ServeDestProc, postcopy_cmd, write_image
 from postcopy_cli.selftest.harness import kill_and_reap, last_json
 from proxy import FaultProxy
-from test_live import Live
+from test_live import live  # noqa: F401 (the fixture)
 
 MiB = 1 << 20
 
@@ -216,20 +215,6 @@ def test_killed_image_source_is_restarted_with_resume(restore):
         assert dstats["postcopy-recoveries"] == 1, dstats
         # the restarted source sent only what the destination lacked
         assert dstats["pages"]["skipped"] < dstats["pages"]["total"] // 4, dstats
-
-
-@pytest.fixture
-def live(tmp_path):
-    runs = []
-
-    def make() -> Live:
-        lv = Live(tmp_path)
-        runs.append(lv)
-        return lv
-
-    yield make
-    for lv in runs:
-        lv.kill_all()
 
 
 def test_ten_cuts_in_one_live_migration(live):
