@@ -32,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import NotListening, ForeignCPU, child_env, listening_port, use_rev, wait_idle, StatusSampler, add_anchors_option, find_anchor, kill_proc, postcopy_cmd, wait4  # noqa: E402
+from restore_bench import NotListening, ForeignCPU, child_env, listening_port, use_rev, wait_idle, StatusSampler, add_anchors_option, find_anchor, end_children, postcopy_cmd, wait4  # noqa: E402
 
 GOAL_POSTCOPY_X = 0.2
 GOAL_LATENCY_X = 0.5
@@ -259,11 +259,7 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
     except Exception as e:  # noqa: BLE001
         return {"available": False, "error": f"{type(e).__name__}: {e}"}
     finally:
-        for p in procs.values():
-            kill_proc(p)
-        for fo, fe in files.values():
-            fo.close()
-            fe.close()
+        end_children(procs, files)
         if keep:
             print(f"  (kept {work})", file=sys.stderr)
         else:

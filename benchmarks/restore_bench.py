@@ -207,12 +207,16 @@ class Children:
         return f.read()
 
     def close(self):
-        """Ends the children still running and closes their files."""
-        for p in self.procs.values():
-            kill_proc(p)
-        for fo, fe in self.files.values():
-            fo.close()
-            fe.close()
+        end_children(self.procs, self.files)
+
+
+def end_children(procs: dict, files: dict) -> None:
+    """Ends the children still running and closes their stdout/stderr files."""
+    for p in procs.values():
+        kill_proc(p)
+    for fo, fe in files.values():
+        fo.close()
+        fe.close()
 
 
 class StatusSampler(threading.Thread):
@@ -520,11 +524,7 @@ def one_restore(args, img: str, run_no: int) -> dict:
         res["error"] = f"{type(e).__name__}: {e}"
         return res
     finally:
-        for p in procs.values():
-            kill_proc(p)
-        for fo, fe in files.values():
-            fo.close()
-            fe.close()
+        end_children(procs, files)
         if args.keep_work:
             res["workdir"] = work
         else:

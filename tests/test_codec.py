@@ -525,8 +525,14 @@ JOINING_REFUSALS = [
                          ids=[r[0] for r in STREAM_REFUSALS + JOINING_REFUSALS])
 def test_stream_refuses(name, prelude, bad, section, offset, problem):
     joining = any(r[0] == name for r in JOINING_REFUSALS)
+    assert_refused(lambda: StreamDecoder(joining={b.name: b for b in BLOCKS.blocks}) if joining else StreamDecoder(),
+                   prelude, bad, section, offset, problem)
+
+
+def assert_refused(make_decoder, prelude, bad, section, offset, problem):
+    """``bad`` after ``prelude`` is refused, fed whole and byte by byte, with the section, offset and problem."""
     for pieces in ([bad], [bad[i:i + 1] for i in range(len(bad))]):
-        dec = StreamDecoder(joining={b.name: b for b in BLOCKS.blocks}) if joining else StreamDecoder()
+        dec = make_decoder()
         dec.feed(prelude)
         _drain(dec)
         with pytest.raises(ProtocolError) as ei:
@@ -619,18 +625,7 @@ RP_REFUSALS = [
 
 @pytest.mark.parametrize("name,prelude,bad,section,offset,problem", RP_REFUSALS, ids=[r[0] for r in RP_REFUSALS])
 def test_return_path_refuses(name, prelude, bad, section, offset, problem):
-    for pieces in ([bad], [bad[i:i + 1] for i in range(len(bad))]):
-        dec = ReturnPathDecoder(BLOCKS.blocks)
-        dec.feed(prelude)
-        _drain(dec)
-        with pytest.raises(ProtocolError) as ei:
-            for p in pieces:
-                dec.feed(p)
-                _drain(dec)
-        e = ei.value
-        assert e.section == section
-        assert e.offset == (len(prelude) if offset is None else offset)
-        assert problem in e.problem
+    assert_refused(lambda: ReturnPathDecoder(BLOCKS.blocks), prelude, bad, section, offset, problem)
 
 
 def test_constants():

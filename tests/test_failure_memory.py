@@ -163,6 +163,13 @@ def _proxy(target: tuple[str, int], cut_after: int) -> tuple[socket.socket, thre
     return lst, t
 
 
+def slow_image_migrate(sd, image, rate: str) -> subprocess.Popen:
+    """`migrate --image` to serve-dest at ``rate`` (slow enough for a failure mid post-copy)."""
+    return subprocess.Popen(postcopy_cmd("migrate", "--to", f"tcp:127.0.0.1:{sd.port}", "--image", str(image),
+                                         "--max-bandwidth", rate),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def _corrupt_source(port: int, image: bytes, pages: int):
     """A hand-written source: preamble, LISTEN, RUN, ``pages`` pages, then a record header with unknown flags."""
     src = FakeSource(port, codec.BlockInfo("mem", len(image), PAGE))
@@ -227,9 +234,7 @@ def test_workload_touch_keeps_its_uffd_when_serve_dest_is_killed(tmp_path, serve
     touch = subprocess.Popen(postcopy_cmd("workload", "touch", "--size", str(size), "--attach", usock,
                                           "--image", str(image), "--wait-run", "--json"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    migrate = subprocess.Popen(postcopy_cmd("migrate", "--to", f"tcp:127.0.0.1:{sd.port}", "--image", str(image),
-                                            "--max-bandwidth", "2M"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    migrate = slow_image_migrate(sd, image, "2M")
     try:
         def faulting():
             return waits_in_userfault(touch.pid)
@@ -256,9 +261,7 @@ def test_workload_incoming_told_failed_exits_1_not_sigsegv(tmp_path, serve_dest)
                     "--recover-timeout", "1")
     inc = subprocess.Popen(postcopy_cmd("workload", "incoming", "--mem", str(size), "--attach", usock),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    migrate = subprocess.Popen(postcopy_cmd("migrate", "--to", f"tcp:127.0.0.1:{sd.port}", "--image", str(image),
-                                            "--max-bandwidth", "1M"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    migrate = slow_image_migrate(sd, image, "1M")
     try:
         # the loop runs (RUN is past) once it waits for a page
         def faulting():

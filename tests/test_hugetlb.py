@@ -171,15 +171,21 @@ def test_hugetlb_program_end_to_end(tmp_path, serve_dest, hugepages_2m, single_c
     assert stats["postcopy-requests"] >= 1, stats
 
 
-def test_hugetlb_requests_whole_huge_pages_fake_source(tmp_path, serve_dest, hugepages_2m):
-    """A fake source reads the return path: every request is one whole, aligned 2 MiB page of 'mem'."""
+def fake_source_restore(tmp_path, serve_dest):
+    """serve-dest with the toucher attached and a FakeSource of the 2 MiB-page block connected:
+    (the image's bytes, serve-dest, the toucher, the source)."""
     image = tmp_path / "img"
     data = make_image(image)
     sock_path = tmp_path / "u.sock"
     sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock_path), "--json", "--timeout", "30")
     wait_for_socket(sock_path, sd.proc)
     toucher = start_toucher(sock_path, image)
-    src = FakeSource(sd.port, codec.BlockInfo("mem", SIZE, HP))
+    return data, sd, toucher, FakeSource(sd.port, codec.BlockInfo("mem", SIZE, HP))
+
+
+def test_hugetlb_requests_whole_huge_pages_fake_source(tmp_path, serve_dest, hugepages_2m):
+    """A fake source reads the return path: every request is one whole, aligned 2 MiB page of 'mem'."""
+    data, sd, toucher, src = fake_source_restore(tmp_path, serve_dest)
     requests = []
     try:
         src.send(preamble(src.block))
@@ -277,13 +283,7 @@ MALFORMED = {
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_hugetlb_malformed_host_page_exit_3(tmp_path, serve_dest, hugepages_2m, case):
     make, host_page = MALFORMED[case]
-    image = tmp_path / "img"
-    data = make_image(image)
-    sock_path = tmp_path / "u.sock"
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock_path), "--json", "--timeout", "30")
-    wait_for_socket(sock_path, sd.proc)
-    toucher = start_toucher(sock_path, image)
-    src = FakeSource(sd.port, codec.BlockInfo("mem", SIZE, HP))
+    data, sd, toucher, src = fake_source_restore(tmp_path, serve_dest)
     try:
         src.send(preamble(src.block) + make(data))
         rc, out, err = sd.wait()

@@ -409,19 +409,24 @@ def _bad_program(live_run: Live, mode: str) -> subprocess.Popen:
     return p
 
 
-@pytest.mark.parametrize("mode, words", [
-    ("not-json", "not valid JSON"),
-    ("missing-field", "'size'"),
-    ("no-fd", "file descriptor"),
-])
-def test_malformed_handshake(live, mode, words):
+def _refused_program(live, mode: str):
+    """migrate --attach with a bad program (``_bad_program``'s mode): exit 1; (the program, migrate's one line)."""
     lv = live()
     lv.start_dest()
     lv.start_migrate("--postcopy-after", "0.5")
     prog = _bad_program(lv, mode)
     mig = lv.migrate.wait()
     assert mig.rc == 1, mig
-    line = single_stderr_line(mig.err.replace(lv.migrate.early_err, ""))
+    return prog, single_stderr_line(mig.err.replace(lv.migrate.early_err, ""))
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("not-json", "not valid JSON"),
+    ("missing-field", "'size'"),
+    ("no-fd", "file descriptor"),
+])
+def test_malformed_handshake(live, mode, words):
+    prog, line = _refused_program(live, mode)
     assert words in line, line
     prog.kill()
     prog.communicate(timeout=PROC_TIMEOUT)
@@ -429,13 +434,7 @@ def test_malformed_handshake(live, mode, words):
 
 @pytest.mark.parametrize("mode", ["missing-only", "wp-sync", "unregistered"])
 def test_uffd_not_registered_for_write_protect(live, mode):
-    lv = live()
-    lv.start_dest()
-    lv.start_migrate("--postcopy-after", "0.5")
-    prog = _bad_program(lv, mode)
-    mig = lv.migrate.wait()
-    assert mig.rc == 1, mig
-    line = single_stderr_line(mig.err.replace(lv.migrate.early_err, ""))
+    prog, line = _refused_program(live, mode)
     assert f"pid {prog.pid}" in line, line
     assert "WP_ASYNC" in line and "region" in line and "'mem'" in line, line
     prog.kill()

@@ -142,6 +142,20 @@ def test_malformed_stream_exit_3(serve_dest, case):
     assert doc["error"]["code"] == 3 and doc["error"]["kind"] == "protocol" and "pages" in doc, doc
 
 
+def receive_in_process(server, stream: bytes):
+    """``server`` (a library ServeDest) receives ``stream`` sent by a thread; its complete result."""
+    conn = socket.create_connection((server.bound.host, server.bound.port), timeout=PROC_TIMEOUT)
+    sender = threading.Thread(target=conn.sendall, args=(stream,))
+    sender.start()
+    try:
+        result = server.run()
+        sender.join(PROC_TIMEOUT)
+    finally:
+        conn.close()
+    assert result.complete
+    return result
+
+
 def test_garbage_mid_ram_section_own_memory_library():
     """Pages validly received are in; the bad record's page and everything after stay untouched."""
     server = ServeDest(ServeOptions(listen="tcp:127.0.0.1:0", ram=[("mem", SIZE)], timeout=20))
@@ -173,7 +187,6 @@ def test_garbage_mid_ram_section_own_memory_library():
             events.extend(rp.events())
         assert [e.status for e in events if isinstance(e, codec.Shut)] == [1]
     finally:
-        conn.close()
         server.close()
 
 
@@ -306,6 +319,16 @@ def test_ping_recv_bitmap_and_complete(serve_dest):
     assert stats["postcopy-requests"] == 0
 
 
+def assert_return_path(conn, want: bytes) -> None:
+    """The next bytes on the return path are exactly ``want``."""
+    buf = b""
+    while len(buf) < len(want):
+        chunk = conn.recv(65536)
+        assert chunk, f"serve-dest closed after {len(buf)} of {len(want)} bytes"
+        buf += chunk
+    assert buf == want
+
+
 def test_recv_bitmap_raw_bytes(serve_dest):
     """The RECV_BITMAP message byte for byte: type 5, name, be64 size rounded to 8, bitmap LE, trailer."""
     sd = start_own(serve_dest)
@@ -318,12 +341,7 @@ def test_recv_bitmap_raw_bytes(serve_dest):
         bitmap[0] = 0b10
         bitmap[1] = 0b10
         want += bytes(bitmap) + struct.pack(">Q", 0x0123456789ABCDEF)
-        buf = b""
-        while len(buf) < len(want):
-            chunk = conn.recv(65536)
-            assert chunk
-            buf += chunk
-        assert buf == want
+        assert_return_path(conn, want)
     finally:
         conn.close()
     rc, _, err = sd.wait()
@@ -339,12 +357,7 @@ def test_recv_bitmap_small_block_padded(serve_dest):
         conn.sendall(preamble([small]) + ram([0, 9]) + codec.encode(codec.RecvBitmapRequest("mem")))
         want = (struct.pack(">HHB", 5, 4, 3) + b"mem" + struct.pack(">Q", 8) + b"\x01\x02" + bytes(6) +
                 struct.pack(">Q", 0x0123456789ABCDEF))
-        buf = b""
-        while len(buf) < len(want):
-            chunk = conn.recv(65536)
-            assert chunk
-            buf += chunk
-        assert buf == want
+        assert_return_path(conn, want)
     finally:
         conn.close()
     rc, _, err = sd.wait()
@@ -418,18 +431,12 @@ def test_two_blocks_interleaved_own_memory_library():
     half = len(records) // 2
     stream = (preamble(blocks) + section(records[:half]) + LISTEN_RUN + section(records[half:]) +
               codec.encode(codec.Eof()))
-    conn = socket.create_connection((server.bound.host, server.bound.port), timeout=PROC_TIMEOUT)
-    sender = threading.Thread(target=conn.sendall, args=(stream,))
-    sender.start()
     try:
-        result = server.run()
-        sender.join(PROC_TIMEOUT)
-        assert result.complete
+        result = receive_in_process(server, stream)
         assert result.stats["pages"]["received"] == sum(sizes.values()) // PAGE
         for m, (n, s) in zip(server.mappings, sizes.items()):
             assert ctypes.string_at(m.addr, s) == bytes(want[n]), n
     finally:
-        conn.close()
         server.close()
 
 
@@ -451,19 +458,13 @@ def test_discard_then_resend_own_memory_library(resend):
     else:
         stream = preamble() + first + discard + LISTEN_RUN + resend_sec
     stream += codec.encode(codec.Eof())
-    conn = socket.create_connection((server.bound.host, server.bound.port), timeout=PROC_TIMEOUT)
-    sender = threading.Thread(target=conn.sendall, args=(stream,))
-    sender.start()
     try:
-        result = server.run()
-        sender.join(PROC_TIMEOUT)
-        assert result.complete
+        result = receive_in_process(server, stream)
         got = ctypes.string_at(server.mappings[0].addr, SIZE)
         want_again = fresh if resend != "never-resent-then-zero" else bytes(PAGE)
         for p in range(pages):
             assert got[p * PAGE:(p + 1) * PAGE] == (want_again if p in again else stale), p
     finally:
-        conn.close()
         server.close()
 
 
@@ -492,5 +493,4 @@ def test_own_memory_discard_is_one_madvise_per_range(monkeypatch):
         assert calls == [(base, big)]
         assert ctypes.string_at(base, 4 * PAGE) == bytes(4 * PAGE)   # the pages sent before it were dropped
     finally:
-        conn.close()
         server.close()

@@ -22,6 +22,7 @@ import mmap
 import os
 from dataclasses import dataclass, field
 
+from ..owned import Owned
 from ..units import parse_size  # noqa: F401  (re-exported)
 
 # the one handle on the C library, for the calls the os and mmap modules lack
@@ -155,7 +156,7 @@ def address_of(buffer) -> int:
     return addr
 
 
-class Mapping:
+class Mapping(Owned):
     """An mmap (``.map``) of ``.size`` bytes at ``.addr``; owns an optional backing fd (memfd).
 
     Build one with :class:`AnonymousMapping`, :func:`anonymous`, :func:`memfd` or :func:`hugetlb`.
@@ -194,18 +195,6 @@ class Mapping:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.kind} {self.addr:#x}+{self.size:#x}>"

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from .._native import ffi, lib
+from ..owned import Owned
 from .constants import UFFD_API, UFFD_MSG_SIZE, Feature, Ioctl, RegisterMode
 from .messages import UffdMsg, parse_messages
 
@@ -97,7 +98,7 @@ def open_raw(*, nonblocking: bool = False, allow_device: bool = True) -> int:
     raise UffdError(first, "userfaultfd")
 
 
-class Userfaultfd:
+class Userfaultfd(Owned):
     """An open userfaultfd.
 
     ``Userfaultfd()`` opens a new one (see :func:`open_raw`); ``Userfaultfd.adopt(fd)``
@@ -129,18 +130,6 @@ class Userfaultfd:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-
-    def __enter__(self) -> "Userfaultfd":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         return f"<Userfaultfd fd={self._fd}>"
