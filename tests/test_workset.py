@@ -248,15 +248,12 @@ def _restore(serve_dest, tmp_path, image, size, *, record=None, worksets=(), see
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     else:
         touch = toucher(sock)
+    replay = [arg for w in worksets for arg in ("--workset", str(w))]
+    replay += ["--page-size", str(page_size)] if page_size else []
     try:
-        args = ["migrate", "--to", sd.address, "--image", str(image), "--json", "--timeout", "30", *extra]
-        for w in worksets:
-            args += ["--workset", str(w)]
-        if page_size:
-            args += ["--page-size", str(page_size)]
-        mig = run_postcopy(*args)
-        t_rc, t_out, t_err = finish(touch)
-        rc, out, err = sd.wait()
+        mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json", "--timeout", "30",
+                           *extra, *replay)
+        (t_rc, t_out, t_err), (rc, out, err) = finish(touch), sd.wait()
     finally:
         kill_and_reap(touch)
     assert mig.returncode == 0, (mig.stderr, err, t_err)
