@@ -47,6 +47,16 @@ _LIVE = ("postcopy serve-dest --listen tcp:127.0.0.1:4445 --uffd-socket /tmp/dst
          "postcopy migrate --attach /tmp/src.sock --to tcp:127.0.0.1:4445 --postcopy-after 1 --kill-source &",
          "postcopy workload run --mem 64M --attach /tmp/src.sock --warmup-passes 1",
          "wait")
+_WORKSET = ("head -c 64M /dev/urandom > vm.mem",
+            "postcopy serve-dest --listen tcp:127.0.0.1:4447 --uffd-socket /tmp/ws.sock --record-workset ws.bin &",
+            "postcopy workload touch --size 64M --attach /tmp/ws.sock --image vm.mem --order function &",
+            "postcopy migrate --to tcp:127.0.0.1:4447 --image vm.mem",
+            "wait",
+            "postcopy workset show ws.bin",
+            "postcopy serve-dest --listen tcp:127.0.0.1:4447 --uffd-socket /tmp/ws.sock &",
+            "postcopy workload touch --size 64M --attach /tmp/ws.sock --image vm.mem --order function --seed 2 &",
+            "postcopy migrate --to tcp:127.0.0.1:4447 --image vm.mem --workset ws.bin",
+            "wait")
 EXAMPLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "": [
         ("Check that this host can do post-copy, then run every migration case over loopback:",
@@ -67,6 +77,7 @@ EXAMPLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     ],
     "migrate": [
         ("Lazy restore of an image (`migrate --image`):", _RESTORE),
+        ("Record the pages a restored program faults on, then send them first in the next restore:", _WORKSET),
         ("Live migration of a running program (`migrate --attach`), all four processes on one host:", _LIVE),
     ],
     "send-discards": [
@@ -80,6 +91,9 @@ EXAMPLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("Every case with 64 MiB each:", ("postcopy selftest",)),
         ("Only the live migration, with 16 MiB, as JSON:",
          ("postcopy selftest --case live-migration --size 16M --json > selftest.json",)),
+    ],
+    "workset": [
+        ("Record a working set in one restore, look at it, replay it in the next:", _WORKSET),
     ],
     "workload": [
         ("workload touch as the program of a lazy restore:", _RESTORE),

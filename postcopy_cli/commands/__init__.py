@@ -5,5 +5,6 @@ from .selftest import selftest
 from .send_discards import send_discards
 from .serve_dest import serve_dest
 from .workload import workload
+from .workset import workset
 
-ALL_COMMANDS = [probe, serve_dest, migrate, send_discards, selftest, workload]
+ALL_COMMANDS = [probe, serve_dest, migrate, send_discards, selftest, workload, workset]

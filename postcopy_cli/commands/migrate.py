@@ -125,6 +125,10 @@ def _page_size(text: str | None) -> int:
 @click.option("--page-size", "page_size", metavar="BYTES", default=None,
               help="--image: the host page size of block 'mem' (a power of two, at least 4096; default 4096), "
                    "e.g. 2M for a destination whose memory is in 2 MiB huge pages.")
+@click.option("--workset", "worksets", multiple=True, metavar="FILE",
+              help="--image: send the pages of this working set (serve-dest --record-workset) first, in the "
+                   "order the program faulted on them, then the rest (repeatable: merged by first fault "
+                   "time, each page once). Requested pages still go first.")
 @click.option("--attach", metavar="PATH", help="Migrate the live program that connects to this Unix socket.")
 @click.option("--state-file", type=click.Path(exists=True, dir_okay=False),
               help="Bytes handed to the destination program at RUN (the device state).")
@@ -152,7 +156,7 @@ def _page_size(text: str | None) -> int:
                    "record the first migrate wrote in $POSTCOPY_STATE_DIR (default /run/postcopy).")
 @common_options
 def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, timeout, postcopy_after,
-            precopy_passes, kill_source, single_channel, recover_timeout, migration_id, resume):
+            precopy_passes, kill_source, single_channel, recover_timeout, migration_id, resume, worksets):
     """Migrate memory to a serve-dest: an image file (lazy restore) or a live program.
 
     With --image, the destination's requested pages are sent first and the rest
@@ -185,6 +189,8 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
         raise UsageError("--postcopy-after, --precopy-passes and --kill-source go with --attach")
     if attach and page_size is not None:
         raise UsageError("--page-size goes with --image (a live program's page sizes come from its hand-over)")
+    if attach and worksets:
+        raise UsageError("--workset goes with --image (a working set replays a restore of an image)")
     host_page = _page_size(page_size)
     rate = _rate(max_bandwidth)
     state = b""
@@ -205,6 +211,11 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
         mid = bytes.fromhex(found["migration-id"])
         preempt_channels = int(found.get("preempt-channels", preempt_channels))
     memory = ImageMemory(image, page_size=host_page)
+    try:
+        priority = _workset_order(worksets, memory.blocks)
+    except BaseException:
+        memory.close()
+        raise
     watch = _Watch(str(address))
     recovery = recovery_to(address, timeout=timeout, recover_timeout=recover_timeout)
     if mid is None:
@@ -229,7 +240,8 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
                                    else shut_connections(conn, preempt)):
                     stats = migrate_image(conn, memory, state=state, max_bandwidth=rate, timeout=timeout,
                                           preempt=preempt, on_start=watch.on_start, migration_id=mid,
-                                          preempt_channels=preempt_channels, recovery=recovery, resume=resume)
+                                          preempt_channels=preempt_channels, recovery=recovery, resume=resume,
+                                          priority=priority)
             finally:
                 for sock in (conn, preempt):
                     if sock is not None:
@@ -247,6 +259,24 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
     else:
         print(f"postcopy: migrated {plural(stats['pages'], 'page')} in {stats['total_seconds']} s "
               f"({plural(stats['requests'], 'request')} answered first)", file=sys.stderr)
+
+
+def _workset_order(paths, blocks) -> list | None:
+    """The --workset files' replay order for the image's blocks; exit 2 naming the file and the
+    mismatch or damage."""
+    if not paths:
+        return None
+    from ..codec import workset
+
+    try:
+        loaded = []
+        for path in paths:
+            ws = workset.load(path, where=f"--workset {path}")
+            workset.check_fits(ws, blocks, where=f"--workset {path}")
+            loaded.append(ws)
+    except workset.WorksetError as e:
+        raise UsageError(str(e)) from None
+    return workset.priority_runs(loaded, blocks)
 
 
 def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,

@@ -85,6 +85,22 @@ def _check_writable(path: str, option: str) -> None:
         raise UsageError(f"{option} {path}: not writable")
 
 
+def _write_workset(dest, path: str) -> None:
+    """--record-workset: what the program faulted on; a file that cannot be written is a warning (the
+    migration's own outcome stands)."""
+    from ..codec import workset
+
+    ws, whole = dest.workset()
+    try:
+        workset.save(path, ws)
+    except OSError as e:
+        print(f"postcopy: warning: --record-workset {path}: {e.strerror or e}", file=sys.stderr)
+        return
+    if not whole:
+        print(f"postcopy: warning: --record-workset {path}: the record stopped early (out of memory); it holds "
+              f"the first {ws.pages} pages", file=sys.stderr)
+
+
 @click.command("serve-dest")
 @click.option("--listen", "listen", required=True, metavar="URI",
               help="Where the source connects: tcp:HOST:PORT or unix:PATH (port 0 picks one).")
@@ -100,9 +116,12 @@ def _check_writable(path: str, option: str) -> None:
                    "source to resume (0: fail at once).")
 @click.option("--stats", "stats_file", metavar="FILE",
               help="Also write the final statistics as JSON to this file.")
+@click.option("--record-workset", "workset_file", metavar="FILE",
+              help="Write the pages the program faulted on, in order of first fault, to this file at the end "
+                   "(also when the migration fails: what was seen); migrate --image --workset FILE replays it.")
 @click.option("--insecure", is_flag=True, help="Allow listening on a non-loopback TCP address without authentication.")
 @common_options
-def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stats_file, insecure):
+def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stats_file, insecure, workset_file):
     """Receive one migration: fill RAM blocks on demand and in background.
 
     Waits for a program to hand over its memory through --uffd-socket (or uses
@@ -128,8 +147,10 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stat
         raise UsageError("give exactly one of --uffd-socket PATH or --ram NAME=SIZE")
     if stats_file:
         _check_writable(stats_file, "--stats")
+    if workset_file:
+        _check_writable(workset_file, "--record-workset")
     opts = ServeOptions(listen=listen, uffd_socket=uffd_socket, ram=_parse_ram(ram), timeout=timeout,
-                        insecure=insecure, recover_timeout=recover_timeout)
+                        insecure=insecure, recover_timeout=recover_timeout, record_workset=bool(workset_file))
 
     def announce(server):
         print(f"postcopy: listening on {server.bound}" +
@@ -150,6 +171,8 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stat
         raise
     finally:
         server.close()
+        if workset_file and server.dest is not None:
+            _write_workset(server.dest, workset_file)
     if stats_file:
         with open(stats_file, "w") as f:
             json.dump(result.stats, f, indent=2)

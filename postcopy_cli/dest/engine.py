@@ -25,6 +25,7 @@ from .. import codec
 from .._native import ffi, lib
 from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
 from ..channels.control import ControlReader
+from ..codec import workset
 from ..channels.handover import Handover, HandshakeError
 from ..memory.mappings import MADV_DONTNEED, RamBlock, madvise, relock, unlock_if_locked
 from ..sched import make_latency_thread
@@ -70,7 +71,8 @@ class Destination:
     """
 
     def __init__(self, blocks: list[RamBlock], uffd: Userfaultfd, *, program: Handover | None = None,
-                 timeout: float = 30.0, recover_timeout: float = 0.0):
+                 timeout: float = 30.0, recover_timeout: float = 0.0, record_workset: bool = False):
+        """``record_workset``: keep the pages the program faults on, in order (:meth:`workset`)."""
         self.blocks = blocks
         self.uffd = uffd
         self.program = program
@@ -90,6 +92,8 @@ class Destination:
                              f"segment of block {b.name!r}")
             for off, length in b.unmapped_ranges():
                 lib.pc_dest_mark(self.native, bi, off, length, 1)
+        if record_workset:
+            lib.pc_dest_record_workset(self.native, 1)
         os.set_blocking(uffd.fileno(), False)
         self.fault_thread = FaultThread(self.native)
         lib.pc_dest_set_quit_fd(self.native, self.fault_thread.quit_fd)
@@ -727,6 +731,28 @@ class Destination:
         return dest_stats(raw, total_pages=self.total_pages, elapsed_s=end - self.t_start,
                           run_to_complete_s=(end - phase.t_run) if phase.t_run else None,
                           downtime_ms=phase.downtime_ms, recovery=phase.recovery_figures())
+
+    def workset(self) -> tuple[workset.Workset, bool]:
+        """The pages the program faulted on so far (recorded with ``record_workset``), per block in
+        order of first fault, times in microseconds after RUN; and whether the record is whole (False:
+        it stopped early for lack of memory)."""
+        cap = max(1, self.total_pages)
+        pages, times = ffi.new("uint64_t[]", cap), ffi.new("uint64_t[]", cap)
+        truncated = ffi.new("int *")
+        n = lib.pc_dest_workset_read(self.native, pages, times, cap, truncated)
+        check_native(n, "reading the working-set record")
+        t_run = self.phase.t_run
+        base_ns = int(t_run * 1e9) if t_run is not None else None
+        per_block: list[tuple[list, list]] = [([], []) for _ in self.blocks]
+        for p, t in zip(ffi.unpack(pages, n), ffi.unpack(times, n)):
+            bi = p >> 56
+            hp = self.blocks[bi].page_size // TP
+            got = per_block[bi]
+            got[0].append((p & ((1 << 56) - 1)) // hp)
+            got[1].append(0 if base_ns is None or t < base_ns else (t - base_ns) // 1000)
+        return workset.Workset(tuple(workset.WorksetBlock(b.name, b.length, b.page_size,
+                                                          workset.runs_of(*per_block[bi]))
+                                     for bi, b in enumerate(self.blocks))), not truncated[0]
 
     def progress(self) -> dict:
         """A snapshot for a live display.  ``received``: pages in now (discards at the switch-over

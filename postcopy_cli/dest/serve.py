@@ -30,6 +30,7 @@ class ServeOptions:
     accept_timeout: float | None = None
     insecure: bool = False
     recover_timeout: float = 600.0
+    record_workset: bool = False
 
 
 def _joining_section(conn: socket.socket, timeout: float) -> str | None:
@@ -129,7 +130,7 @@ class ServeDest:
     def run(self, *, progress=None) -> DestinationResult:
         blocks = self._attach() if self.uffd_listener else self._own_memory()
         self.dest = Destination(blocks, self.uffd, program=self.program, timeout=self.opts.timeout,
-                                recover_timeout=self.opts.recover_timeout)
+                                recover_timeout=self.opts.recover_timeout, record_workset=self.opts.record_workset)
         conn = self._accept_source()
         stop = threading.Event()
         if progress:

@@ -88,16 +88,22 @@ def check_memory(addr: int, size: int, step: int = TARGET_PAGE_SIZE) -> int | No
     return None if r == 0 else int(r - 1)
 
 
-def touch_memory(addr: int, size: int, *, expected=None, order: str = "sequential", seed: int = 0) -> dict:
-    """Touch every page of ``[addr, addr+size)`` (native), comparing with ``expected``.
+ORDERS = ("sequential", "random", "function")
 
+
+def touch_memory(addr: int, size: int, *, expected=None, order: str = "sequential", seed: int = 0,
+                 jitter: float = 0.1) -> dict:
+    """Touch the pages of ``[addr, addr+size)`` (native), comparing each with ``expected``.
+
+    ``order``: every page in address order, every page in a random order (``seed``), or only the
+    working set of the "function" pattern (:mod:`.pattern`, ``seed`` and ``jitter``) in its order.
     ``expected``: a buffer (e.g. an mmap of an image file) or None to skip the
     comparison; pages past its end are compared with zeros.  Returns the JSON
     report of ``postcopy workload touch``; ``histogram_us`` maps each bucket's
     upper bound in microseconds (a power of two) to its count, non-empty only.
     """
-    if order not in ("sequential", "random"):
-        raise ValueError(f"order must be 'sequential' or 'random', not {order!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
     res = ffi.new("struct pc_touch_result *")
     if expected is not None and len(expected):
         exp = ffi.from_buffer(expected)
@@ -106,7 +112,14 @@ def touch_memory(addr: int, size: int, *, expected=None, order: str = "sequentia
         exp_ptr, exp_len = ffi.cast("uint8_t *", ffi.from_buffer(bytearray(1))), 0
     else:
         exp_ptr, exp_len = ffi.NULL, 0
-    r = lib.pc_touch(_ptr(addr), size, exp_ptr, exp_len, order == "random", seed & (2**64 - 1), res)
+    if order == "function":
+        from .pattern import function_order
+
+        pages = function_order(size // TARGET_PAGE_SIZE, seed=seed, jitter=jitter)
+        r = lib.pc_touch_pages(_ptr(addr), size, exp_ptr, exp_len, ffi.from_buffer("uint64_t[]", pages), len(pages),
+                               res)
+    else:
+        r = lib.pc_touch(_ptr(addr), size, exp_ptr, exp_len, order == "random", seed & (2**64 - 1), res)
     if r < 0:
         raise native_error(r, f"touch of {size} bytes at {addr:#x} failed", WorkloadError)
     hist = {str(1 << b): int(res.histogram[b]) for b in range(lib.PC_TOUCH_BUCKETS) if res.histogram[b]}

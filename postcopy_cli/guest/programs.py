@@ -338,8 +338,9 @@ def _control(loop: NativeLoop, reader: ControlReader, ram: AnonymousMapping, rep
 
 
 def run_touch(size: int, path: str, *, image: str | None = None, order: str = "sequential", seed: int = 0,
-              wait_run: bool = False, connect_timeout: float = 5.0) -> dict | None:
-    """``workload touch``: hand memory over (MISSING), touch every page, compare with ``image``."""
+              wait_run: bool = False, connect_timeout: float = 5.0, jitter: float = 0.1) -> dict | None:
+    """``workload touch``: hand memory over (MISSING), touch every page (or, ``order="function"``, the
+    pattern's working set, then every page once the migration is complete), compare with ``image``."""
     if size % TARGET_PAGE_SIZE or size <= 0:
         raise WorkloadError(f"size must be a positive multiple of {TARGET_PAGE_SIZE}")
     expected, f = None, None
@@ -356,23 +357,36 @@ def run_touch(size: int, path: str, *, image: str | None = None, order: str = "s
         reader = _reader(attach(path, ram, mode="touch", connect_timeout=connect_timeout))
         if wait_run:
             _wait_run(reader, ram)
-        return _touch_watched(reader, ram, expected, order, seed)
+        return _touch_watched(reader, ram, expected, order, seed, jitter)
     finally:
         if f is not None:
             f.close()
 
 
-def _touch_watched(reader: ControlReader, ram: AnonymousMapping, expected, order: str, seed: int) -> dict:
+def _touch_watched(reader: ControlReader, ram: AnonymousMapping, expected, order: str, seed: int,
+                   jitter: float) -> dict:
     """Touch in a thread (native, GIL released) while the control messages are watched: told that
-    the migration failed, or left by the serving side, stop without reading on."""
+    the migration failed, or left by the serving side, stop without reading on.  The "function"
+    order touches its working set, then, once told the migration is complete (no page faults any
+    more), compares every page with ``expected``: the report's ``mismatches`` and
+    ``first_mismatch`` are then of every page, ``pages`` and the times of the working set's."""
     if expected is not None:
         _keep_for_life(expected)   # compared with in native code until the end
     done = object()
     out: dict = {}
+    complete_seen = threading.Event()
+    verify_all = order == "function" and expected is not None
 
     def touch():
         try:
-            out["report"] = touch_memory(ram.addr, ram.size, expected=expected, order=order, seed=seed)
+            report = touch_memory(ram.addr, ram.size, expected=expected, order=order, seed=seed, jitter=jitter)
+            if verify_all:
+                reader.post(done)
+                complete_seen.wait()
+                whole = touch_memory(ram.addr, ram.size, expected=expected)
+                report.update(mismatches=whole["mismatches"], first_mismatch=whole["first_mismatch"],
+                              verified_pages=whole["pages"])
+            out["report"] = report
         except WorkloadError as e:
             out["error"] = e
         reader.post(done)
@@ -382,8 +396,10 @@ def _touch_watched(reader: ControlReader, ram: AnonymousMapping, expected, order
     complete = False
     with signals.guard(at_risk=lambda: None if complete else "it is touching pages that are still missing"):
         while True:
-            msg = _get(reader, None) if not complete else done
+            msg = done if complete else _get(reader, None)
             if msg is done:
+                if not complete and "report" not in out and "error" not in out:
+                    continue   # the working set is touched; every page is compared once complete
                 thread.join()
                 if "error" in out:
                     raise out["error"]
@@ -395,6 +411,7 @@ def _touch_watched(reader: ControlReader, ram: AnonymousMapping, expected, order
                 raise WorkloadError(f"migration failed: {msg.get('reason', 'no reason given')}")
             if kind == "complete":
                 complete = True   # every page is in: the touch ends
+                complete_seen.set()
 
 
 __all__ = ["STATE_MAGIC", "WorkloadError", "NativeLoop", "attach", "check_memory", "touch_memory",

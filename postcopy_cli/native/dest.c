@@ -49,6 +49,7 @@ void pc_dest_free(struct pc_dest *d)
     free(d->segs);
     free(d->pending);
     free(d->inflight);
+    free(d->ws);
     pthread_mutex_destroy(&d->rp_lock);
     pthread_mutex_destroy(&d->state_lock);
     free(d);

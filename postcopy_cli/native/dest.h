@@ -52,6 +52,12 @@ struct pc_dest_stats {
     int64_t first_error;        /* first errno the fault thread met (0: none) */
 };
 
+/* the working-set record: one entry per page at its first request, in order */
+struct pc_ws_entry {
+    uint64_t page;    /* block << 56 | target page of the host page's start */
+    uint64_t t_ns;    /* CLOCK_MONOTONIC when the fault was read */
+};
+
 struct pc_inflight {
     uint64_t key;     /* (block << 48 | target page) + 1; 0 = empty */
     uint64_t t_ns;
@@ -83,6 +89,11 @@ struct pc_dest {
     int registered;             /* 0: own memory before LISTENING, not registered yet -> plain memcpy */
     int discarding;             /* the program is dropping discarded ranges itself */
     uint64_t test_place_delay_ns; /* tests only: pause between placing pages and accounting for them */
+    /* --record-workset (under state_lock): first requests, in order; recording stops if it cannot grow */
+    int ws_recording;
+    int ws_truncated;
+    struct pc_ws_entry *ws;
+    size_t nws, cap_ws;
 };
 
 struct pc_dest *pc_dest_new(int uffd, int quit_fd, int pid);
@@ -103,4 +114,6 @@ int pc_dest_test(struct pc_dest *d, int block, uint64_t offset);
 uint64_t pc_dest_count_received(struct pc_dest *d, int block);
 void pc_dest_bitmap_le(struct pc_dest *d, int block, uint8_t *out, size_t out_len);
 void pc_dest_get_stats(struct pc_dest *d, struct pc_dest_stats *out);
+void pc_dest_record_workset(struct pc_dest *d, int on);
+int64_t pc_dest_workset_read(struct pc_dest *d, uint64_t *pages, uint64_t *t_ns, size_t cap, int *truncated);
 #endif

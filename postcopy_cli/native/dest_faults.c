@@ -63,6 +63,63 @@ static void note_error(struct pc_dest *d, int err)
     __atomic_compare_exchange_n(&d->st.first_error, &zero, (int64_t)err, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
+/* ---- the working-set record ---- */
+
+/* A page's first request (caller holds state_lock): appended; amortised O(1). */
+static void ws_note(struct pc_dest *d, uint64_t page, uint64_t t)
+{
+    if (d->nws == d->cap_ws) {
+        size_t cap = d->cap_ws ? d->cap_ws * 2 : 4096;
+        struct pc_ws_entry *n = realloc(d->ws, cap * sizeof *n);
+        if (!n) {
+            d->ws_recording = 0;
+            d->ws_truncated = 1;
+            return;
+        }
+        d->ws = n;
+        d->cap_ws = cap;
+    }
+    d->ws[d->nws++] = (struct pc_ws_entry){ page, t };
+}
+
+void pc_dest_record_workset(struct pc_dest *d, int on)
+{
+    pthread_mutex_lock(&d->state_lock);
+    d->ws_recording = on;
+    pthread_mutex_unlock(&d->state_lock);
+}
+
+/* The record so far, each page once (a page discarded and asked for again
+ * keeps its first time): up to cap entries into pages[] / t_ns[]; returns how
+ * many, or -ENOMEM. *truncated: recording stopped early for lack of memory. */
+int64_t pc_dest_workset_read(struct pc_dest *d, uint64_t *pages, uint64_t *t_ns, size_t cap, int *truncated)
+{
+    uint64_t *seen[PC_MAX_BLOCKS] = { 0 };
+    int64_t n = 0;
+    pthread_mutex_lock(&d->state_lock);
+    for (int b = 0; b < d->nblocks; b++) {
+        seen[b] = calloc((d->blocks[b].length / TP + 63) / 64 + 1, 8);
+        if (!seen[b]) {
+            n = -ENOMEM;
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < d->nws && (size_t)n < cap; i++) {
+        uint64_t p = d->ws[i].page;
+        if (bit_test_and_set(seen[p >> 56], p & ((1ULL << 56) - 1)))
+            continue;
+        pages[n] = p;
+        t_ns[n] = d->ws[i].t_ns;
+        n++;
+    }
+    *truncated = d->ws_truncated;
+out:
+    pthread_mutex_unlock(&d->state_lock);
+    for (int b = 0; b < d->nblocks; b++)
+        free(seen[b]);
+    return n;
+}
+
 /* ---- the fault thread ---- */
 int wake_range(struct pc_dest *d, uint64_t addr, uint64_t len)
 {
@@ -169,6 +226,8 @@ int pc_dest_fault_loop(struct pc_dest *d)
                     d->st.duplicate_faults++;
                 } else {
                     inflight_put(d, key_of(s->block, off), t);
+                    if (d->ws_recording)
+                        ws_note(d, ((uint64_t)s->block << 56) | (off >> TP_SHIFT), t);
                     uint64_t req = ((uint64_t)s->block << 56) | off;
                     if (!d->requests_enabled) {
                         if (d->npending == d->cap_pending) {

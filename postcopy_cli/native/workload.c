@@ -217,40 +217,29 @@ static int page_matches(const uint8_t *page, size_t i, const uint8_t *expected, 
     return 1;
 }
 
-int pc_touch(const uint8_t *ram, size_t size, const uint8_t *expected, size_t expected_len,
-             int random_order, uint64_t seed, struct pc_touch_result *out)
+/* Touch pages[0..npages) of ram in that order (each < size / 4096), timing the
+ * first access of each and comparing each with the expected image. */
+int pc_touch_pages(const uint8_t *ram, size_t size, const uint8_t *expected, size_t expected_len,
+                   const uint64_t *pages, size_t npages, struct pc_touch_result *out)
 {
     size_t n = size / PC_TARGET_PAGE_SIZE;
-    uint64_t *order = NULL, *lat = NULL;
+    uint64_t *lat;
     struct timespec t0, t1, a, b;
 
     memset(out, 0, sizeof(*out));
     out->first_mismatch = -1;
-    if (n == 0 || size % PC_TARGET_PAGE_SIZE)
+    if (n == 0 || size % PC_TARGET_PAGE_SIZE || npages == 0)
         return -EINVAL;
-    lat = malloc(n * sizeof(*lat));
-    if (random_order)
-        order = malloc(n * sizeof(*order));
-    if (!lat || (random_order && !order)) {
-        free(lat);
-        free(order);
+    for (size_t k = 0; k < npages; k++)
+        if (pages[k] >= n)
+            return -EINVAL;
+    lat = malloc(npages * sizeof(*lat));
+    if (!lat)
         return -ENOMEM;
-    }
-    if (random_order) {
-        uint64_t s = seed;
-        for (size_t i = 0; i < n; i++)
-            order[i] = i;
-        for (size_t i = n - 1; i > 0; i--) { /* Fisher-Yates */
-            size_t j = splitmix64(&s) % (i + 1);
-            uint64_t t = order[i];
-            order[i] = order[j];
-            order[j] = t;
-        }
-    }
 
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (size_t k = 0; k < n; k++) {
-        size_t i = random_order ? order[k] : k;
+    for (size_t k = 0; k < npages; k++) {
+        size_t i = pages[k];
         const volatile uint8_t *page = ram + i * PC_TARGET_PAGE_SIZE;
         /* the first access is the one that may fault; time only it */
         clock_gettime(CLOCK_MONOTONIC, &a);
@@ -265,7 +254,7 @@ int pc_touch(const uint8_t *ram, size_t size, const uint8_t *expected, size_t ex
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
 
-    for (size_t k = 0; k < n; k++) {
+    for (size_t k = 0; k < npages; k++) {
         /* bucket b holds latencies below 2^b microseconds (the last: the rest) */
         uint64_t us = lat[k] / 1000;
         int bucket = 0;
@@ -273,13 +262,41 @@ int pc_touch(const uint8_t *ram, size_t size, const uint8_t *expected, size_t ex
             bucket++;
         out->histogram[bucket]++;
     }
-    qsort(lat, n, sizeof(*lat), cmp_u64);
-    out->pages = n;
+    qsort(lat, npages, sizeof(*lat), cmp_u64);
+    out->pages = npages;
     out->seconds = ns_between(&t0, &t1) * 1e-9;
-    out->p50_us = lat[(n - 1) / 2] / 1000.0;
-    out->p99_us = lat[(size_t)((n - 1) * 0.99)] / 1000.0;
-    out->max_us = lat[n - 1] / 1000.0;
+    out->p50_us = lat[(npages - 1) / 2] / 1000.0;
+    out->p99_us = lat[(size_t)((npages - 1) * 0.99)] / 1000.0;
+    out->max_us = lat[npages - 1] / 1000.0;
     free(lat);
-    free(order);
     return 0;
+}
+
+int pc_touch(const uint8_t *ram, size_t size, const uint8_t *expected, size_t expected_len,
+             int random_order, uint64_t seed, struct pc_touch_result *out)
+{
+    size_t n = size / PC_TARGET_PAGE_SIZE;
+    uint64_t *order;
+
+    memset(out, 0, sizeof(*out));
+    out->first_mismatch = -1;
+    if (n == 0 || size % PC_TARGET_PAGE_SIZE)
+        return -EINVAL;
+    order = malloc(n * sizeof(*order));
+    if (!order)
+        return -ENOMEM;
+    for (size_t i = 0; i < n; i++)
+        order[i] = i;
+    if (random_order) {
+        uint64_t s = seed;
+        for (size_t i = n - 1; i > 0; i--) { /* Fisher-Yates */
+            size_t j = splitmix64(&s) % (i + 1);
+            uint64_t t = order[i];
+            order[i] = order[j];
+            order[j] = t;
+        }
+    }
+    int r = pc_touch_pages(ram, size, expected, expected_len, order, n, out);
+    free(order);
+    return r;
 }

@@ -48,4 +48,7 @@ int64_t pc_workload_check(const uint8_t *ram, size_t size, size_t step);
 /* Touch every page; 0, or -errno (ENOMEM, EINVAL). */
 int pc_touch(const uint8_t *ram, size_t size, const uint8_t *expected, size_t expected_len,
              int random_order, uint64_t seed, struct pc_touch_result *out);
+/* Touch the given pages in that order; 0, or -errno (ENOMEM, EINVAL). */
+int pc_touch_pages(const uint8_t *ram, size_t size, const uint8_t *expected, size_t expected_len,
+                   const uint64_t *pages, size_t npages, struct pc_touch_result *out);
 #endif

@@ -89,7 +89,8 @@ class ImageMemory:
 def migrate_image(conn: socket.socket | None, image: ImageMemory, *, state: bytes = b"", max_bandwidth: float = 0.0,
                   timeout: float = 30.0, preempt: socket.socket | None = None, on_start=None,
                   migration_id: bytes | None = None, preempt_channels: int | None = None,
-                  recovery: Recovery | None = None, resume: bool = False) -> dict:
+                  recovery: Recovery | None = None, resume: bool = False,
+                  priority: list[tuple[int, int, int]] | None = None) -> dict:
     """Lazy restore: preamble, STATE, LISTEN, RUN, then every page (requested ones first), EOF, SHUT.
 
     ``preempt``: a second connection to the destination for requested pages.
@@ -97,11 +98,15 @@ def migrate_image(conn: socket.socket | None, image: ImageMemory, *, state: byte
     its ``run_sent`` tells whether RUN went).
     ``migration_id``, ``preempt_channels``, ``recovery``: see PageStreamer.  ``resume`` (``conn``
     None): take over the paused migration ``migration_id`` (no preamble: the resume handshake).
+    ``priority``: runs (block, first page, count) the background stream sends first, in order (a
+    replayed working set, codec.workset.priority_runs); requested pages still go before them.
     """
     t0 = time.monotonic()
     streamer = PageStreamer(conn, image, max_bandwidth=max_bandwidth, timeout=timeout, preempt=preempt,
                             migration_id=migration_id, preempt_channels=preempt_channels, recovery=recovery)
     streamer.run_sent = resume
+    if priority:
+        streamer.book.set_priority(priority)
     if on_start is not None:
         on_start(streamer)
     try:

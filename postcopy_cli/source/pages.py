@@ -57,6 +57,8 @@ class PageBook:
         self._lent = False
         self._block = 0                     # background chunks: the block being walked
         self._cursor = [0] * len(blocks)    # and where each block's walk is
+        self._priority: list[tuple[int, int, int]] = []   # runs sent before the walk (see set_priority)
+        self._prio = 0                      # the priority run being sent
 
     # -- claims (any thread) ----------------------------------------------------------
     def take(self, bi: int, first: int, n: int) -> bool:
@@ -71,10 +73,49 @@ class PageBook:
             self.remaining -= n
             return True
 
+    def set_priority(self, runs: list[tuple[int, int, int]]) -> None:
+        """Background chunks go first through ``runs`` (block, first page, count), in that order (a
+        replayed working set), then walk the blocks.  A run's pages already sent are skipped."""
+        with self._lock:
+            self._priority = list(runs)
+            self._prio = 0
+
+    def _claim(self, bi: int, first: int, stop: int) -> tuple[int, int, int]:
+        pending = self._to_send[bi]
+        count = stop - first
+        pending[first:stop] = bytes(count)
+        if self._sent is not None:
+            self._sent[bi][first:stop] = b"\x01" * count
+        self.remaining -= count   # the run was all still to send (but see the server above)
+        return bi, first, count
+
+    def _next_priority(self) -> tuple[int, int, int] | None:
+        """The next chunk of the priority runs still to send (lock held): the rest of the current
+        run from its first page still to send, up to the first page sent or one chunk."""
+        while self._prio < len(self._priority):
+            bi, first, count = self._priority[self._prio]
+            pending = self._to_send[bi]
+            hp = self.blocks[bi].page_size // TP
+            a = pending.find(1, first, first + count)
+            if a < 0:
+                self._prio += 1
+                continue
+            a -= a % hp
+            end = min(first + count, a + max(CHUNK_PAGES, hp))
+            stop = pending.find(0, a, end)
+            stop = end if stop < 0 else stop
+            stop = a + max(hp, -(-(stop - a) // hp) * hp)
+            return self._claim(bi, a, min(stop, len(pending)))
+        return None
+
     def next_chunk(self) -> tuple[int, int, int] | None:
         """Claim the next run of pages still to send, at most one chunk and whole (huge) pages of its
-        block: (block, first page, count); None when the walk has reached the end."""
+        block: (block, first page, count); None when the walk has reached the end.  The priority
+        runs (:meth:`set_priority`) come first."""
         with self._lock:
+            chunk = self._next_priority()
+            if chunk is not None:
+                return chunk
             while self._block < len(self.blocks):
                 bi = self._block
                 pending = self._to_send[bi]
@@ -89,12 +130,7 @@ class PageBook:
                     stop = min(len(pending), first + max(CHUNK_PAGES, hp))
                 stop = first + max(hp, (stop - first) // hp * hp)
                 self._cursor[bi] = stop
-                count = stop - first
-                pending[first:stop] = bytes(count)
-                if self._sent is not None:
-                    self._sent[bi][first:stop] = b"\x01" * count
-                self.remaining -= count   # the run was all still to send (but see the server above)
-                return bi, first, count
+                return self._claim(bi, first, stop)
             self.remaining = 0   # (the request server may have taken the last pages)
             return None
 
@@ -144,6 +180,7 @@ class PageBook:
             ts[:] = missing[:len(ts)]       # in place: the native server points into it
             self._block = 0
             self._cursor = [0] * len(self.blocks)
+            self._prio = 0                  # what is missing of the priority runs goes first again
             self.remaining = sum(t.count(1) for t in self._to_send)
 
     def clean_spans(self, bi: int, seg) -> list[tuple[int, int]]:
