@@ -4,6 +4,7 @@ from .probe import probe
 from .selftest import selftest
 from .send_discards import send_discards
 from .serve_dest import serve_dest
+from .tls_creds import tls_creds
 from .workload import workload
 
-ALL_COMMANDS = [probe, serve_dest, migrate, send_discards, selftest, workload]
+ALL_COMMANDS = [probe, serve_dest, migrate, send_discards, selftest, workload, tls_creds]
