@@ -428,7 +428,8 @@ def connect(addr: Address, *, timeout: float = 10.0, on_wait=None, tls: Credenti
     try:
         inner = tls.wrap(s, host=host, timeout=timeout)
     except PeerDisconnected as e:
-        hint = " (does the destination have --tls-creds?)" if "closed the connection" in str(e) else ""
+        # a plaintext serve-dest closes (or resets) a connection that begins with a TLS handshake
+        hint = " (does the destination have --tls-creds?)" if "the connection" in str(e) else ""
         raise TlsRefused(f"TLS handshake with {addr} failed: {e}{hint}") from None
     _tune(inner)
     return inner

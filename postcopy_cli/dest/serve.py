@@ -7,7 +7,6 @@ import select
 import socket
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .. import codec
@@ -65,12 +64,6 @@ def _joining_section(conn: socket.socket, timeout: float) -> str | None:
     return {Section.PREEMPT: "PREEMPT", Section.RESUME: "RESUME"}.get(head[8])
 
 
-def _close_admitted(admission: Future) -> None:
-    conn = admission.result()
-    if conn is not None:
-        conn.close()
-
-
 class ServeDest:
     """One destination: the listening sockets, the memory (attached or our own), the engine."""
 
@@ -85,8 +78,7 @@ class ServeDest:
         self.program: Handover | None = None
         self.dest: Destination | None = None
         self.uffd: Userfaultfd | None = None
-        # before the source is chosen: each connection's admission (the connection, or None if refused)
-        self._admitted: queue.Queue[Future] = queue.Queue()
+        self._admitted: queue.Queue[socket.socket] = queue.Queue()   # let in, before the source is chosen
         self._admit_lock = threading.Lock()
         self._source_chosen = False
         self._accept_error: str | None = None
@@ -137,7 +129,7 @@ class ServeDest:
         deadline = None if self.opts.accept_timeout is None else time.monotonic() + self.opts.accept_timeout
         while True:
             try:
-                admission = self._admitted.get(timeout=0.2)
+                conn = self._admitted.get(timeout=0.2)
             except queue.Empty:
                 self.dest.check_program()
                 if self._accept_error is not None:
@@ -146,9 +138,6 @@ class ServeDest:
                     raise PostcopyError(f"no source connected to {self.bound} within "
                                         f"{self.opts.accept_timeout:g} s") from None
                 continue
-            conn = admission.result()
-            if conn is None:
-                continue    # refused (and warned about) by _admit
             joining = _joining_section(conn, self.opts.timeout)
             if joining is None:
                 with self._admit_lock:
@@ -157,7 +146,8 @@ class ServeDest:
                     while not self._admitted.empty():
                         later.append(self._admitted.get_nowait())
                 for other in later:
-                    other.add_done_callback(self._offer_admission)
+                    threading.Thread(target=self._offer_admitted, args=(other,), name="postcopy/offer",
+                                     daemon=True).start()
                 return conn
             conn.close()
             if joining == "TLS":
@@ -188,8 +178,7 @@ class ServeDest:
             conn.close()
 
     def _accept_all(self, stop: threading.Event):
-        """Every connection to --listen, each let in (TLS handshake or peer check) in a thread of its own,
-        so that one that sends nothing delays no other: the first is the main stream (_accept_source);
+        """Every connection to --listen, let in by _admit: the first is the main stream (_accept_source);
         then the source's preempt channel for requested pages and, after a failure, a resumed main stream."""
         while not stop.is_set():
             try:
@@ -199,31 +188,32 @@ class ServeDest:
             except OSError as e:
                 self._accept_error = e.strerror or str(e)
                 return
-            with self._admit_lock:
-                admission = None if self._source_chosen else Future()
-                if admission is not None:
-                    self._admitted.put(admission)     # in the order they came: the first is the source's
-            threading.Thread(target=self._admit, args=(conn, admission), name="postcopy/admit",
-                             daemon=True).start()
+            if self.opts.tls is None:
+                self._admit(conn)     # the uid check is quick: the order they came in stays
+            else:
+                # a handshake takes round trips, and a peer may never finish it: each in a thread; the
+                # source finishes its main stream's before it connects another
+                threading.Thread(target=self._admit, args=(conn,), name="postcopy/admit", daemon=True).start()
 
-    def _admit(self, raw: socket.socket, admission: Future | None):
-        """Let ``raw`` in or refuse it; then hand it to _accept_source (``admission``) or the engine."""
+    def _admit(self, raw: socket.socket):
+        """Let ``raw`` in or refuse it; then hand it to _accept_source or, once the source is chosen, the engine."""
         conn, reason = transport.admit(raw, self.opts.tls, plaintext_reply=_PLAINTEXT_REFUSAL)
-        if conn is None and (self.dest is None or not self._ended()):
-            log.warning("refused a connection to %s: %s", self.bound, reason)
-        if admission is not None:
-            admission.set_result(conn)
-        elif conn is not None:
-            self._offer_admitted(conn)
+        if conn is None:
+            if self.dest is None or not self._ended():
+                log.warning("refused a connection to %s: %s", self.bound, reason)
+            return
+        with self._admit_lock:
+            if not self._source_chosen:
+                self._admitted.put(conn)
+                return
+        if self.dest is None:
+            conn.close()
+            return
+        threading.Thread(target=self._offer_admitted, args=(conn,), name="postcopy/offer", daemon=True).start()
 
     def _ended(self) -> bool:
         """Every page is in (or the migration is over): a late connection is no news."""
         return self.dest.closed or self.dest.phase.ended
-
-    def _offer_admission(self, admission: Future):
-        conn = admission.result()
-        if conn is not None:
-            threading.Thread(target=self._offer_admitted, args=(conn,), name="postcopy/offer", daemon=True).start()
 
     def _offer_admitted(self, conn: socket.socket):
         reason = self.dest.offer(conn)
@@ -248,7 +238,7 @@ class ServeDest:
         with self._admit_lock:
             self._source_chosen = True     # (a connection let in from now on goes nowhere: see _admit)
             while not self._admitted.empty():
-                self._admitted.get_nowait().add_done_callback(_close_admitted)
+                self._admitted.get_nowait().close()
         for path in paths:
             transport.release_unix_path(path)
         if self.uffd is not None:

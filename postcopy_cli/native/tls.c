@@ -199,7 +199,7 @@ static int64_t ms_left(uint64_t deadline)
 static int handshake_io(struct relay *r, uint64_t deadline, char *err, size_t errlen)
 {
     if (net_write(r) < 0) {
-        fail(err, errlen, "%s", "the connection failed during the TLS handshake");
+        fail(err, errlen, "the connection failed during the TLS handshake: %s", strerror(errno));
         return -1;
     }
     if (BIO_ctrl_pending(r->net) > 0) {
@@ -209,7 +209,7 @@ static int handshake_io(struct relay *r, uint64_t deadline, char *err, size_t er
     }
     int got = net_read(r);
     if (got < 0) {
-        fail(err, errlen, "%s", "the connection failed during the TLS handshake");
+        fail(err, errlen, "the connection failed during the TLS handshake: %s", strerror(errno));
         return -1;
     }
     if (r->net_eof && BIO_ctrl_pending(SSL_get_rbio(r->ssl)) == 0) {
