@@ -315,3 +315,11 @@ def test_tls_creds_create_layout_and_modes(tmp_path):
         assert v.returncode == 0, v.stdout + v.stderr
     again = run_postcopy("tls-creds", "create", str(d), "--hostname", "dest.example")
     assert again.returncode == 2 and "refusing to replace" in single_stderr_line(again.stderr)
+
+
+def test_probe_reports_tls():
+    p = run_postcopy("probe", "--json")
+    doc = json.loads(p.stdout)
+    (check,) = [c for c in doc["checks"] if c["name"] == "tls"]
+    assert check["status"] == "pass" and doc["tls"]["available"] and doc["capabilities"]["tls"], doc["tls"]
+    assert doc["tls"]["library"].startswith("OpenSSL ") and doc["tls"]["library"] in check["detail"]
