@@ -15,7 +15,7 @@
  * here in large chunks straight from and into the pair's ring buffers
  * (BIO_nwrite0/BIO_nread0), not one syscall per 16 KiB TLS record. */
 #define TLS_BIO_RING (256 << 10)
-#define TLS_PLAIN_CHUNK (256 << 10)
+#define TLS_PLAIN_CHUNK (32 << 10)
 /* after the engine closed its end: this long at most to deliver what it
  * wrote last (e.g. a final SHUT) and the close_notify */
 #define TLS_LINGER_MS 10000
