@@ -42,6 +42,8 @@ static pthread_once_t ticket_once = PTHREAD_ONCE_INIT;
 
 static void ticket_index_init(void)
 {
+    /* no cleanup at exit: relay threads may still be running then */
+    OPENSSL_init_ssl(OPENSSL_INIT_NO_ATEXIT, NULL);
     ticket_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
 }
 
