@@ -114,7 +114,7 @@ def completed_anchor_run(argv: list[str], timeout: float) -> tuple[dict | None, 
     return out, None
 
 
-def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: float) -> dict:
+def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: float, *, tls: bool = False) -> dict:
     why = qemu_missing()
     if why:
         return {"available": False, "error": why}
@@ -122,6 +122,8 @@ def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: floa
             "--precopy-s", str(precopy_s)]
     if bw:
         argv += ["--bw", str(bw)]
+    if tls:
+        argv.append("--tls")
     t = time.monotonic()
     fc = ForeignCPU()
     out, failed = completed_anchor_run(argv, timeout)
@@ -151,7 +153,8 @@ def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: floa
 
 # --------------------------------------------------------------------------- our side
 
-def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_after: float, keep: bool) -> dict:
+def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_after: float, keep: bool, *,
+             tls_creds: str | None = None) -> dict:
     pc = postcopy_cmd()
     work = tempfile.mkdtemp(prefix="pcqemu-")
     dst_sock, src_sock = os.path.join(work, "dst.sock"), os.path.join(work, "src.sock")
@@ -174,10 +177,11 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
     def tail_errs():
         return {n: text(n, "err").strip()[-300:] for n in procs if text(n, "err").strip()}
 
+    tls = ["--tls-creds", tls_creds] if tls_creds else []
     fc = ForeignCPU()
     try:
         sd = spawn("serve-dest", pc + ["serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket", dst_sock,
-                                       "--json", "--stats", stats_file, "--timeout", str(timeout)])
+                                       "--json", "--stats", stats_file, "--timeout", str(timeout)] + tls)
         sampler = StatusSampler(sd.pid)
         sampler.start()
         try:
@@ -190,6 +194,7 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
                       "--postcopy-after", str(precopy_s), "--json", "--timeout", str(timeout)]
         if bw:
             margv += ["--max-bandwidth", f"{bw}M"]
+        margv += tls
         t0 = time.monotonic()
         mg = spawn("migrate", margv)
         src = spawn("source", pc + ["workload", "run", "--mem", mem, "--attach", src_sock, "--connect-timeout", "20",

@@ -423,7 +423,8 @@ def one_restore(args, img: str, run_no: int) -> dict:
         fc = ForeignCPU()
         t_sd = time.monotonic()
         sd = spawn("serve-dest", pc + ["serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket", sock,
-                                       "--json", "--stats", stats_file, "--timeout", str(args.timeout)])
+                                       "--json", "--stats", stats_file, "--timeout", str(args.timeout)]
+                   + shlex.split(getattr(args, "serve_args", "")))
         sampler = StatusSampler(sd.pid)
         sampler.start()
         try:

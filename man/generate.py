@@ -95,6 +95,16 @@ EXAMPLES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "workset": [
         ("Record a working set in one restore, look at it, replay it in the next:", _WORKSET),
     ],
+    "tls-creds": [
+        ("Credentials for a destination called localhost, then a restore with TLS on every connection "
+         "(in real use, copy ca-cert.pem and the server files to the destination, ca-cert.pem and the client "
+         "files to the source):",
+         ("postcopy tls-creds create pki --hostname localhost --ip 127.0.0.1",
+          "head -c 16M /dev/urandom > vm.mem",
+          "postcopy serve-dest --listen tcp:127.0.0.1:4447 --ram mem=16M --tls-creds pki &",
+          "postcopy migrate --to tcp:127.0.0.1:4447 --image vm.mem --tls-creds pki",
+          "wait")),
+    ],
     "workload": [
         ("workload touch as the program of a lazy restore:", _RESTORE),
         ("workload run on the source and workload incoming on the destination of a live migration:", _LIVE),

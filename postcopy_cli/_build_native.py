@@ -22,7 +22,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(p) for p in sorted(NATIVE.glob("*.c"))],
     include_dirs=[str(NATIVE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-    libraries=["pthread"],
+    libraries=["pthread", "ssl", "crypto"],
 )
 
 if __name__ == "__main__":

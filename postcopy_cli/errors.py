@@ -65,6 +65,14 @@ class PeerDisconnected(PostcopyError):
     kind = "disconnected"
 
 
+class TlsRefused(PeerDisconnected):
+    """A TLS handshake failed: the peer's certificate, or ours, was refused, or the peer does not
+    speak TLS (exit 1; a paused source retries it like any failed reconnection)."""
+
+    exit_code = EXIT_FAILED
+    kind = "tls"
+
+
 class PeerTimeout(PeerDisconnected):
     """The peer stopped sending for longer than the allowed time (exit 4)."""
 

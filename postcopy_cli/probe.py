@@ -67,6 +67,7 @@ class ProbeReport:
     capabilities: dict[str, bool]
     elapsed_ms: float = 0.0
     uffd_source: str | None = None
+    tls_library: str | None = None
 
     def check(self, name: str) -> Check:
         for c in self.checks:
@@ -93,6 +94,7 @@ class ProbeReport:
                      "source": self.uffd_source},
             "checks": [c.to_json() for c in self.checks],
             "capabilities": self.capabilities,
+            "tls": {"available": self.capabilities.get("tls", False), "library": self.tls_library},
             "elapsed_ms": round(self.elapsed_ms, 3),
         }
 
@@ -403,6 +405,18 @@ def _check_thp() -> Check:
     return Check("thp", PASS, f"THP enabled={mode}")
 
 
+def _check_tls() -> Check:
+    """--tls-creds: the TLS library the native relay is linked with, and that it makes both sides'
+    contexts (TLS 1.2 minimum; kernel TLS is not used, see channels/tls.py)."""
+    name = _tls_library()
+    if name is None:
+        return Check("tls", WARN, "no TLS in the native layer", "rebuild with libssl-dev installed")
+    if not name.startswith("OpenSSL 3") and not name.startswith("OpenSSL 1.1"):
+        return Check("tls", WARN, f"{name}: older than OpenSSL 1.1.1, no TLS 1.3", "upgrade OpenSSL")
+    return Check("tls", PASS, f"{name}: --tls-creds available (TLS 1.3, 1.2 minimum; a native relay thread "
+                              f"per connection)")
+
+
 def run_probe(target_page_size: int = TARGET_PAGE_SIZE) -> ProbeReport:
     """Run every check and return the report (never raises for host problems)."""
     t0 = time.perf_counter()
@@ -433,6 +447,7 @@ def run_probe(target_page_size: int = TARGET_PAGE_SIZE) -> ProbeReport:
             checks.append(_check_wp_async(ctx, host_page))
             checks.append(_check_minor(ctx, host_page))
     checks.append(_check_thp())
+    checks.append(_check_tls())
 
     by = {c.name: c.status for c in checks}
     supported = all(c.status == PASS for c in checks if c.core)
@@ -445,6 +460,7 @@ def run_probe(target_page_size: int = TARGET_PAGE_SIZE) -> ProbeReport:
                                 and Feature.PAGEFAULT_FLAG_WP in ctx.features),
         "live-dirty-tracking": by.get("wp-async-pagemap-scan") == PASS,
         "minor-fault-postcopy": supported and by.get("minor") == PASS,
+        "tls": by.get("tls") == PASS,
     }
     return ProbeReport(
         supported=supported,
@@ -458,4 +474,15 @@ def run_probe(target_page_size: int = TARGET_PAGE_SIZE) -> ProbeReport:
         capabilities=capabilities,
         elapsed_ms=(time.perf_counter() - t0) * 1000,
         uffd_source=ctx.source,
+        tls_library=_tls_library(),
     )
+
+
+def _tls_library() -> str | None:
+    """The TLS library and version the native layer is linked with, or None (built without it)."""
+    from .channels import tls
+
+    try:
+        return tls.library()
+    except AttributeError:
+        return None

@@ -1,8 +1,9 @@
 """QEMU-style addresses (``tcp:HOST:PORT``, ``unix:PATH``) and their sockets.
 
 A migration stream is raw memory (DESIGN.md section 8): listening anywhere but
-loopback or a Unix socket needs authentication, which this version does not
-have, so such an address is refused unless ``insecure`` is given explicitly.
+loopback or a Unix socket needs authentication, TLS (:mod:`.tls`), so without
+it such an address is refused unless ``insecure`` is given explicitly.  With
+TLS the certificates decide who may take part; without it, the peer's uid.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from ..errors import PeerDisconnected, PostcopyError, UsageError
+from ..errors import PeerDisconnected, PostcopyError, TlsRefused, UsageError
+from .tls import HANDSHAKE_TIMEOUT, Credentials, PlaintextPeer
 
 log = logging.getLogger("postcopy.transport")
 
@@ -173,11 +175,13 @@ def release_unix_path(path: str) -> None:
         pass
 
 
-def listen(addr: Address, *, insecure: bool = False, what: str = "listening socket") -> socket.socket:
-    """A listening socket for one incoming migration."""
-    if not addr.is_local and not insecure:
-        raise UsageError(f"refusing to listen on {addr}: a migration stream is raw memory and this version has "
-                         f"no authentication; use a loopback or unix: address, or pass --insecure explicitly")
+def listen(addr: Address, *, insecure: bool = False, tls: bool = False,
+           what: str = "listening socket") -> socket.socket:
+    """A listening socket for one incoming migration (``tls``: its connections will be TLS)."""
+    if not addr.is_local and not insecure and not tls:
+        raise UsageError(f"refusing to listen on {addr}: a migration stream is raw memory and needs "
+                         f"authentication; give --tls-creds DIR, use a loopback or unix: address, or pass "
+                         f"--insecure explicitly")
     if addr.kind == "unix":
         claim_unix_path(addr.path, what)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -293,9 +297,66 @@ def peer_refusal(conn: socket.socket) -> str | None:
     return f"the peer's socket at port {peer[1]} is not in the kernel's socket table"
 
 
-def accept(listener: socket.socket, timeout: float | None, *, quiet=None) -> socket.socket:
-    """The next connection whose peer :func:`peer_refusal` lets in; a refused one is closed with a
-    warning (unless ``quiet()`` says it is no news) and the wait goes on, up to ``timeout`` in all."""
+# how long a plaintext peer of a TLS listener has to read our refusal
+_REFUSAL_LINGER = 2.0
+
+
+def _refuse_plaintext(conn: socket.socket, reply: bytes) -> None:
+    """Tell a peer that sent plaintext to a TLS listener ``reply`` (in its own protocol) and close;
+    what it sent is read first, so that the close is not a reset that discards the reply."""
+    try:
+        conn.settimeout(_REFUSAL_LINGER)
+        if reply:
+            conn.sendall(reply)
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + _REFUSAL_LINGER
+        while time.monotonic() < deadline and conn.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def admit(conn: socket.socket, tls: Credentials | None = None, *, plaintext_reply: bytes = b"",
+          timeout: float | None = None) -> tuple[socket.socket | None, str | None]:
+    """(the connection to use, None) if the peer of accepted ``conn`` may take part, or (None, why
+    not) with ``conn`` closed.  Without TLS :func:`peer_refusal` decides; with it, the handshake
+    (at most ``timeout`` seconds): the engine gets the relay's socket.  A peer that sends plaintext
+    to a TLS listener gets ``plaintext_reply`` before the close."""
+    if tls is None:
+        try:
+            reason = peer_refusal(conn)
+        except OSError as e:   # (it went away already)
+            reason = f"the peer failed: {e.strerror or e}"
+        if reason is None:
+            _tune(conn)
+            return conn, None
+        conn.close()
+        return None, reason
+    _tune(conn)
+    try:
+        inner = tls.wrap(conn, timeout=timeout or HANDSHAKE_TIMEOUT)
+    except PlaintextPeer as e:
+        _refuse_plaintext(conn, plaintext_reply)
+        return None, f"TLS: {e}"
+    except PeerDisconnected as e:
+        return None, f"TLS handshake failed: {e}"
+    _tune(inner)
+    return inner, None
+
+
+def _listener_name(listener: socket.socket):
+    name = listener.getsockname()
+    return f"unix:{name}" if listener.family == socket.AF_UNIX else Address("tcp", name[0], name[1])
+
+
+def accept(listener: socket.socket, timeout: float | None, *, quiet=None, tls: Credentials | None = None,
+           plaintext_reply: bytes = b"", checked: bool = True) -> socket.socket:
+    """The next connection whose peer :func:`admit` lets in; a refused one is closed with a
+    warning (unless ``quiet()`` says it is no news) and the wait goes on, up to ``timeout`` in all.
+    ``checked=False``: the next connection as it is, for the caller to :func:`admit` (e.g. in a
+    thread of its own, so that a peer slow to shake hands holds up no other)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         listener.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
@@ -304,18 +365,13 @@ def accept(listener: socket.socket, timeout: float | None, *, quiet=None) -> soc
         except socket.timeout:
             raise PeerDisconnected(f"no connection arrived within {timeout:g} s") from None
         conn.settimeout(None)
-        try:
-            reason = peer_refusal(conn)
-        except OSError as e:   # (it went away already)
-            reason = f"the peer failed: {e.strerror or e}"
-        if reason is None:
-            _tune(conn)
+        if not checked:
             return conn
-        conn.close()
+        admitted, reason = admit(conn, tls, plaintext_reply=plaintext_reply)
+        if admitted is not None:
+            return admitted
         if quiet is None or not quiet():
-            name = listener.getsockname()
-            where = f"unix:{name}" if listener.family == socket.AF_UNIX else Address("tcp", name[0], name[1])
-            log.warning("refused a connection to %s: %s", where, reason)
+            log.warning("refused a connection to %s: %s", _listener_name(listener), reason)
 
 
 def connect_retrying(addr: Address, timeout: float, *, on_wait=None) -> socket.socket:
@@ -346,20 +402,34 @@ def connect_retrying(addr: Address, timeout: float, *, on_wait=None) -> socket.s
             time.sleep(0.05)
 
 
-def connect(addr: Address, *, timeout: float = 10.0, on_wait=None) -> socket.socket:
+def connect(addr: Address, *, timeout: float = 10.0, on_wait=None, tls: Credentials | None = None,
+            hostname: str | None = None) -> socket.socket:
     """Connect, retrying while the peer is not listening yet (up to ``timeout``).
 
-    ``on_wait(seconds)`` is called at each retry with the seconds waited so far."""
+    ``on_wait(seconds)`` is called at each retry with the seconds waited so far.  With ``tls``, the
+    handshake follows (the server's certificate must name ``hostname``, default the address's host)
+    and the relay's socket is returned; a failed handshake is TlsRefused with the reason."""
     try:
         s = connect_retrying(addr, timeout, on_wait=on_wait)
-        # not a byte to a destination run by another user
-        reason = peer_refusal(s)
-        if reason is not None:
-            s.close()
-            raise PeerDisconnected(f"refused the destination at {addr}: {reason}")
+        if tls is None:
+            # not a byte to a destination run by another user
+            reason = peer_refusal(s)
+            if reason is not None:
+                s.close()
+                raise PeerDisconnected(f"refused the destination at {addr}: {reason}")
         _tune(s)
-        return s
+        if tls is None:
+            return s
     except (ConnectionRefusedError, FileNotFoundError) as e:
         raise PeerDisconnected(f"cannot connect to {addr}: {e.strerror}") from e
     except OSError as e:
         raise PeerDisconnected(f"cannot connect to {addr}: {e.strerror or e}") from e
+    host = hostname or (addr.host if addr.kind == "tcp" else None)
+    try:
+        inner = tls.wrap(s, host=host, timeout=timeout)
+    except PeerDisconnected as e:
+        # a plaintext serve-dest closes (or resets) a connection that begins with a TLS handshake
+        hint = " (does the destination have --tls-creds?)" if "the connection" in str(e) else ""
+        raise TlsRefused(f"TLS handshake with {addr} failed: {e}{hint}") from None
+    _tune(inner)
+    return inner

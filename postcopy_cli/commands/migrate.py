@@ -154,9 +154,17 @@ def _page_size(text: str | None) -> int:
               help="--image: take over a paused migration of this image to --to (a restarted source): the "
                    "resume handshake at once, then post-copy. The id comes from --migration-id or from the "
                    "record the first migrate wrote in $POSTCOPY_STATE_DIR (default /run/postcopy).")
+@click.option("--tls-creds", "tls_creds", metavar="DIR",
+              help="Every connection is TLS (1.2 or later): DIR holds ca-cert.pem, client-cert.pem and "
+                   "client-key.pem (QEMU's tls-creds-x509 layout, e.g. /etc/pki/qemu); the destination's "
+                   "certificate must be signed by that CA and name the destination.")
+@click.option("--tls-hostname", "tls_hostname", metavar="NAME",
+              help="--tls-creds: the name the destination's certificate must carry (default the host of --to; "
+                   "an IP address is checked against the certificate's IP addresses).")
 @common_options
 def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, timeout, postcopy_after,
-            precopy_passes, kill_source, single_channel, recover_timeout, migration_id, resume, worksets):
+            precopy_passes, kill_source, single_channel, recover_timeout, migration_id, resume, worksets,
+            tls_creds, tls_hostname):
     """Migrate memory to a serve-dest: an image file (lazy restore) or a live program.
 
     With --image, the destination's requested pages are sent first and the rest
@@ -171,10 +179,12 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
     malformed return path or when the destination refused the stream (it
     answered SHUT 1, e.g. blocks, sizes or page sizes differ); 4 if the
     destination disconnected (after RUN: once --recover-timeout has passed
-    without a resume). --json keys are kebab-case (total-seconds, ...);
+    without a resume). With --tls-creds, a failed TLS handshake before RUN is
+    exit 1 with the reason (after RUN it is retried like any reconnection). --json keys are kebab-case (total-seconds, ...);
     the snake_case keys of 0.1 are still written too, deprecated until 0.3.0.
     """
     from ..channels import transport
+    from ..channels.tls import Credentials
     from ..source.live import shut_connections
     from ..source.image import ImageMemory, migrate_image
     from ..source import record
@@ -191,6 +201,9 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
         raise UsageError("--page-size goes with --image (a live program's page sizes come from its hand-over)")
     if attach and worksets:
         raise UsageError("--workset goes with --image (a working set replays a restore of an image)")
+    if tls_hostname and not tls_creds:
+        raise UsageError("--tls-hostname goes with --tls-creds DIR")
+    tls = {"tls": Credentials.load(tls_creds, server=False) if tls_creds else None, "hostname": tls_hostname}
     host_page = _page_size(page_size)
     rate = _rate(max_bandwidth)
     state = b""
@@ -199,7 +212,7 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
             state = f.read()
     if attach:
         _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,
-                      single_channel, recover_timeout, mid)
+                      single_channel, recover_timeout, mid, tls)
         return
     address = transport.parse_address(to)
     preempt_channels = 0 if single_channel else 1
@@ -217,7 +230,7 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
         memory.close()
         raise
     watch = _Watch(str(address))
-    recovery = recovery_to(address, timeout=timeout, recover_timeout=recover_timeout)
+    recovery = recovery_to(address, timeout=timeout, recover_timeout=recover_timeout, **tls)
     if mid is None:
         mid = os.urandom(16)
     _announce(as_json, mid, str(address))
@@ -231,8 +244,8 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
         with live_status(SourceStatus(), watch, enabled=not as_json):
             try:
                 if not resume:
-                    conn = transport.connect(address, timeout=timeout, on_wait=watch.on_wait)
-                    preempt = transport.connect(address, timeout=timeout) if preempt_channels else None
+                    conn = transport.connect(address, timeout=timeout, on_wait=watch.on_wait, **tls)
+                    preempt = transport.connect(address, timeout=timeout, **tls) if preempt_channels else None
                 # RUN goes right after the preamble: from here the destination's program runs
                 with signals.guard(at_risk=lambda: "the destination's program runs and its missing pages come "
                                                    "from here",
@@ -280,7 +293,7 @@ def _workset_order(paths, blocks) -> list | None:
 
 
 def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,
-                  single_channel, recover_timeout, migration_id):
+                  single_channel, recover_timeout, migration_id, tls):
     import signal
     import threading
 
@@ -294,7 +307,8 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
     previous = signal.signal(signal.SIGUSR1, lambda *_: switchover.set())
     opts = LiveOptions(postcopy_after=postcopy_after, precopy_passes=precopy_passes, max_bandwidth=rate,
                        timeout=timeout, state=state, kill_source=kill_source, preempt=not single_channel,
-                       recover_timeout=recover_timeout, migration_id=migration_id or os.urandom(16))
+                       recover_timeout=recover_timeout, migration_id=migration_id or os.urandom(16),
+                       tls_hostname=tls["hostname"], tls=tls["tls"])
     _announce(as_json, opts.migration_id, watch.to)
     try:
         with live_status(SourceStatus(), watch, enabled=not as_json):

@@ -120,8 +120,13 @@ def _write_workset(dest, path: str) -> None:
               help="Write the pages the program faulted on, in order of first fault, to this file at the end "
                    "(also when the migration fails: what was seen); migrate --image --workset FILE replays it.")
 @click.option("--insecure", is_flag=True, help="Allow listening on a non-loopback TCP address without authentication.")
+@click.option("--tls-creds", "tls_creds", metavar="DIR",
+              help="Every connection is TLS (1.2 or later): DIR holds ca-cert.pem, server-cert.pem and "
+                   "server-key.pem (QEMU's tls-creds-x509 layout, e.g. /etc/pki/qemu); the source must present "
+                   "a client certificate signed by that CA. Then any address may be listened on.")
 @common_options
-def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stats_file, insecure, workset_file):
+def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stats_file, insecure, workset_file,
+               tls_creds):
     """Receive one migration: fill RAM blocks on demand and in background.
 
     Waits for a program to hand over its memory through --uffd-socket (or uses
@@ -133,7 +138,9 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stat
     --recover-timeout seconds).
     Exit 0 when every page is in; 1 on failure (e.g. the program exited);
     3 on a protocol error from the source; 4 if the source disconnected and
-    did not resume.
+    did not resume. With --tls-creds a connection that fails the TLS handshake
+    (no or a foreign certificate, a plaintext source) is refused on its own
+    with a warning, and the wait goes on.
 
     With --json, stdout is JSON lines (each line one JSON document): first
     {"event": "listening", "address": "tcp:HOST:PORT", "uffd-socket": PATH or
@@ -141,6 +148,7 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stat
     the final statistics, or on failure {"error": {"code", "kind", "message"}}
     with the statistics reached so far.
     """
+    from ..channels.tls import Credentials
     from ..dest.serve import ServeDest, ServeOptions
 
     if bool(uffd_socket) == bool(ram):
@@ -149,8 +157,10 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stat
         _check_writable(stats_file, "--stats")
     if workset_file:
         _check_writable(workset_file, "--record-workset")
+    tls = Credentials.load(tls_creds, server=True) if tls_creds else None
     opts = ServeOptions(listen=listen, uffd_socket=uffd_socket, ram=_parse_ram(ram), timeout=timeout,
-                        insecure=insecure, recover_timeout=recover_timeout, record_workset=bool(workset_file))
+                        insecure=insecure, recover_timeout=recover_timeout, record_workset=bool(workset_file),
+                        tls=tls)
 
     def announce(server):
         print(f"postcopy: listening on {server.bound}" +

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import select
 import socket
 import threading
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .. import codec
 from ..channels import transport
+from ..channels.tls import Credentials
 from ..codec.constants import Section
 from .engine import Destination, DestinationResult
 from .faults import own_memory_uffd
@@ -31,11 +33,19 @@ class ServeOptions:
     insecure: bool = False
     recover_timeout: float = 600.0
     record_workset: bool = False
+    tls: Credentials | None = None      # --tls-creds: every connection of the source is TLS
+
+
+# what a plaintext source that reaches a TLS serve-dest reads before the close: a refusal it understands
+_PLAINTEXT_REFUSAL = codec.encode_rp(codec.Shut(1))
+# the first byte of a TLS connection: a handshake record (RFC 8446 section 5.1)
+_TLS_HANDSHAKE = 0x16
 
 
 def _joining_section(conn: socket.socket, timeout: float) -> str | None:
     """"PREEMPT" or "RESUME" if the connection's first section (after the 8-byte header) says it joins a
-    migration under way; None for anything else (the main stream's decoder judges it), read with MSG_PEEK."""
+    migration under way, "TLS" if it begins a TLS handshake instead of the stream; None for anything else
+    (the main stream's decoder judges it), read with MSG_PEEK."""
     deadline = time.monotonic() + timeout
     head = b""
     while len(head) < 9 and time.monotonic() < deadline:
@@ -51,7 +61,7 @@ def _joining_section(conn: socket.socket, timeout: float) -> str | None:
                 return None
             time.sleep(0.001)   # the rest of the header is on its way
     if len(head) < 9 or head[:8] != codec.encode(codec.Header()):
-        return None
+        return "TLS" if head[:1] == bytes([_TLS_HANDSHAKE]) else None
     return {Section.PREEMPT: "PREEMPT", Section.RESUME: "RESUME"}.get(head[8])
 
 
@@ -69,6 +79,10 @@ class ServeDest:
         self.program: Handover | None = None
         self.dest: Destination | None = None
         self.uffd: Userfaultfd | None = None
+        self._admitted: queue.Queue[socket.socket] = queue.Queue()   # let in, before the source is chosen
+        self._admit_lock = threading.Lock()
+        self._source_chosen = False
+        self._accept_error: str | None = None
         try:
             for name, size in opts.ram:     # before anything listens: a source never meets a failed --ram
                 try:
@@ -76,7 +90,8 @@ class ServeDest:
                 except OSError as e:
                     raise PostcopyError(f"--ram {name}: cannot map {size} bytes ({size / 2**30:g} GiB): {e.strerror}") \
                         from None
-            self.listener = transport.listen(self.address, insecure=opts.insecure, what="--listen")
+            self.listener = transport.listen(self.address, insecure=opts.insecure, tls=opts.tls is not None,
+                                             what="--listen")
             self.bound = transport.bound_address(self.listener, self.address)
             if opts.uffd_socket:
                 self.uffd_listener = transport.listen(transport.Address("unix", path=opts.uffd_socket),
@@ -110,32 +125,54 @@ class ServeDest:
     def _accept_source(self) -> socket.socket:
         """Wait for the source; give up if the attached program goes away meanwhile.  A connection that
         joins a migration (a preempt channel or a resumed stream of a migration this serve-dest has not
-        begun, e.g. one that a serve-dest before it received) is refused on its own."""
+        begun, e.g. one that a serve-dest before it received) is refused on its own.  Connections let in
+        after the chosen one go to the engine (:meth:`_offer_admitted`)."""
         deadline = None if self.opts.accept_timeout is None else time.monotonic() + self.opts.accept_timeout
         while True:
             try:
-                conn = transport.accept(self.listener, 0.2)
-                joining = _joining_section(conn, self.opts.timeout)
-                if joining is None:
-                    return conn
-                conn.close()
-                log.warning("refused a connection to %s: its first section is %s, of a migration this serve-dest "
-                            "has not begun", self.bound, joining)
-            except PostcopyError:
+                conn = self._admitted.get(timeout=0.2)
+            except queue.Empty:
                 self.dest.check_program()
+                if self._accept_error is not None:
+                    raise PostcopyError(f"cannot accept on {self.bound}: {self._accept_error}")
                 if deadline is not None and time.monotonic() > deadline:
                     raise PostcopyError(f"no source connected to {self.bound} within "
                                         f"{self.opts.accept_timeout:g} s") from None
+                continue
+            joining = _joining_section(conn, self.opts.timeout)
+            if joining is None:
+                with self._admit_lock:
+                    self._source_chosen = True
+                    later = []
+                    while not self._admitted.empty():
+                        later.append(self._admitted.get_nowait())
+                for other in later:
+                    threading.Thread(target=self._offer_admitted, args=(other,), name="postcopy/offer",
+                                     daemon=True).start()
+                return conn
+            conn.close()
+            if joining == "TLS":
+                log.warning("refused a connection to %s: it begins a TLS handshake and this serve-dest has "
+                            "no --tls-creds", self.bound)
+            else:
+                log.warning("refused a connection to %s: its first section is %s, of a migration this "
+                            "serve-dest has not begun", self.bound, joining)
 
     def run(self, *, progress=None) -> DestinationResult:
-        blocks = self._attach() if self.uffd_listener else self._own_memory()
-        self.dest = Destination(blocks, self.uffd, program=self.program, timeout=self.opts.timeout,
-                                recover_timeout=self.opts.recover_timeout, record_workset=self.opts.record_workset)
-        conn = self._accept_source()
         stop = threading.Event()
+        # from the start: a TLS source's handshake does not wait for the program's hand-over
+        threading.Thread(target=self._accept_all, args=(stop,), name="postcopy/accept", daemon=True).start()
+        try:
+            blocks = self._attach() if self.uffd_listener else self._own_memory()
+            self.dest = Destination(blocks, self.uffd, program=self.program, timeout=self.opts.timeout,
+                                    recover_timeout=self.opts.recover_timeout,
+                                    record_workset=self.opts.record_workset)
+            conn = self._accept_source()
+        except BaseException:
+            stop.set()
+            raise
         if progress:
             threading.Thread(target=self._report, args=(progress, stop), daemon=True).start()
-        threading.Thread(target=self._accept_more, args=(stop,), name="postcopy/accept", daemon=True).start()
         try:
             result = self.dest.run(conn)
             if self.dest.shut_maybe_lost:
@@ -147,24 +184,45 @@ class ServeDest:
             stop.set()
             conn.close()
 
-    def _accept_more(self, stop: threading.Event):
-        """The source may open further connections: its preempt channel for requested pages and, after a
-        failure, a resumed main stream."""
+    def _accept_all(self, stop: threading.Event):
+        """Every connection to --listen, let in by _admit: the first is the main stream (_accept_source);
+        then the source's preempt channel for requested pages and, after a failure, a resumed main stream."""
         while not stop.is_set():
             try:
-                conn = transport.accept(self.listener, 0.2, quiet=self._ended)
+                conn = transport.accept(self.listener, 0.2, checked=False)
             except PostcopyError:
                 continue
-            except OSError:
+            except OSError as e:
+                self._accept_error = e.strerror or str(e)
                 return
-            # each checked on its own: a connection that sends nothing delays no other
-            threading.Thread(target=self._offer, args=(conn,), name="postcopy/offer", daemon=True).start()
+            if self.opts.tls is None:
+                self._admit(conn)     # the uid check is quick: the order they came in stays
+            else:
+                # a handshake takes round trips, and a peer may never finish it: each in a thread; the
+                # source finishes its main stream's before it connects another
+                threading.Thread(target=self._admit, args=(conn,), name="postcopy/admit", daemon=True).start()
+
+    def _admit(self, raw: socket.socket):
+        """Let ``raw`` in or refuse it; then hand it to _accept_source or, once the source is chosen, the engine."""
+        conn, reason = transport.admit(raw, self.opts.tls, plaintext_reply=_PLAINTEXT_REFUSAL)
+        if conn is None:
+            if self.dest is None or not self._ended():
+                log.warning("refused a connection to %s: %s", self.bound, reason)
+            return
+        with self._admit_lock:
+            if not self._source_chosen:
+                self._admitted.put(conn)
+                return
+        if self.dest is None:
+            conn.close()
+            return
+        threading.Thread(target=self._offer_admitted, args=(conn,), name="postcopy/offer", daemon=True).start()
 
     def _ended(self) -> bool:
         """Every page is in (or the migration is over): a late connection is no news."""
         return self.dest.closed or self.dest.phase.ended
 
-    def _offer(self, conn: socket.socket):
+    def _offer_admitted(self, conn: socket.socket):
         reason = self.dest.offer(conn)
         if reason is not None:
             if not self._ended():
@@ -184,6 +242,10 @@ class ServeDest:
         for s in (self.listener, self.uffd_listener):
             if s is not None:
                 s.close()
+        with self._admit_lock:
+            self._source_chosen = True     # (a connection let in from now on goes nowhere: see _admit)
+            while not self._admitted.empty():
+                self._admitted.get_nowait().close()
         for path in paths:
             transport.release_unix_path(path)
         if self.uffd is not None:

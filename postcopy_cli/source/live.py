@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .. import codec, signals
 from ..channels import transport
+from ..channels.tls import Credentials
 from ..memory.pagemap import PagemapScanner
 from ..codec.discards import DiscardEncoder
 from ..errors import PostcopyError, with_stats
@@ -48,6 +49,8 @@ class LiveOptions:
     preempt: bool = True          # requested pages on a second connection
     recover_timeout: float = RECOVER_TIMEOUT   # after RUN: seconds paused, reconnecting, before failing
     migration_id: bytes | None = None          # the ID section's (None: random)
+    tls: Credentials | None = None             # --tls-creds: every connection is TLS
+    tls_hostname: str | None = None            # --tls-hostname (default: the host of the address)
 
 
 def _pages_in(block: RamBlock, start: int, end: int) -> list[tuple[int, int]]:
@@ -247,12 +250,13 @@ def migrate_live(attach_path: str, to: str, opts: LiveOptions, *, on_ready=None,
         if on_program is not None:
             on_program(program)
         address = transport.parse_address(to)
-        conn = transport.connect(address, timeout=opts.timeout, on_wait=on_wait)
+        tls = {"tls": opts.tls, "hostname": opts.tls_hostname}
+        conn = transport.connect(address, timeout=opts.timeout, on_wait=on_wait, **tls)
         preempt = None
         mig = None
         try:
-            preempt = transport.connect(address, timeout=opts.timeout) if opts.preempt else None
-            recovery = recovery_to(address, timeout=opts.timeout, recover_timeout=opts.recover_timeout)
+            preempt = transport.connect(address, timeout=opts.timeout, **tls) if opts.preempt else None
+            recovery = recovery_to(address, timeout=opts.timeout, recover_timeout=opts.recover_timeout, **tls)
             mig = LiveMigration(program, conn, opts, switchover=switchover, preempt=preempt, recovery=recovery)
             if on_start is not None:
                 on_start(mig)
