@@ -73,6 +73,11 @@ class TlsRefused(PeerDisconnected):
     kind = "tls"
 
 
+class TlsExpected(TlsRefused):
+    """The destination answered a plaintext stream with a TLS alert: it has --tls-creds and this source not
+    (exit 1; a reconnection would meet the same, so it is not retried)."""
+
+
 class PeerTimeout(PeerDisconnected):
     """The peer stopped sending for longer than the allowed time (exit 4)."""
 

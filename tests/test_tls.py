@@ -216,12 +216,12 @@ def test_client_without_a_certificate_is_refused(creds, image):
 
 
 def test_plaintext_source_to_a_tls_destination(creds, image):
-    """It hears the destination's refusal in its own protocol (SHUT 1); the destination says why."""
+    """It recognises the destination's TLS alert (exit 1, "it expects TLS"); the destination says why."""
     dest = _dest("--tls-creds", creds["ours"])
     try:
         bad = _migrate(image, dest.address)
-        assert bad.returncode == 3, bad.stderr
-        assert "refused the stream" in single_stderr_line(bad.stderr)
+        assert bad.returncode == 1, bad.stderr
+        assert "answered with a TLS alert: it expects TLS (give --tls-creds DIR)" in single_stderr_line(bad.stderr)
         err = _then_real_source(dest, image, "--tls-creds", creds["ours"])
         assert any("sent plaintext, not a TLS handshake" in w for w in _warnings(err)), err
     finally:

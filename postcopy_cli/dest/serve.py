@@ -36,8 +36,10 @@ class ServeOptions:
     tls: Credentials | None = None      # --tls-creds: every connection of the source is TLS
 
 
-# what a plaintext source that reaches a TLS serve-dest reads before the close: a refusal it understands
-_PLAINTEXT_REFUSAL = codec.encode_rp(codec.Shut(1))
+# what a plaintext source that reaches a TLS serve-dest reads before the close: a fatal TLS alert,
+# handshake_failure (RFC 8446 sections 5.1 and 6: type 21, version 3.3, length 2, level 2, description 40),
+# which our source recognises where its return path begins
+_PLAINTEXT_REFUSAL = bytes((21, 3, 3, 0, 2, 2, 40))
 # the first byte of a TLS connection: a handshake record (RFC 8446 section 5.1)
 _TLS_HANDSHAKE = 0x16
 

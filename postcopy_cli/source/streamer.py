@@ -25,7 +25,7 @@ from typing import Protocol
 
 from .. import codec, signals
 from .._native import ffi, lib
-from ..errors import DestinationRefused, PeerDisconnected, PeerTimeout, ProtocolError
+from ..errors import DestinationRefused, TlsExpected, PeerDisconnected, PeerTimeout, ProtocolError
 from .bandwidth import BandwidthCap
 from .pages import PageBook
 from .recovery import BACKOFF_FIRST, BACKOFF_MAX, Recovery
@@ -130,6 +130,7 @@ class PageStreamer:
         self.paused: dict | None = None   # while paused: reason, since (monotonic), attempts
         self._woken = threading.Event()
         self._wake_error: BaseException | None = None
+        self._drain_error: ProtocolError | None = None   # what the return path held after a failure
         self.main: Lane | None = None
         self.preempt: Lane | None = None
         self._server: RequestServer | None = None
@@ -456,7 +457,7 @@ class PageStreamer:
 
     def _recoverable(self, error: BaseException) -> bool:
         return (self.recovery is not None and self.recovery.timeout > 0 and not self._woken.is_set()
-                and signals.interruption() is None and not isinstance(error, DestinationRefused))
+                and signals.interruption() is None and not isinstance(error, (DestinationRefused, TlsExpected)))
 
     def _shutdown_lanes(self) -> None:
         for lane in (self.main, self.preempt):
@@ -603,10 +604,14 @@ class PageStreamer:
         destination's close with unread data resets the connection) or its read
         finds EOF, while the SHUT is still in the receive queue, where TCP and
         Unix sockets keep it readable after the reset or EOF."""
+        if isinstance(error, ProtocolError):
+            return _tls_expected(error) or error
         if isinstance(error, PeerTimeout) or not isinstance(error, (PeerDisconnected, OSError)):
             return error
         if self.shut is None and self.conn is not None:
             self._drain_return_path()
+            if self._drain_error is not None:
+                return _tls_expected(self._drain_error) or error
         return DestinationRefused(self.shut) if self.shut else error
 
     def _drain_return_path(self, grace: float = 1.0) -> None:
@@ -627,10 +632,23 @@ class PageStreamer:
             self.decoder.feed(data)
             try:
                 shuts = [ev.status for ev in self.decoder.events() if type(ev) is codec.Shut]
-            except ProtocolError:
+            except ProtocolError as e:
+                self._drain_error = e
                 return
             if shuts:
                 self.shut = shuts[0]
+
+
+# a TLS record header where the return path begins: content type 21 (alert), version 3.x (RFC 8446
+# section 5.1) read as the be16 message type 0x15 0x03
+_TLS_ALERT_TYPE = 0x1503
+
+
+def _tls_expected(error: ProtocolError) -> TlsExpected | None:
+    """The destination's first answer is a TLS alert: it speaks TLS, and this source sent plaintext."""
+    if error.offset == 0 and error.problem.startswith(f"unknown message type {_TLS_ALERT_TYPE}"):
+        return TlsExpected("the destination answered with a TLS alert: it expects TLS (give --tls-creds DIR)")
+    return None
 
 
 class _AlreadyComplete(Exception):
