@@ -228,7 +228,8 @@ def subcommands_section(group: click.Group, ctx: click.Context) -> list[str]:
         lines += render_paragraphs(sub.help) or [esc(short_help(sub))]
         lines += [".PP", "Options:"]
         for param in sub.get_params(sub_ctx):
-            record = param.get_help_record(sub_ctx)
+            # arguments are in the usage line (newer click gives them a help record too)
+            record = None if isinstance(param, click.Argument) else param.get_help_record(sub_ctx)
             if record is not None:
                 lines += [".TP", bold(record[0])] + ([esc(record[1])] if record[1] else [])
     return lines
