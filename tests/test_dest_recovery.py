@@ -415,3 +415,23 @@ def test_shut_lost_with_the_last_connection_is_told_again(serve_dest):
     assert rc == 0, err
     import json
     assert json.loads(out.splitlines()[-1])["pages"]["received"] == n
+
+
+def test_a_preempt_channel_protocol_error_still_tells_the_source(serve_dest):
+    """A malformed record on the preempt channel ends the migration (exit 3, no pause: it is not a broken
+    link), and the source still reads SHUT 1 on the main connection, so it does not try to resume."""
+    n = 16
+    sd, block, data = own_memory(serve_dest, n)
+    src = Source(sd.port, block, data)
+    src.start(preempt=1)
+    src.send(codec.Ping(1))
+    src.read_until(has(codec.Pong), "PONG")
+    pre = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
+    pre.sendall(codec.encode(codec.Header()) + codec.encode(codec.PreemptChannel(MID)) + b"\x02" +
+                (PAGE | 0x40 | 0x08).to_bytes(8, "big"))   # unknown flag 0x40
+    src.read_until(has(codec.Shut), "SHUT")
+    assert [e for e in src.events if isinstance(e, codec.Shut)] == [codec.Shut(1)]
+    rc, out, err = sd.wait()
+    assert rc == 3, err
+    assert "protocol error" in err and "paused" not in err, err
+    pre.close()

@@ -491,7 +491,7 @@ class Destination:
             return False
         self._stop_error = error
         try:
-            conn.shutdown(socket.SHUT_RDWR)
+            conn.shutdown(socket.SHUT_RD)   # wakes the stream's thread; SHUT 1 still goes to the source
         except OSError:
             pass
         return True
@@ -594,7 +594,8 @@ class Destination:
                 return
             self._preempt_error = e
             try:
-                self._conn.shutdown(socket.SHUT_RDWR)   # wake the main stream loop
+                # wake the main stream loop; its write side stays open for the SHUT 1 that tells the source
+                self._conn.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
         finally:
