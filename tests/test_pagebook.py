@@ -220,30 +220,3 @@ def test_the_book_is_lent_while_the_server_runs(served):
         served.book.mark_dirty(0, [(0, 1)])
     served.server.stop()
     served.book.mark_dirty(0, [(0, 1)])
-
-
-def test_follow_continues_after_the_request_and_wraps_round():
-    """QEMU's last-requested-page hint: after follow() the walk goes on from there, then wraps round to the
-    pages it jumped over; every page is claimed exactly once."""
-    book = PageBook([codec.BlockInfo("a", 2048 * TP, TP), codec.BlockInfo("b", 512 * TP, TP)])
-    first = book.next_chunk()
-    assert first == (0, 0, 256)
-    book.follow(0, 1500)
-    assert book.next_chunk() == (0, 1500, 256)
-    got = [first, (0, 1500, 256)]
-    while (chunk := book.next_chunk()) is not None:
-        got.append(chunk)
-    pages = sorted((bi, p) for bi, a, n in got for p in range(a, a + n))
-    assert pages == [(0, p) for p in range(2048)] + [(1, p) for p in range(512)]
-    assert got[2] == (0, 1756, 256) and (1, 0, 256) in got[:6], got[:6]   # on from the request, not from 256
-    assert book.remaining == 0
-
-
-def test_follow_out_of_range_is_ignored_and_rewind_forgets_it():
-    book = PageBook([codec.BlockInfo("a", 512 * TP, TP)])
-    book.follow(3, 0)
-    book.follow(0, 10 ** 6)
-    assert book.next_chunk() == (0, 0, 256)
-    book.follow(0, 400)
-    book.rewind()
-    assert book.next_chunk() == (0, 256, 256)

@@ -133,8 +133,6 @@ static int answer(struct pc_src *s, int block, uint64_t start, uint64_t len)
     if (b->sent)
         memset(b->sent + first, 1, n);
     __atomic_fetch_add(pending ? &s->st.requested_pages : &s->st.resent_pages, n, __ATOMIC_RELAXED);
-    /* where the background stream goes on (the streamer reads it: the program moves this way) */
-    __atomic_store_n(&s->st.last_request, (((uint64_t)block << 48) | (first + n)) + 1, __ATOMIC_RELAXED);
     within_cap(s);
     for (uint64_t done = 0; done < len;) {
         uint64_t chunk = len - done < READBUF ? len - done : READBUF;

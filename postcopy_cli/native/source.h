@@ -39,7 +39,6 @@ struct pc_src_stats {
     uint64_t resent_pages;     /* requested though sent already (maybe still in flight) */
     uint64_t bytes;
     uint64_t zero_pages;       /* ZERO records among the requested pages (not the resent ones) */
-    uint64_t last_request;     /* (block << 48 | the page after the last request answered) + 1; 0: none */
 };
 
 struct pc_src {

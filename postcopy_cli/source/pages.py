@@ -57,7 +57,6 @@ class PageBook:
         self._lent = False
         self._block = 0                     # background chunks: the block being walked
         self._cursor = [0] * len(blocks)    # and where each block's walk is
-        self._jumped = False                # follow() moved the walk: it wraps round once at the end
         self._priority: list[tuple[int, int, int]] = []   # runs sent before the walk (see set_priority)
         self._prio = 0                      # the priority run being sent
 
@@ -117,47 +116,28 @@ class PageBook:
             chunk = self._next_priority()
             if chunk is not None:
                 return chunk
-            while True:
-                while self._block < len(self.blocks):
-                    bi = self._block
-                    pending = self._to_send[bi]
-                    first = pending.find(1, self._cursor[bi])
-                    if first < 0:
-                        self._block += 1
-                        continue
-                    hp = self.blocks[bi].page_size // TP
-                    first -= first % hp
-                    stop = pending.find(0, first, first + max(CHUNK_PAGES, hp))
-                    if stop < 0:
-                        stop = min(len(pending), first + max(CHUNK_PAGES, hp))
-                    stop = first + max(hp, (stop - first) // hp * hp)
-                    self._cursor[bi] = stop
-                    return self._claim(bi, first, stop)
-                if not self._jumped:
-                    break
-                # the walk followed a request past pages still to send: once more from the start
-                self._jumped = False
-                self._block = 0
-                self._cursor = [0] * len(self.blocks)
+            while self._block < len(self.blocks):
+                bi = self._block
+                pending = self._to_send[bi]
+                first = pending.find(1, self._cursor[bi])
+                if first < 0:
+                    self._block += 1
+                    continue
+                hp = self.blocks[bi].page_size // TP
+                first -= first % hp
+                stop = pending.find(0, first, first + max(CHUNK_PAGES, hp))
+                if stop < 0:
+                    stop = min(len(pending), first + max(CHUNK_PAGES, hp))
+                stop = first + max(hp, (stop - first) // hp * hp)
+                self._cursor[bi] = stop
+                return self._claim(bi, first, stop)
             self.remaining = 0   # (the request server may have taken the last pages)
             return None
-
-    def follow(self, bi: int, page: int) -> None:
-        """Post-copy: the background walk goes on from ``page`` of block ``bi``, right after the program's
-        last request (QEMU's last-requested-page hint, ram_save_queue_pages: the program moves that way,
-        so the stream gets ahead of its next faults).  The walk wraps round once it reaches the end, so no
-        page before the jump is left out."""
-        with self._lock:
-            if 0 <= bi < len(self.blocks) and 0 <= page <= len(self._to_send[bi]):
-                self._block = bi
-                self._cursor[bi] = page
-                self._jumped = True
 
     # -- passes (the sending thread, no server running) ---------------------------------
     def rewind(self) -> None:
         """The next background chunk starts again from the first page of the first block."""
         with self._lock:
-            self._jumped = False
             self._block = 0
             self._cursor = [0] * len(self.blocks)
 
@@ -200,7 +180,6 @@ class PageBook:
             ts[:] = missing[:len(ts)]       # in place: the native server points into it
             self._block = 0
             self._cursor = [0] * len(self.blocks)
-            self._jumped = False
             self._prio = 0                  # what is missing of the priority runs goes first again
             self.remaining = sum(t.count(1) for t in self._to_send)
 

@@ -131,7 +131,6 @@ class PageStreamer:
         self._woken = threading.Event()
         self._wake_error: BaseException | None = None
         self._drain_error: ProtocolError | None = None   # what the return path held after a failure
-        self._followed = 0     # the native server's last request the background walk followed
         self.main: Lane | None = None
         self.preempt: Lane | None = None
         self._server: RequestServer | None = None
@@ -242,22 +241,8 @@ class PageStreamer:
                     continue
                 self.stats["resent_pages" if resend else "requested_pages"] += n
                 self._send_pages(lane, bi, offset, n, resend=resend)
-            if self.phase == "post-copy":
-                self.book.follow(bi, offset // TP + n)   # the background goes on where the program is
-
-    def _follow_requests(self) -> None:
-        """Post-copy: the background walk goes on after the last page the native server answered."""
-        srv = self._server
-        if srv is None or self.phase != "post-copy":
-            return
-        key = srv.srv.st.last_request
-        if key and key != self._followed:
-            self._followed = key
-            key -= 1
-            self.book.follow(key >> 48, key & ((1 << 48) - 1))
 
     def _send_background(self) -> bool:
-        self._follow_requests()
         chunk = self.book.next_chunk()
         if chunk is None:
             return False
