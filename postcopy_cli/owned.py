@@ -6,9 +6,6 @@ from __future__ import annotations
 class Owned:
     """Subclasses define ``close()`` (idempotent)."""
 
-    def close(self) -> None:
-        raise NotImplementedError
-
     def __enter__(self):
         return self
 
