@@ -45,6 +45,10 @@ class ReceiverSink(Protocol):
     def check_fault_thread(self) -> None:
         """Raise if the fault thread failed."""
 
+    def pages_arrived_lately(self) -> bool:
+        """The main stream was silent for its timeout: True if pages arrived meanwhile (on the preempt
+        channel), so the link is alive."""
+
     def program_left(self) -> None:
         """The wake fd fired: the attached program left (decide what that means)."""
 
@@ -140,16 +144,21 @@ class StreamReceiver:
 
     def _recv_into(self, conn: socket.socket, view: memoryview) -> int:
         dest = self.dest
-        try:
-            if self.wake_fd >= 0:
-                self._wait_readable(conn)
-            n = conn.recv_into(view)
-        except socket.timeout:
-            dest.check_peers()
-            raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s ({self.position()})") from None
-        except OSError as e:
-            dest.check_peers()
-            raise PeerDisconnected(f"the source connection failed ({self.position()}): {e.strerror or e}") from None
+        while True:
+            try:
+                if self.wake_fd >= 0:
+                    self._wait_readable(conn)
+                n = conn.recv_into(view)
+                break
+            except socket.timeout:
+                dest.check_peers()
+                if dest.pages_arrived_lately():
+                    continue   # the preempt channel carries the source's pages meanwhile: the link lives
+                raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s ({self.position()})") from None
+            except OSError as e:
+                dest.check_peers()
+                raise PeerDisconnected(f"the source connection failed ({self.position()}): {e.strerror or e}") \
+                    from None
         if not n:
             dest.check_peers()
             raise PeerDisconnected(f"the source disconnected before the end of the migration "
@@ -229,6 +238,8 @@ class StreamReceiver:
         if r == lib.PC_PUMP_FAULT_THREAD:
             dest.check_fault_thread()
         dest.check_peers()
+        if r == -errno.ETIMEDOUT and dest.pages_arrived_lately():
+            return   # the preempt channel carries the source's pages meanwhile: the link lives
         if r == -errno.ETIMEDOUT:
             raise PeerTimeout(f"the source sent nothing for {self.timeout:g} s ({self.position()})")
         if r == lib.PC_PUMP_EOF:

@@ -119,6 +119,7 @@ class Destination:
         self._epoch = 0            # main streams attached so far: a preempt channel joins the one it met
         self._shut_delivered = False
         self._shut_sent = False
+        self._arrived_seen = 0     # pages placed at the main stream's last silence (pages_arrived_lately)
         self.told_complete = threading.Event()   # a resuming source was told the migration is complete
         self._closed = False
         self._stop_error: PostcopyError | None = None
@@ -616,6 +617,16 @@ class Destination:
             if t.is_alive():
                 raise PeerTimeout(f"the preempt channel did not end within {self.timeout:g} s of EOF")
         self._check_preempt()
+
+    def pages_arrived_lately(self) -> bool:
+        """Pages placed since the last call (or since the stream began): under a bandwidth cap that
+        requested pages fill, the main stream may be silent for --timeout while the preempt channel is
+        busy; that is no dead link."""
+        raw = ffi.new("struct pc_dest_stats *")
+        lib.pc_dest_get_stats(self.native, raw)
+        arrived = raw.demand_pages + raw.background_pages + raw.skipped_pages
+        moved, self._arrived_seen = arrived != self._arrived_seen, arrived
+        return moved and self._preempt_thread is not None
 
     def check_peers(self):
         """The stream broke: raise what is behind it, the program's leaving or the preempt channel's failure."""
