@@ -2,6 +2,7 @@
  * UFFDIO_ZEROPAGE, or plain writes before registration and before RUN) and
  * the page bitmaps that record them. */
 #include "dest_internal.h"
+#include <sched.h>
 #include "io.h"
 #include <stdlib.h>
 #include <sys/uio.h>
@@ -113,6 +114,7 @@ static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t
 {
     uint64_t page_size = d->blocks[block].page_size;
     uint64_t done = 0;
+    int einval = 0;
     while (done < len) {
         int64_t placed;
         int rc = place_nowake(d, addr + done, src ? src + done : NULL, len - done, &placed);
@@ -127,6 +129,13 @@ static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t
         }
         if (err == EAGAIN || err == EINTR)
             continue;
+        /* EINVAL was seen (rarely, under load, live migrations) from a placement whose
+         * arguments are valid; its cause is not known: it is retried a few times before
+         * the migration fails, as a transient mapping change would be */
+        if (err == EINVAL && ++einval < 64) {
+            sched_yield();
+            continue;
+        }
         if (err != EEXIST)
             return -err;
         /* some page of the run is present: go page by page from here */
@@ -172,6 +181,10 @@ static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, 
     }
     int r = place_run_nowake(d, block, off, addr, src, len);
     int w = wake_range(d, addr, len);
+    for (int i = 0; w == -EINVAL && i < 64; i++) {   /* (as above) */
+        sched_yield();
+        w = wake_range(d, addr, len);
+    }
     return r ? r : w;
 }
 
