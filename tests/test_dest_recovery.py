@@ -91,6 +91,17 @@ def running_source(sd, block: codec.BlockInfo, data: bytes, pages: int) -> "Sour
     return src
 
 
+def running_with_preempt(serve_dest, n: int):
+    """serve-dest (own memory, ``n`` pages) and a source past RUN that announced a preempt channel (not
+    connected yet): (serve-dest, block, data, source)."""
+    sd, block, data = own_memory(serve_dest, n)
+    src = Source(sd.port, block, data)
+    src.start(preempt=1)
+    src.send(codec.Ping(1))
+    src.read_until(has(codec.Pong), "PONG")
+    return sd, block, data, src
+
+
 def refused(conn: socket.socket) -> bool:
     """serve-dest closed ``conn`` without sending a byte (a close with our bytes unread is a reset)."""
     try:
@@ -368,11 +379,7 @@ def test_a_stale_preempt_channel_from_before_the_pause_is_refused(serve_dest):
     """A preempt channel of the broken connection that completes its header only after the resume (it was
     still on its way) is refused; the one the source opens after RESUME_ACK is adopted."""
     n = 16
-    sd, block, data = own_memory(serve_dest, n)
-    src = Source(sd.port, block, data)
-    src.start(preempt=1)
-    src.send(codec.Ping(1))
-    src.read_until(has(codec.Pong), "PONG")
+    sd, block, data, src = running_with_preempt(serve_dest, n)
     stale = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
     head = codec.encode(codec.Header()) + codec.encode(codec.PreemptChannel(MID))
     stale.sendall(head[:10])          # its offer waits for the rest
@@ -421,11 +428,7 @@ def test_a_preempt_channel_protocol_error_still_tells_the_source(serve_dest):
     """A malformed record on the preempt channel ends the migration (exit 3, no pause: it is not a broken
     link), and the source still reads SHUT 1 on the main connection, so it does not try to resume."""
     n = 16
-    sd, block, data = own_memory(serve_dest, n)
-    src = Source(sd.port, block, data)
-    src.start(preempt=1)
-    src.send(codec.Ping(1))
-    src.read_until(has(codec.Pong), "PONG")
+    sd, block, data, src = running_with_preempt(serve_dest, n)
     pre = socket.create_connection(("127.0.0.1", sd.port), timeout=PROC_TIMEOUT)
     pre.sendall(codec.encode(codec.Header()) + codec.encode(codec.PreemptChannel(MID)) + b"\x02" +
                 (PAGE | 0x40 | 0x08).to_bytes(8, "big"))   # unknown flag 0x40
