@@ -32,7 +32,6 @@ from ..sched import make_latency_thread
 from .channel import StreamReceiver
 from .faults import FaultThread
 from .phase import DestPhase
-from ..codec.states import PostcopyState
 from .stats import dest_stats
 from ..uffd import RegisterMode, UffdError, Userfaultfd, check_native, native_error
 
@@ -368,8 +367,7 @@ class Destination:
         """A broken connection pauses the migration only from LISTEN on (the source may have sent RUN), with
         a migration id to resume by, with recovery on, and when nothing else ends it (a signal, the
         program's leaving)."""
-        return (self.recover_timeout > 0 and self.phase.state in (PostcopyState.LISTENING, PostcopyState.RUNNING,
-                                                                  PostcopyState.PAUSED) and
+        return (self.recover_timeout > 0 and self.phase.can_pause and
                 self.migration is not None and self.migration.id != codec.NO_MIGRATION_ID.id and
                 self._stop_error is None and not self._program_gone and not self._closed)
 

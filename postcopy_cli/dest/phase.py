@@ -29,7 +29,7 @@ import time
 from typing import Callable, Protocol
 
 from .._native import lib
-from ..codec.states import PostcopyState, transition
+from ..codec.states import TRANSITIONS, PostcopyState, transition
 
 #: PostcopyState -> enum pc_dest_phase (native/dest.h)
 NATIVE_PHASE = {
@@ -167,6 +167,11 @@ class DestPhase:
     def paused(self) -> bool:
         """Post-copy recovery: waiting for the source to resume on a new connection."""
         return self.state is PostcopyState.PAUSED
+
+    @property
+    def can_pause(self) -> bool:
+        """A broken channel may pause the migration here (the table's PAUSE event: from LISTEN on)."""
+        return "PAUSE" in TRANSITIONS[self.state]
 
     def recovery_figures(self) -> dict:
         """postcopy-recoveries, postcopy-paused-ms (all pauses, the current one so far) and
