@@ -12,6 +12,7 @@ from .. import codec
 from .._native import ffi, lib
 from ..errors import PeerDisconnected, PeerTimeout, ProtocolError
 from ..uffd import native_error
+from ..channels.tls import buffered
 
 TP = codec.TARGET_PAGE_SIZE
 RECV_CHUNK = 1 << 20
@@ -168,6 +169,8 @@ class StreamReceiver:
     def _wait_readable(self, conn: socket.socket) -> None:
         """Wait for the source's bytes (socket.timeout after the socket's timeout); a wake on the way means
         the program left."""
+        if buffered(conn):
+            return
         poller = select.poll()
         poller.register(conn.fileno(), select.POLLIN)
         poller.register(self.wake_fd, select.POLLIN)

@@ -1,6 +1,7 @@
 /* The destination's RAM-section fast path: the bulk of a section, runs of
  * PAGE|CONTINUE and ZERO|CONTINUE records (layouts in wire.h). */
 #include "dest_pump.h"
+#include "io.h"
 #include "pagesize.h"
 #include "wire.h"
 #include <poll.h>
@@ -107,10 +108,11 @@ int pc_dest_pump(struct pc_dest *d, int fd, int wake_fd, int block, uint8_t *buf
             *start = 0;
         }
         struct pollfd p[2] = { { fd, POLLIN, 0 }, { wake_fd, POLLIN, 0 } };
-        int pr = poll(p, 2, timeout_ms);
+        /* (bytes a TLS connection holds already are not seen by poll) */
+        int pr = poll(p, 2, pc_rx_buffered(fd) ? 0 : timeout_ms);
         if (pr < 0 && errno == EINTR)
             continue;
-        if (pr == 0) {
+        if (pr == 0 && !pc_rx_buffered(fd)) {
             memset(out, 0, sizeof *out);
             r = -ETIMEDOUT;
             break;
@@ -120,7 +122,7 @@ int pc_dest_pump(struct pc_dest *d, int fd, int wake_fd, int block, uint8_t *buf
             r = PC_PUMP_WAKE;
             break;
         }
-        ssize_t n = recv(fd, buf + *end, cap - *end, 0);
+        ssize_t n = pc_recv(fd, buf + *end, cap - *end, 0);
         if (n < 0) {
             if (errno == EINTR || errno == EAGAIN)
                 continue;

@@ -1,5 +1,6 @@
 #include "compat.h"
 #include "io.h"
+#include "tls_record.h"
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -21,7 +22,7 @@ static int write_failed(int fd)
     return -errno;
 }
 
-int pc_send_all(int fd, const uint8_t *buf, size_t len)
+int pc_raw_send_all(int fd, const uint8_t *buf, size_t len)
 {
     while (len) {
         ssize_t w = send(fd, buf, len, MSG_NOSIGNAL);
@@ -37,7 +38,7 @@ int pc_send_all(int fd, const uint8_t *buf, size_t len)
     return 0;
 }
 
-int64_t pc_writev_all(int fd, struct iovec *iov, int n)
+static int64_t raw_writev_all(int fd, struct iovec *iov, int n)
 {
     int64_t total = 0;
     while (n > 0) {
@@ -60,4 +61,48 @@ int64_t pc_writev_all(int fd, struct iovec *iov, int n)
         }
     }
     return total;
+}
+
+int pc_send_all(int fd, const uint8_t *buf, size_t len)
+{
+    struct pc_tls_rec *t = pc_tls_rec_get(fd);
+    if (!t)
+        return pc_raw_send_all(fd, buf, len);
+    int r = pc_tls_rec_send(t, buf, len);
+    pc_tls_rec_put(t);
+    return r;
+}
+
+int64_t pc_writev_all(int fd, struct iovec *iov, int n)
+{
+    struct pc_tls_rec *t = pc_tls_rec_get(fd);
+    if (!t)
+        return raw_writev_all(fd, iov, n);
+    int64_t r = pc_tls_rec_writev(t, iov, n);
+    pc_tls_rec_put(t);
+    return r;
+}
+
+ssize_t pc_recv(int fd, void *buf, size_t len, int flags)
+{
+    struct pc_tls_rec *t = pc_tls_rec_get(fd);
+    if (!t)
+        return recv(fd, buf, len, flags);
+    int64_t r = pc_tls_rec_recv(t, buf, len, 0);
+    pc_tls_rec_put(t);
+    if (r < 0) {
+        errno = (int)-r;
+        return -1;
+    }
+    return (ssize_t)r;
+}
+
+int pc_rx_buffered(int fd)
+{
+    struct pc_tls_rec *t = pc_tls_rec_get(fd);
+    if (!t)
+        return 0;
+    int b = pc_tls_rec_buffered(t);
+    pc_tls_rec_put(t);
+    return b;
 }

@@ -198,7 +198,7 @@ int pc_src_serve(struct pc_src *s)
         if (r)
             return r;
         struct pollfd p[2] = { { s->rp_fd, POLLIN, 0 }, { s->quit_fd, POLLIN, 0 } };
-        if (poll(p, 2, -1) < 0) {
+        if (poll(p, 2, pc_rx_buffered(s->rp_fd) ? 0 : -1) < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
@@ -207,7 +207,7 @@ int pc_src_serve(struct pc_src *s)
             return PC_SERVE_QUIT;
         if (s->rlen == sizeof s->rbuf)
             return PC_SERVE_CODEC;   /* a message longer than any request */
-        ssize_t n = recv(s->rp_fd, s->rbuf + s->rlen, sizeof s->rbuf - s->rlen, MSG_DONTWAIT);
+        ssize_t n = pc_recv(s->rp_fd, s->rbuf + s->rlen, sizeof s->rbuf - s->rlen, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR || errno == EAGAIN)
                 continue;

@@ -1,6 +1,7 @@
 #include "compat.h"
 #include "io.h"
 #include "tls.h"
+#include "tls_record.h"
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -37,14 +38,23 @@ static void openssl_reason(char *err, size_t len, const char *what)
     ERR_clear_error();
 }
 
-static int ticket_index = -1;
-static pthread_once_t ticket_once = PTHREAD_ONCE_INIT;
+/* what one handshake learns, through its callbacks */
+struct handshake {
+    int ticket;                 /* a session ticket came (TLS 1.3 client) */
+    int rx_app, tx_app;         /* that direction's Finished went by: records are under traffic keys */
+    int have_rx, have_tx;
+    int server;
+    struct pc_tls_keys keys;
+};
 
-static void ticket_index_init(void)
+static int hs_index = -1;
+static pthread_once_t hs_once = PTHREAD_ONCE_INIT;
+
+static void hs_index_init(void)
 {
     /* no cleanup at exit: relay threads may still be running then */
     OPENSSL_init_ssl(OPENSSL_INIT_NO_ATEXIT, NULL);
-    ticket_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+    hs_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
 }
 
 /* TLS 1.3: the server sends its session tickets only once it has accepted
@@ -52,10 +62,71 @@ static void ticket_index_init(void)
 static int on_ticket(SSL *ssl, SSL_SESSION *sess)
 {
     (void)sess;
-    int *seen = SSL_get_ex_data(ssl, ticket_index);
-    if (seen)
-        *seen = 1;
+    struct handshake *h = SSL_get_ex_data(ssl, hs_index);
+    if (h)
+        h->ticket = 1;
     return 0;   /* not kept */
+}
+
+/* Records sealed and opened under the traffic keys during the handshake
+ * (tickets) are counted: the record layer (tls_record.c) goes on from
+ * those sequence numbers. A direction switches to its traffic keys right
+ * after its Finished message (RFC 8446 7.2). */
+static void on_message(int write_p, int version, int type, const void *buf, size_t len, SSL *ssl, void *arg)
+{
+    (void)version, (void)arg;
+    struct handshake *h = SSL_get_ex_data(ssl, hs_index);
+    if (!h)
+        return;
+    if (type == SSL3_RT_HEADER) {
+        if (write_p && h->tx_app)
+            h->keys.tx_seq++;
+        else if (!write_p && h->rx_app)
+            h->keys.rx_seq++;
+    } else if (type == SSL3_RT_HANDSHAKE && len >= 1 && ((const uint8_t *)buf)[0] == SSL3_MT_FINISHED) {
+        if (write_p)
+            h->tx_app = 1;
+        else
+            h->rx_app = 1;
+    }
+}
+
+static int unhex(const char *s, uint8_t *out, size_t max)
+{
+    size_t n = 0;
+    while (s[0] && s[1] && n < max) {
+        unsigned v;
+        if (sscanf(s, "%2x", &v) != 1)
+            return -1;
+        out[n++] = (uint8_t)v;
+        s += 2;
+    }
+    return (int)n;
+}
+
+/* The traffic secrets, from OpenSSL's key log lines (NSS key log format:
+ * label, client random, secret; the labels of RFC 8446 7.1) */
+static void on_keylog(const SSL *ssl, const char *line)
+{
+    struct handshake *h = SSL_get_ex_data(ssl, hs_index);
+    if (!h)
+        return;
+    int client = !strncmp(line, "CLIENT_TRAFFIC_SECRET_0 ", 24);
+    if (!client && strncmp(line, "SERVER_TRAFFIC_SECRET_0 ", 24))
+        return;
+    const char *sp = strchr(line + 24, ' ');
+    if (!sp)
+        return;
+    int ours = client != h->server;   /* the client writes with the client's secret */
+    uint8_t *dst = ours ? h->keys.tx_secret : h->keys.rx_secret;
+    int n = unhex(sp + 1, dst, sizeof h->keys.tx_secret);
+    if (n <= 0)
+        return;
+    h->keys.secret_len = (size_t)n;
+    if (ours)
+        h->have_tx = 1;
+    else
+        h->have_rx = 1;
 }
 
 const char *pc_tls_library(void)
@@ -65,7 +136,7 @@ const char *pc_tls_library(void)
 
 void *pc_tls_ctx_new(int server, const char *ca, const char *cert, const char *key, char *err, size_t errlen)
 {
-    pthread_once(&ticket_once, ticket_index_init);
+    pthread_once(&hs_once, hs_index_init);
     ERR_clear_error();
     SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
     if (!ctx) {
@@ -77,6 +148,10 @@ void *pc_tls_ctx_new(int server, const char *ca, const char *cert, const char *k
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     /* both ends verify the peer (QEMU's verify-peer=on) */
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | (server ? SSL_VERIFY_FAIL_IF_NO_PEER_CERT : 0), NULL);
+    /* AES-GCM first: this CPU has AES-NI (the record layer takes all three) */
+    SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
+    SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE);
+    SSL_CTX_set_keylog_callback(ctx, on_keylog);
     if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1) {
         openssl_reason(err, errlen, ca);
         goto bad;
@@ -258,8 +333,11 @@ int pc_tls_start(void *vctx, int fd, int plain_fd, const char *host, int timeout
     SSL_CTX *ctx = vctx;
     int server = SSL_CTX_get_app_data(ctx) != NULL;
     uint64_t deadline = pc_now_ns() + (uint64_t)timeout_ms * 1000000ULL;
-    int ticket = 0;
+    struct handshake hs;
+    memset(&hs, 0, sizeof hs);
+    hs.server = server;
     BIO *inner = NULL;
+    int flags0 = fcntl(fd, F_GETFL);
     ERR_clear_error();
     struct relay *r = calloc(1, sizeof *r);
     if (!r)
@@ -272,7 +350,8 @@ int pc_tls_start(void *vctx, int fd, int plain_fd, const char *host, int timeout
     if (!r->in || !r->out || !r->ssl || BIO_new_bio_pair(&inner, TLS_BIO_RING, &r->net, TLS_BIO_RING) != 1)
         goto nomem;
     SSL_set_bio(r->ssl, inner, inner);
-    SSL_set_ex_data(r->ssl, ticket_index, &ticket);
+    SSL_set_ex_data(r->ssl, hs_index, &hs);
+    SSL_set_msg_callback(r->ssl, on_message);
     if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0 ||
         fcntl(plain_fd, F_SETFL, fcntl(plain_fd, F_GETFL) | O_NONBLOCK) < 0) {
         fail(err, errlen, "cannot make the sockets non-blocking: %s", strerror(errno));
@@ -335,7 +414,7 @@ int pc_tls_start(void *vctx, int fd, int plain_fd, const char *host, int timeout
     }
     if (!server && SSL_version(r->ssl) == TLS1_3_VERSION) {
         /* wait for a ticket (accepted) or an alert (refused) */
-        while (!ticket) {
+        while (!hs.ticket) {
             uint8_t c;
             int ret = SSL_peek(r->ssl, &c, 1);
             if (ret > 0)
@@ -345,17 +424,51 @@ int pc_tls_start(void *vctx, int fd, int plain_fd, const char *host, int timeout
                 handshake_reason(r->ssl, err, errlen);
                 goto bad;
             }
-            if (ticket)
+            if (hs.ticket)
                 break;
             if (handshake_io(r, deadline, err, errlen) < 0)
                 goto bad;
         }
     }
-    if (net_write(r) < 0) {
-        fail(err, errlen, "%s", "the connection failed after the TLS handshake");
-        goto bad;
+    while (BIO_ctrl_pending(r->net) > 0) {
+        if (net_write(r) < 0) {
+            fail(err, errlen, "%s", "the connection failed after the TLS handshake");
+            goto bad;
+        }
+        if (BIO_ctrl_pending(r->net) > 0 && wait_fd(fd, POLLOUT, (int)ms_left(deadline)) <= 0) {
+            fail(err, errlen, "%s", "no TLS handshake within the timeout");
+            goto bad;
+        }
     }
-    SSL_set_ex_data(r->ssl, ticket_index, NULL);
+    SSL_set_ex_data(r->ssl, hs_index, NULL);
+    SSL_set_msg_callback(r->ssl, NULL);
+    if (SSL_version(r->ssl) == TLS1_3_VERSION && hs.have_rx && hs.have_tx && !SSL_has_pending(r->ssl)) {
+        /* the native threads seal and open the records themselves from here
+         * (tls_record.c), with the ciphertext OpenSSL has not read yet */
+        hs.keys.suite = (uint16_t)SSL_CIPHER_get_protocol_id(SSL_get_current_cipher(r->ssl));
+        uint8_t *pre = malloc(TLS_BIO_RING);
+        int n = 0;
+        if (pre) {
+            BIO *rb = SSL_get_rbio(r->ssl);
+            int m;
+            while (n < TLS_BIO_RING && (m = BIO_read(rb, pre + n, TLS_BIO_RING - n)) > 0)
+                n += m;
+        }
+        int rc = pre ? pc_tls_rec_attach(fd, &hs.keys, pre, (size_t)n) : -ENOMEM;
+        free(pre);
+        OPENSSL_cleanse(&hs.keys, sizeof hs.keys);
+        if (rc == 0) {
+            fcntl(fd, F_SETFL, flags0);
+            relay_free(r);
+            ERR_clear_error();
+            return 1;
+        }
+        if (n > 0) {
+            fail(err, errlen, "cannot take over the TLS connection: %s", strerror(-rc));
+            goto bad;
+        }
+    }
+    OPENSSL_cleanse(&hs.keys, sizeof hs.keys);
     pthread_t t;
     pthread_attr_t attr;
     pthread_attr_init(&attr);

@@ -24,6 +24,7 @@ from ..sched import make_latency_thread
 from ..uffd import native_error
 from .bandwidth import BandwidthCap
 from .pages import PageBook
+from ..channels.tls import buffered
 
 
 class RequestServer:
@@ -131,7 +132,7 @@ class RequestServer:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         poller.register(self._quit_fd, select.POLLIN)
-        while True:
+        while not buffered(self.conn):
             ready = dict(poller.poll())
             if self._quit_fd in ready:
                 return False

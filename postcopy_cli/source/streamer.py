@@ -31,6 +31,7 @@ from .pages import PageBook
 from .recovery import BACKOFF_FIRST, BACKOFF_MAX, Recovery
 from .requests import RequestServer
 from ..uffd import native_error
+from ..channels.tls import buffered
 
 log = logging.getLogger("postcopy.source")
 
@@ -315,8 +316,9 @@ class PageStreamer:
         timeout = (1.0 if not book.remaining else (wait_bw or 1.0)) if serve_requests else (wait_bw or 0.2)
         if until is not None:
             timeout = max(0.0, min(timeout, until - time.monotonic()))
-        events = self._poller.poll(int(timeout * 1000) + (1 if timeout else 0))
-        got = 0
+        pending = serve_requests and buffered(self.conn)
+        events = self._poller.poll(0 if pending else int(timeout * 1000) + (1 if timeout else 0))
+        got = select.POLLIN if pending else 0
         for _, ev in events:
             got |= ev
         now = time.monotonic()
@@ -586,7 +588,7 @@ class PageStreamer:
                     raise ProtocolError(f"{type(ev).__name__} where {len(bitmaps)} of {len(self.blocks)} "
                                         f"RECV_BITMAP and then RESUME_ACK were due", section="return path",
                                         offset=decoder.offset)
-            if not poller.poll(int(self.timeout * 1000)):
+            if not buffered(conn) and not poller.poll(int(self.timeout * 1000)):
                 raise PeerTimeout(f"no answer to the resume within {self.timeout:g} s")
             try:
                 data = conn.recv(1 << 20)
@@ -621,7 +623,7 @@ class PageStreamer:
         deadline = time.monotonic() + grace
         while self.shut is None:
             left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+            if left <= 0 or not (buffered(self.conn) or poller.poll(int(left * 1000) + 1)):
                 return
             try:
                 data = self.conn.recv(65536, socket.MSG_DONTWAIT)
