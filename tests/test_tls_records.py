@@ -162,51 +162,37 @@ def test_records_arriving_one_byte_at_a_time(creds):
         server.close()
 
 
-def _corrupt_after(n: int, *, replace: bytes | None = None):
-    """A carrier that flips one byte at client->server offset ``n`` (or puts ``replace`` there)."""
-    def carry(a: socket.socket, b: socket.socket) -> None:
+class Corrupter:
+    """A carrier that, once armed (after both handshakes, so everything after is records of
+    application data), flips the byte at client->server offset ``at`` of what follows, or puts
+    ``replace`` there."""
+
+    def __init__(self, at: int, replace: bytes | None = None):
+        self.at, self.replace = at, replace
+        self.armed = threading.Event()
+
+    def __call__(self, a: socket.socket, b: socket.socket) -> None:
         def back():
             while (d := b.recv(65536)):
                 a.sendall(d)
         threading.Thread(target=back, daemon=True).start()
         pos = 0
         while (d := bytearray(a.recv(65536))):
-            if pos <= n < pos + len(d):
-                if replace is None:
-                    d[n - pos] ^= 0x40
-                else:
-                    d[n - pos:] = replace
-            pos += len(d)
+            if self.armed.is_set():
+                if pos <= self.at < pos + len(d):
+                    if self.replace is None:
+                        d[self.at - pos] ^= 0x40
+                    else:
+                        d[self.at - pos:] = self.replace
+                pos += len(d)
             b.sendall(d)
-    return carry
-
-
-def _handshake_bytes(creds) -> int:
-    """How many bytes the client sends in its handshake (to aim at the first record after it)."""
-    counted = {}
-
-    def carry(a, b):
-        def back():
-            while (d := b.recv(65536)):
-                a.sendall(d)
-        threading.Thread(target=back, daemon=True).start()
-        total = 0
-        while (d := a.recv(65536)):
-            total += len(d)
-            counted["n"] = total
-            b.sendall(d)
-    client, server = _pair(creds, through=carry)
-    time.sleep(0.2)
-    n = counted["n"]
-    client.close()
-    server.close()
-    return n
 
 
 def test_a_tampered_record_is_refused_with_its_reason(creds):
-    hs = _handshake_bytes(creds)
-    client, server = _pair(creds, through=_corrupt_after(hs + 20))
+    carrier = Corrupter(20)
+    client, server = _pair(creds, through=carrier)
     try:
+        carrier.armed.set()
         client.sendall(b"x" * 1000)
         server.settimeout(PROC_TIMEOUT)
         with pytest.raises(OSError) as e:
@@ -221,9 +207,10 @@ def test_a_tampered_record_is_refused_with_its_reason(creds):
 
 
 def test_a_record_longer_than_any_peer_may_send_is_refused(creds):
-    hs = _handshake_bytes(creds)
-    client, server = _pair(creds, through=_corrupt_after(hs, replace=b"\x17\x03\x03\xff\xff" + b"\0" * 100))
+    carrier = Corrupter(0, replace=b"\x17\x03\x03\xff\xff" + b"\0" * 100)
+    client, server = _pair(creds, through=carrier)
     try:
+        carrier.armed.set()
         client.sendall(b"y" * 50)
         server.settimeout(PROC_TIMEOUT)
         with pytest.raises(OSError) as e:
