@@ -21,7 +21,7 @@ import pytest
 
 from conftest import PROC_TIMEOUT, postcopy_cmd, run_postcopy, write_image
 from postcopy_cli.selftest.harness import kill_and_reap
-from postcopy_cli._native import lib
+from postcopy_cli._native import ffi, lib
 from postcopy_cli.dest.engine import ProgramGone
 from postcopy_cli.dest.serve import ServeDest, ServeOptions
 
@@ -196,3 +196,32 @@ def test_restore_end_race_loop_with_cpu_hogs(tmp_path, channels):
             h.kill()
             h.wait()
     assert not failures, f"{len(failures)} of 50 runs failed: {failures[:5]}"
+
+
+def test_page_placed_by_another_channel_between_its_check_and_its_run(tmp_path):
+    """Deterministic (a test hook): between reading a page's received bit and placing the run it
+    starts, "another channel" places that page. The run used to be measured from the re-read bit, came
+    out empty, and a zero-length UFFDIO_COPY is EINVAL: the migration failed with "placing pages ...:
+    Invalid argument" (seen in live migrations, where a page comes on both channels). Now the page is
+    found present (EEXIST), skipped, and the rest of the run placed; every byte right."""
+    size = 256 * KiB
+    image = tmp_path / "mem.img"
+    write_image(image, size, seed=9, zero_runs=((5, 3),))
+    serve = _InProcessServe(tmp_path)
+    toucher = _toucher(serve.uffd_sock, image, size, order="random", seed=3)
+    try:
+        dest = serve.destination()
+        lib.pc_dest_set_test_place_race(dest.native)
+        mig = run_postcopy("migrate", "--to", serve.address, "--image", str(image), "--json")
+        t_rc, t_out, t_err = _finish(toucher)
+    finally:
+        kill_and_reap(toucher)
+    serve.join()
+    assert serve.error is None, f"serve-dest failed: {serve.error!r}"
+    assert serve.result.complete
+    raw = ffi.new("struct pc_dest_stats *")
+    lib.pc_dest_get_stats(dest.native, raw)
+    assert raw.skipped_pages >= 1, "the hook never ran"
+    assert mig.returncode == 0, mig.stderr
+    assert t_rc == 0, t_err
+    assert json.loads(t_out)["mismatches"] == 0

@@ -95,6 +95,7 @@ int pc_dest_add_segment(struct pc_dest *d, int block, uint64_t offset, uint64_t 
 void pc_dest_set_quit_fd(struct pc_dest *d, int quit_fd) { d->quit_fd = quit_fd; }
 void pc_dest_set_discarding(struct pc_dest *d, int discarding) { __atomic_store_n(&d->discarding, discarding, __ATOMIC_RELEASE); }
 void pc_dest_set_test_place_delay(struct pc_dest *d, uint64_t ns) { __atomic_store_n(&d->test_place_delay_ns, ns, __ATOMIC_RELAXED); }
+void pc_dest_set_test_place_race(struct pc_dest *d) { __atomic_store_n(&d->test_race_once, 1, __ATOMIC_RELAXED); }
 
 /* ---- return path ---- */
 int pc_dest_rp_send(struct pc_dest *d, const uint8_t *buf, size_t len)

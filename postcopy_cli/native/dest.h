@@ -89,6 +89,8 @@ struct pc_dest {
     int registered;             /* 0: own memory before LISTENING, not registered yet -> plain memcpy */
     int discarding;             /* the program is dropping discarded ranges itself */
     uint64_t test_place_delay_ns; /* tests only: pause between placing pages and accounting for them */
+    int test_race_once;           /* tests only: the next run's first page is placed by "another channel" between
+                                   * reading its bit and placing the run */
     /* --record-workset (under state_lock): first requests, in order; recording stops if it cannot grow */
     int ws_recording;
     int ws_truncated;
@@ -104,6 +106,7 @@ int pc_dest_set_phase(struct pc_dest *d, int phase);
 void pc_dest_set_quit_fd(struct pc_dest *d, int quit_fd);
 void pc_dest_set_discarding(struct pc_dest *d, int discarding);
 void pc_dest_set_test_place_delay(struct pc_dest *d, uint64_t ns);
+void pc_dest_set_test_place_race(struct pc_dest *d);
 void pc_dest_set_return_path(struct pc_dest *d, int rp_fd);
 int pc_dest_rp_send(struct pc_dest *d, const uint8_t *buf, size_t len);
 int pc_dest_fault_loop(struct pc_dest *d);

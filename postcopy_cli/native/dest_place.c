@@ -2,7 +2,6 @@
  * UFFDIO_ZEROPAGE, or plain writes before registration and before RUN) and
  * the page bitmaps that record them. */
 #include "dest_internal.h"
-#include <sched.h>
 #include "io.h"
 #include <stdlib.h>
 #include <sys/uio.h>
@@ -114,7 +113,6 @@ static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t
 {
     uint64_t page_size = d->blocks[block].page_size;
     uint64_t done = 0;
-    int einval = 0;
     while (done < len) {
         int64_t placed;
         int rc = place_nowake(d, addr + done, src ? src + done : NULL, len - done, &placed);
@@ -129,13 +127,6 @@ static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t
         }
         if (err == EAGAIN || err == EINTR)
             continue;
-        /* EINVAL was seen (rarely, under load, live migrations) from a placement whose
-         * arguments are valid; its cause is not known: it is retried a few times before
-         * the migration fails, as a transient mapping change would be */
-        if (err == EINVAL && ++einval < 64) {
-            sched_yield();
-            continue;
-        }
         if (err != EEXIST)
             return -err;
         /* some page of the run is present: go page by page from here */
@@ -181,10 +172,6 @@ static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, 
     }
     int r = place_run_nowake(d, block, off, addr, src, len);
     int w = wake_range(d, addr, len);
-    for (int i = 0; w == -EINVAL && i < 64; i++) {   /* (as above) */
-        sched_yield();
-        w = wake_range(d, addr, len);
-    }
     return r ? r : w;
 }
 
@@ -212,15 +199,24 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
             continue;
         }
         /* a run of pages all missing, or (before RUN) all present */
-        uint64_t room, run = 0;
+        uint64_t room;
         uint64_t addr = host_addr(d, block, o, &room);
-        while (o + run < end && run < room && bit_test(b->received, (o + run) >> TP_SHIFT) == have)
-            run += b->page_size;
         if (!addr) {   /* a hole no region maps: nothing to place */
             account(d, block, o, b->page_size, 0, 0);
             o += b->page_size;
             continue;
         }
+        if (__atomic_load_n(&d->test_race_once, __ATOMIC_RELAXED) &&
+            __atomic_exchange_n(&d->test_race_once, 0, __ATOMIC_RELAXED))
+            place(d, block, o, data ? data + (o - offset) : NULL, b->page_size);   /* "the other channel" */
+        /* The run starts with page o as `have` says, even if another channel
+         * placed it since (UFFDIO_COPY then says EEXIST, handled page by
+         * page): re-reading its bit here could end the run before it began,
+         * and a zero-length UFFDIO_COPY is EINVAL (validate_range,
+         * fs/userfaultfd.c). */
+        uint64_t run = b->page_size;
+        while (o + run < end && run < room && bit_test(b->received, (o + run) >> TP_SHIFT) == have)
+            run += b->page_size;
         const uint8_t *src = data ? data + (o - offset) : NULL;
         int r;
         if (have) {
