@@ -65,7 +65,7 @@ class ImageRestore:
         """A failure inside names what every process said (their stderr), for the record."""
         try:
             yield
-        except AssertionError as e:
+        except (AssertionError, subprocess.TimeoutExpired) as e:
             logs = []
             for name, p in [("serve-dest", self.dest.proc), ("workload touch", self.touch),
                             *[("migrate", m) for m in self.migrates]]:
@@ -76,6 +76,7 @@ class ImageRestore:
                 except ValueError:   # read already
                     err = "(read)"
                 logs.append(f"--- {name} (rc {p.returncode}):\n{err[-3000:]}")
+            logs.append(f"--- proxy: {self.proxy.connections()}")
             raise AssertionError(f"{e}\n" + "\n".join(logs)) from None
 
     def close(self):
@@ -186,6 +187,36 @@ def test_cut_during_the_resume_handshake(restore):
         # the destination may have sent RESUME_ACK before the cut reached it: then it ran again, and paused
         # again, once more than the source (which never got the ACK)
         assert mstats["postcopy-recoveries"] == 1 and dstats["postcopy-recoveries"] in (1, 2), (mstats, dstats)
+
+
+def test_shut_held_by_the_link_then_lost(tmp_path):
+    """Every page is in and serve-dest sent SHUT 0, but the link holds it (stalled past a second) and then
+    breaks: the source never read it.  serve-dest must not take the silence for delivery and leave (the
+    source would retry a gone destination until its --recover-timeout): it stays until the source resumes
+    and tells it SHUT 0 again; both exit 0."""
+    runs = []
+    for name in ("whole", "broken"):
+        (tmp_path / name).mkdir()
+        runs.append(ImageRestore(tmp_path / name, 8 * MiB))
+    try:
+        whole, r = runs
+        with whole.explained():
+            whole.finish(whole.migrate("--single-channel"))
+        stream = whole.proxy.connections("main")[0].bytes["c2s"]   # the same image: the same stream
+        with r.explained():
+            mig = r.migrate("--single-channel")
+            # the whole stream (pages, EOF) has gone to serve-dest: its SHUT 0 is what comes back next
+            r.proxy.wait_bytes("main", "c2s", stream, timeout=PROC_TIMEOUT)
+            r.proxy.stall()
+            time.sleep(2.0)
+            r.proxy.cut()
+            r.proxy.unstall()
+            mstats, dstats = r.finish(mig)
+        assert mstats["postcopy-recoveries"] == 1, mstats
+        assert dstats["pages"]["received"] == dstats["pages"]["total"]
+    finally:
+        for run in runs:
+            run.close()
 
 
 def test_foreign_source_with_a_wrong_id_is_refused(restore):

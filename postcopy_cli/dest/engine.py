@@ -693,22 +693,21 @@ class Destination:
         return DestinationResult(self.stats(), self.state_bytes, True)
 
     def _await_source_close(self) -> bool:
-        """After SHUT 0: False if the connection breaks (a reset) before the source closes it: SHUT may have
-        gone down with it, and the source would try to resume.  A source closes right after SHUT; one that
-        keeps the connection open a second longer has it still, and SHUT with it."""
+        """After SHUT 0: True once the source has closed the connection (its EOF: a source closes right after
+        it read SHUT).  False if the connection breaks (a reset) or stays open and silent for --timeout:
+        SHUT may be lost with it (a link can hold it unsent and then break), and the source would come back
+        to resume (shut_maybe_lost)."""
         conn = self._conn
-        deadline = time.monotonic() + min(self.timeout, 1.0)
+        deadline = time.monotonic() + self.timeout
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return True
+                    return False
                 conn.settimeout(left)
                 if not conn.recv(65536):
                     return True
-        except socket.timeout:
-            return True
-        except OSError:
+        except OSError:   # socket.timeout too
             return False
 
     @property

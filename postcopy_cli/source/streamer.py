@@ -396,6 +396,8 @@ class PageStreamer:
                 break
             except (PeerDisconnected, OSError) as e:
                 e = self.refusal(e)
+                if self.shut == 0:
+                    break   # SHUT 0 was read after the break: every page is in, nothing to resume
                 if not self._recoverable(e):
                     raise e from None
                 failure = e
