@@ -12,7 +12,7 @@
 Credentials come from ``postcopy tls-creds create`` (QEMU makes its own with certtool/openssl).
 Prints the table of the issue with the goals' ratios, then one JSON line.
 
-usage: tls_bench.py [--size 1G] [--runs 3] [--live-runs 1] [--no-qemu] [--no-live] [--anchors DIR]
+usage: tls_bench.py [--size 1G] [--runs 3] [--warmup 1] [--live-runs 1] [--no-qemu] [--no-live] [--anchors DIR]
 """
 from __future__ import annotations
 
@@ -76,6 +76,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=parse_size, default=GiB)
     ap.add_argument("--runs", type=int, default=3, help="restores each way")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="uncounted plain restores first (the first restore of a run pays for cold page cache "
+                         "and allocator)")
     ap.add_argument("--live-runs", type=int, default=1, help="live migrations each way and side")
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--no-live", action="store_true")
@@ -98,6 +101,9 @@ def main():
             "tls": dict(base, serve_args=f"--tls-creds {creds}", migrate_args=f"--tls-creds {creds}")}
     restore: dict[str, list] = {"plain": [], "tls": []}
     try:
+        for i in range(args.warmup):
+            r = restore_figures(one_restore(types.SimpleNamespace(**ways["plain"]), img, 0), args.size)
+            print(f"  warm-up restore (not counted): {r}", flush=True)
         for i in range(1, args.runs + 1):
             for way, opts in ways.items():
                 if args.idle_wait:

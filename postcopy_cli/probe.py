@@ -406,15 +406,15 @@ def _check_thp() -> Check:
 
 
 def _check_tls() -> Check:
-    """--tls-creds: the TLS library the native relay is linked with, and that it makes both sides'
+    """--tls-creds: the TLS library the native layer is linked with, and that it makes both sides'
     contexts (TLS 1.2 minimum; kernel TLS is not used, see channels/tls.py)."""
     name = _tls_library()
     if name is None:
         return Check("tls", WARN, "no TLS in the native layer", "rebuild with libssl-dev installed")
     if not name.startswith("OpenSSL 3") and not name.startswith("OpenSSL 1.1"):
         return Check("tls", WARN, f"{name}: older than OpenSSL 1.1.1, no TLS 1.3", "upgrade OpenSSL")
-    return Check("tls", PASS, f"{name}: --tls-creds available (TLS 1.3, 1.2 minimum; a native relay thread "
-                              f"per connection)")
+    return Check("tls", PASS, f"{name}: --tls-creds available (TLS 1.3 records sealed in the native threads; "
+                              f"1.2 minimum, relayed)")
 
 
 def run_probe(target_page_size: int = TARGET_PAGE_SIZE) -> ProbeReport:

@@ -392,9 +392,9 @@ static int64_t open_record(struct pc_tls_rec *t, size_t clen, uint8_t *dst, uint
     return i;
 }
 
-int64_t pc_tls_rec_recv(struct pc_tls_rec *t, uint8_t *buf, size_t len, int peek)
+/* one piece of plaintext (of one record at most), rx_lock held */
+static int64_t recv_once(struct pc_tls_rec *t, uint8_t *buf, size_t len, int peek)
 {
-    pthread_mutex_lock(&t->rx_lock);
     int64_t r;
     for (;;) {
         if (t->p_off < t->p_len) {
@@ -485,6 +485,27 @@ int64_t pc_tls_rec_recv(struct pc_tls_rec *t, uint8_t *buf, size_t len, int peek
             continue;
         r = errno == EAGAIN || errno == EWOULDBLOCK ? -EAGAIN : -errno;
         break;
+    }
+    return r;
+}
+
+/* As recv(2) with MSG_DONTWAIT: the caller's buffer takes every whole record
+ * already readable, not one record (16 KiB at most) per call: a 1 MiB read of
+ * the page stream is one call, as on a plain socket.  An end or an error met
+ * after some bytes is reported by the next call (rx_end keeps it). */
+int64_t pc_tls_rec_recv(struct pc_tls_rec *t, uint8_t *buf, size_t len, int peek)
+{
+    pthread_mutex_lock(&t->rx_lock);
+    int64_t r = recv_once(t, buf, len, peek);
+    if (r > 0 && !peek) {
+        size_t done = (size_t)r;
+        while (done < len) {
+            int64_t more = recv_once(t, buf + done, len - done, 0);
+            if (more <= 0)
+                break;
+            done += (size_t)more;
+        }
+        r = (int64_t)done;
     }
     pthread_mutex_unlock(&t->rx_lock);
     return r;
