@@ -246,6 +246,28 @@ def test_incoming_continues_from_state_page_and_reports(server):
 
 
 @needs_uffd
+def test_incoming_reports_progress_during_postcopy_and_after_complete(server):
+    """--report-after-complete: the report comes that long after the complete event, with the program's
+    progress from RUN to complete and in the window after it (what qemu_compare.py sets beside QEMU's
+    guest)."""
+    size, passes, pos = 64 * PAGE, 3, 20 * PAGE
+    proc = _spawn("incoming", "--attach", server.path, "--mem", str(size), "--report-after-complete", "0.5")
+    server.accept()
+    server.serve(lambda i: guest.layout_page(i, size, passes, pos))
+    server.channel.send({"event": "run", "state": ""})
+    time.sleep(0.3)
+    server.channel.send({"event": "complete"})
+    code, out, err = _finish(proc)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["check"] == "ok"
+    post, after = report["progress"]["postcopy"], report["progress"]["after_complete"]
+    assert post["seconds"] >= 0.3 and after["seconds"] >= 0.5, report
+    assert after["pages_per_second"] > 0 and after["whole_passes"] > 0, report
+    assert report["seconds"] >= post["seconds"] + after["seconds"] - 0.01, report
+
+
+@needs_uffd
 def test_incoming_failed_event_exits_1(server):
     proc = _spawn("incoming", "--attach", server.path, "--mem", "64K")
     server.accept()

@@ -89,15 +89,19 @@ def run(mem: str, path: str, step: int, report_after: float | None, connect_time
 @_attach
 @_step
 @_report
+@click.option("--report-after-complete", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Report SECONDS after the migration is complete (instead of --report-after), with the "
+                   "progress from RUN to complete and in those SECONDS.")
 @_connect
 @common_options
-def incoming(mem: str, path: str, step: int, report_after: float | None, connect_timeout: float,
-             as_json: bool) -> None:
+def incoming(mem: str, path: str, step: int, report_after: float | None, report_after_complete: float | None,
+             connect_timeout: float, as_json: bool) -> None:
     """Hand empty memory to `postcopy serve-dest --uffd-socket`, wait for RUN, continue the loop."""
     from ..guest import programs as guest
 
     _finish(guest.run_incoming(_size(mem), path, step=step, report_after=report_after,
-                                connect_timeout=connect_timeout), as_json)
+                                connect_timeout=connect_timeout, report_after_complete=report_after_complete),
+            as_json)
 
 
 @workload.command("touch")

@@ -192,12 +192,56 @@ def _discard(ram: AnonymousMapping, msg: dict) -> None:
         madvise(ram.addr + start, length, MADV_DONTNEED)
 
 
-def _report(loop: NativeLoop, passes_before: int, seconds: float) -> dict:
+def _report(loop: NativeLoop, passes_before: int, seconds: float, windows: "ProgressWindows | None" = None) -> dict:
     passes_after = loop.pause()
     bad = loop.check()
-    return {"passes_before": passes_before, "passes_after": passes_after,
-            "passes_per_second": round(loop.passes_per_second(seconds), 3), "seconds": round(seconds, 3),
-            "check": "ok" if bad is None else "failed", "first_bad_page": bad}
+    out = {"passes_before": passes_before, "passes_after": passes_after,
+           "passes_per_second": round(loop.passes_per_second(seconds), 3), "seconds": round(seconds, 3),
+           "check": "ok" if bad is None else "failed", "first_bad_page": bad}
+    if windows is not None:
+        out["progress"] = windows.figures()
+    return out
+
+
+class ProgressWindows:
+    """The incoming program's progress in two windows a benchmark compares with QEMU's guest: from RUN
+    to the complete event (post-copy: its pages still arrive) and the ``after`` seconds that follow
+    (every page in).  Each is (seconds, pages touched per second, whole passes made in it)."""
+
+    def __init__(self, loop: NativeLoop, t_run: float, after: float = 1.0):
+        self.loop, self.after = loop, after
+        self.marks: dict[str, tuple[float, int, int | None]] = {"run": (t_run, 0, None)}   # (passes: the
+        # state page's count, known once the loop has read it)
+
+    def _mark(self, name: str, now: float) -> None:
+        self.marks.setdefault(name, (now, self.loop.steps, self.loop.passes))
+
+    def on_complete(self, now: float) -> None:
+        self._mark("complete", now)
+
+    def tick(self, now: float) -> None:
+        done = self.marks.get("complete")
+        if done is not None and now - done[0] >= self.after:
+            self._mark("after", now)
+
+    @property
+    def after_done(self) -> bool:
+        return "after" in self.marks
+
+    def figures(self) -> dict:
+        out = {}
+        per_pass = steps_per_pass(self.loop.size, self.loop.step)
+        for name, a, b in (("postcopy", "run", "complete"), ("after_complete", "complete", "after")):
+            if a in self.marks and b in self.marks:
+                (ta, sa, pa), (tb, sb, pb) = self.marks[a], self.marks[b]
+                if pa is None:
+                    pa = self.loop.start_passes
+                dt = tb - ta
+                out[name] = {"seconds": round(dt, 3),
+                             "pages_per_second": round((sb - sa) / dt, 1) if dt > 0 else None,
+                             "passes_per_second": round((sb - sa) / per_pass / dt, 3) if dt > 0 else None,
+                             "whole_passes": pb - pa}
+        return out
 
 
 def _note(text: str) -> None:
@@ -237,15 +281,20 @@ def run_source(size: int, path: str, *, step: int = TARGET_PAGE_SIZE, report_aft
 
 
 def run_incoming(size: int, path: str, *, step: int = TARGET_PAGE_SIZE, report_after: float | None = None,
-                 connect_timeout: float = 5.0) -> dict | None:
-    """``workload incoming``: hand memory over (MISSING), apply discards, wait for RUN, continue the loop."""
+                 connect_timeout: float = 5.0, report_after_complete: float | None = None) -> dict | None:
+    """``workload incoming``: hand memory over (MISSING), apply discards, wait for RUN, continue the loop.
+
+    ``report_after_complete``: report that many seconds after the complete event (instead of
+    ``report_after`` seconds after RUN), with the progress during post-copy and in those seconds."""
     ram = AnonymousMapping(size)
     reader = _reader(attach(path, ram, mode="incoming", connect_timeout=connect_timeout))
     _wait_run(reader, ram)
     t_run = time.monotonic()
     loop = NativeLoop(ram.addr, size, step, fresh=False).start()
     reader.answer = _PauseAnswer(reader, loop)
-    return _control(loop, reader, ram, report_after, t_run, None, source=False)
+    windows = ProgressWindows(loop, t_run, report_after_complete if report_after_complete is not None else 1.0)
+    return _control(loop, reader, ram, report_after, t_run, None, source=False, windows=windows,
+                    report_when_windows_done=report_after_complete is not None)
 
 
 def _wait_run(reader: ControlReader, ram: AnonymousMapping) -> None:
@@ -273,7 +322,8 @@ def _wait_run(reader: ControlReader, ram: AnonymousMapping) -> None:
 
 
 def _control(loop: NativeLoop, reader: ControlReader, ram: AnonymousMapping, report_after: float | None,
-             t0: float, passes_before: int | None, *, source: bool) -> dict | None:
+             t0: float, passes_before: int | None, *, source: bool, windows: ProgressWindows | None = None,
+             report_when_windows_done: bool = False) -> dict | None:
     migrated = complete = False
     pause_answer = reader.answer
 
@@ -292,12 +342,16 @@ def _control(loop: NativeLoop, reader: ControlReader, ram: AnonymousMapping, rep
                 if passes_before is None and loop.started:
                     passes_before = loop.start_passes
                 now = time.monotonic()
-                if deadline is not None and now >= deadline:
+                if windows is not None:
+                    windows.tick(now)
+                if (deadline is not None and now >= deadline) or (report_when_windows_done and windows.after_done):
                     if passes_before is None:
                         loop.wait_started(PAUSE_TIMEOUT)
                         passes_before = loop.start_passes
-                    return _report(loop, passes_before, now - t0)
+                    return _report(loop, passes_before, now - t0, windows)
                 wait = 0.2 if deadline is None else min(0.2, deadline - now)
+                if windows is not None and "complete" in windows.marks and not windows.after_done:
+                    wait = min(wait, max(0.0, windows.marks["complete"][0] + windows.after - now))
                 msg = _get(reader, wait)
                 if msg is None:
                     continue
@@ -321,6 +375,8 @@ def _control(loop: NativeLoop, reader: ControlReader, ram: AnonymousMapping, rep
                     _note(f"migration failed: {msg.get('reason', 'no reason given')}")
                 elif kind == "complete":
                     complete = True
+                    if windows is not None:
+                        windows.on_complete(time.monotonic())
                     log.info("migration complete: every page is in")
                 elif kind == "migrated" and source:
                     # the program now runs on the destination; this copy stays
