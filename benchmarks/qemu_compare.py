@@ -41,6 +41,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import restore_bench  # noqa: E402
 from restore_bench import NotListening, ForeignCPU, child_env, listening_port, use_rev, wait_idle, StatusSampler, add_anchors_option, find_anchor, end_children, postcopy_cmd, wait4  # noqa: E402
 
 GOAL_POSTCOPY_X = 0.8
@@ -223,8 +224,28 @@ def run_qemu(script: str, mem_mib: int, bw: int, precopy_s: float, timeout: floa
 
 # --------------------------------------------------------------------------- our side
 
+PERF_EVENTS = "task-clock,context-switches,cpu-migrations,raw_syscalls:sys_enter,page-faults"
+
+
+def read_perf_stat(path: str) -> dict:
+    """perf stat -x, output: {event: count}."""
+    out = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(",")
+                if len(parts) >= 3 and parts[0] and not line.startswith("#"):
+                    try:
+                        out[parts[2]] = float(parts[0])
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    return out
+
+
 def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_after: float, keep: bool, *,
-             tls_creds: str | None = None) -> dict:
+             tls_creds: str | None = None, perf_stat: bool = False) -> dict:
     pc = postcopy_cmd()
     work = tempfile.mkdtemp(prefix="pcqemu-")
     dst_sock, src_sock = os.path.join(work, "dst.sock"), os.path.join(work, "src.sock")
@@ -233,7 +254,9 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
     files: dict = {}
     mem = f"{mem_mib}M"
 
-    def spawn(name, argv):
+    def spawn(name, argv, perf=False):
+        if perf:
+            argv = ["perf", "stat", "-x,", "-o", os.path.join(work, name + ".perf"), "-e", PERF_EVENTS, "--"] + argv
         files[name] = (open(os.path.join(work, name + ".out"), "w+"), open(os.path.join(work, name + ".err"), "w+"))
         procs[name] = subprocess.Popen(argv, stdout=files[name][0], stderr=files[name][1], cwd=work, env=child_env())
         return procs[name]
@@ -251,7 +274,8 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
     fc = ForeignCPU()
     try:
         sd = spawn("serve-dest", pc + ["serve-dest", "--listen", "tcp:127.0.0.1:0", "--uffd-socket", dst_sock,
-                                       "--json", "--stats", stats_file, "--timeout", str(timeout)] + tls)
+                                       "--json", "--stats", stats_file, "--timeout", str(timeout)] + tls,
+                   perf=perf_stat)
         sampler = StatusSampler(sd.pid)
         sampler.start()
         try:
@@ -267,7 +291,7 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
             margv += ["--max-bandwidth", f"{bw}M"]
         margv += tls
         t0 = time.monotonic()
-        mg = spawn("migrate", margv)
+        mg = spawn("migrate", margv, perf=perf_stat)
         src = spawn("source", pc + ["workload", "run", "--mem", mem, "--attach", src_sock, "--connect-timeout", "20",
                                       "--warmup-passes", "1"])
         limit = timeout + 60
@@ -277,10 +301,7 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
         if rc_sd is None:
             return {"available": False, "error": f"serve-dest did not finish (timeout {limit:.0f} s, or a peer failed): "
                                                        f"{tail_errs()}"}
-        try:
-            rc_mg = mg.wait(30)
-        except subprocess.TimeoutExpired:
-            rc_mg = None
+        rc_mg, _ = wait4(mg, 30)
         try:
             rc_inc = inc.wait(report_after + 30)
         except subprocess.TimeoutExpired:
@@ -311,8 +332,23 @@ def run_ours(mem_mib: int, bw: int, precopy_s: float, timeout: float, report_aft
         pre_s = find_key(mg_out, "precopy_seconds", "precopy-time-s", "precopy_s")
         total_s = round(t_end - t0, 3)
         sent = find_key(mg_out, "bytes", "bytes_sent", "transferred")
+        profile = {}
+        for name, proc in (("serve-dest", sd), ("migrate", mg)):
+            ut, st = restore_bench.LAST_RUSAGE.get(proc.pid, (None, None))
+            prof = {"user_s": round(ut, 3) if ut is not None else None,
+                    "sys_s": round(st, 3) if st is not None else None}
+            if perf_stat:
+                ps = read_perf_stat(os.path.join(work, name + ".perf"))
+                mib = sent / 2 ** 20 if isinstance(sent, (int, float)) and sent else None
+                prof.update({"context_switches": ps.get("context-switches"), "cpu_migrations": ps.get("cpu-migrations"),
+                             "syscalls": ps.get("raw_syscalls:sys_enter"), "page_faults": ps.get("page-faults"),
+                             "syscalls_per_mib": round(ps["raw_syscalls:sys_enter"] / mib, 1)
+                             if mib and ps.get("raw_syscalls:sys_enter") else None,
+                             "context_switches_per_request": round(ps["context-switches"] / req, 2)
+                             if req and ps.get("context-switches") else None})
+            profile[name] = prof
         return {
-            "available": True, "exits": exits, "cpu": fc.result(), "raw": {"serve_dest": sd_stats, "migrate": mg_out, "incoming": inc_out},
+            "available": True, "exits": exits, "cpu": fc.result(), "profile": profile, "raw": {"serve_dest": sd_stats, "migrate": mg_out, "incoming": inc_out},
             "total_s": total_s,
             "total_note": "wall: migrate start (incl. its startup and the source's hand-over) to serve-dest exit",
             "precopy_s": pre_s if pre_s is not None else precopy_s,
@@ -456,6 +492,9 @@ def main():
     ap.add_argument("--skip-qemu", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--keep-work", action="store_true")
+    ap.add_argument("--perf-stat", action="store_true",
+                    help="run our serve-dest and migrate under perf stat: context switches, CPU migrations, "
+                         "syscalls (per MiB sent, per request)")
     add_anchors_option(ap)
     args = ap.parse_args()
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -497,8 +536,11 @@ def main():
                 if args.idle_wait:
                     wait_idle(args.idle_wait, lambda *a: print(*a, flush=True))
                 print(f"[{name}] ours run {i + 1}/{args.runs} ...", flush=True)
-                o = run_ours(args.mem_mib, bw, args.precopy_s, args.timeout, args.report_after, args.keep_work)
+                o = run_ours(args.mem_mib, bw, args.precopy_s, args.timeout, args.report_after, args.keep_work,
+                             perf_stat=args.perf_stat)
                 oruns.append(o)
+                for pname, prof in (o.get("profile") or {}).items():
+                    print(f"     {pname:10s} " + "  ".join(f"{k} {v}" for k, v in prof.items()), flush=True)
                 print(f"  -> {'ok  cpu ' + str(o.get('cpu')) if o.get('available') else 'not available: ' + str(o.get('error'))[:600]}",
                       flush=True)
         qm = median_side(qruns) if qruns else {"available": False, "error": "skipped"}
