@@ -73,10 +73,12 @@ class Source:
         return [e.start // PAGE for e in self.events if isinstance(e, codec.ReqPagesId)]
 
     def finish(self) -> None:
-        """EOF, then SHUT 0."""
+        """EOF, then SHUT 0; closes, as a source does once it has SHUT (serve-dest waits for that close:
+        without it, it cannot tell a delivered SHUT from one a broken link lost)."""
         self.send(codec.Eof())
         self.read_until(lambda evs: any(isinstance(e, codec.Shut) for e in evs), "SHUT")
         assert [e.status for e in self.events if isinstance(e, codec.Shut)] == [0]
+        self.conn.close()
 
     def close(self) -> None:
         self.conn.close()

@@ -96,6 +96,36 @@ def test_stale_runs_are_the_pages_sent_before_and_dirty_again():
     assert book_of(4).stale_runs(0) == []
 
 
+def test_pages_written_between_syncs_are_held_back_until_quiet():
+    """Pre-copy syncs (defer_written): a page written since the last sync is held back (not to send) whether
+    or not it was sent; one held back and quiet for a sync goes again; the switch-over (undefer) sends every
+    page still held back, and those sent before are stale (discarded)."""
+    book = book_of(16)
+    assert book.take(0, 0, 4)                          # pages 0..3 sent in pre-copy
+    hot, cooled = book.defer_written(0, [(2, 4)])      # 2, 3 (sent) and 4, 5 (never sent) written
+    assert (hot, cooled) == (4, 0)
+    assert to_send(book, 0) == bytes([0, 0, 0, 0, 0, 0] + [1] * 10)
+    assert book.recount() == 10
+    hot, cooled = book.defer_written(0, [(5, 1)])      # 2, 3, 4 quiet since; 5 written again
+    assert (hot, cooled) == (1, 3)
+    assert to_send(book, 0) == bytes([0, 0, 1, 1, 1, 0] + [1] * 10)
+    assert book.undefer() == 1                         # the switch-over: 5 goes in post-copy
+    assert to_send(book, 0)[5] == 1 and book.undefer() == 0
+    assert book.stale_runs(0) == [(2, 2)]              # sent, then due again: the destination's copy is stale
+
+
+def test_syncs_need_sent_tracking_and_no_server():
+    with pytest.raises(RuntimeError):
+        book_of(4, track_sent=False).defer_written(0, [(0, 1)])
+    book = book_of(4)
+    book.lend()
+    with pytest.raises(RuntimeError):
+        book.defer_written(0, [(0, 1)])
+    book.returned()
+    assert book.defer_written(0, []) == (0, 0)
+    assert book_of(4, track_sent=False).undefer() == 0
+
+
 def test_stale_runs_need_sent_tracking():
     with pytest.raises(RuntimeError):
         book_of(4, track_sent=False).stale_runs(0)

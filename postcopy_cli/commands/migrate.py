@@ -138,6 +138,10 @@ def _page_size(text: str | None) -> int:
                    "at once).")
 @click.option("--precopy-passes", type=click.IntRange(min=0), default=None,
               help="--attach: switch to post-copy after this many complete pre-copy passes.")
+@click.option("--precopy-resend-hot", "resend_hot", is_flag=True,
+              help="--attach: in pre-copy, send a page again however often the program writes it (QEMU's way); "
+                   "by default a page written since the last sync (every 0.2 s) is held back until it is quiet, "
+                   "or for post-copy, as a copy of it would be stale again before the switch-over.")
 @click.option("--kill-source", is_flag=True, help="--attach: end the source program once the migration succeeded.")
 @click.option("--single-channel", is_flag=True,
               help="Send requested pages on the main connection instead of a second (preempt) connection.")
@@ -163,7 +167,7 @@ def _page_size(text: str | None) -> int:
                    "an IP address is checked against the certificate's IP addresses).")
 @common_options
 def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, timeout, postcopy_after,
-            precopy_passes, kill_source, single_channel, recover_timeout, migration_id, resume, worksets,
+            precopy_passes, resend_hot, kill_source, single_channel, recover_timeout, migration_id, resume, worksets,
             tls_creds, tls_hostname):
     """Migrate memory to a serve-dest: an image file (lazy restore) or a live program.
 
@@ -195,8 +199,9 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
     if bool(image) == bool(attach):
         raise UsageError("give exactly one of --image FILE or --attach PATH")
     mid = _migration_id(migration_id)
-    if image and (postcopy_after is not None or precopy_passes is not None or kill_source):
-        raise UsageError("--postcopy-after, --precopy-passes and --kill-source go with --attach")
+    if image and (postcopy_after is not None or precopy_passes is not None or kill_source or resend_hot):
+        raise UsageError("--postcopy-after, --precopy-passes, --precopy-resend-hot and --kill-source go with "
+                         "--attach")
     if attach and page_size is not None:
         raise UsageError("--page-size goes with --image (a live program's page sizes come from its hand-over)")
     if attach and worksets:
@@ -212,7 +217,7 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
             state = f.read()
     if attach:
         _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,
-                      single_channel, recover_timeout, mid, tls)
+                      single_channel, recover_timeout, mid, tls, resend_hot)
         return
     address = transport.parse_address(to)
     preempt_channels = 0 if single_channel else 1
@@ -293,7 +298,7 @@ def _workset_order(paths, blocks) -> list | None:
 
 
 def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, precopy_passes, kill_source,
-                  single_channel, recover_timeout, migration_id, tls):
+                  single_channel, recover_timeout, migration_id, tls, resend_hot=False):
     import signal
     import threading
 
@@ -308,7 +313,7 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
     opts = LiveOptions(postcopy_after=postcopy_after, precopy_passes=precopy_passes, max_bandwidth=rate,
                        timeout=timeout, state=state, kill_source=kill_source, preempt=not single_channel,
                        recover_timeout=recover_timeout, migration_id=migration_id or os.urandom(16),
-                       tls_hostname=tls["hostname"], tls=tls["tls"])
+                       tls_hostname=tls["hostname"], tls=tls["tls"], hold_hot=not resend_hot)
     _announce(as_json, opts.migration_id, watch.to)
     try:
         with live_status(SourceStatus(), watch, enabled=not as_json):

@@ -694,20 +694,22 @@ class Destination:
 
     def _await_source_close(self) -> bool:
         """After SHUT 0: True once the source has closed the connection (its EOF: a source closes right after
-        it read SHUT).  False if the connection breaks (a reset) or stays open and silent for --timeout:
-        SHUT may be lost with it (a link can hold it unsent and then break), and the source would come back
-        to resume (shut_maybe_lost)."""
+        it read SHUT), False if the connection breaks first (a reset): SHUT may be lost with it (a link can
+        hold it unsent and then break), and the source would come back to resume (shut_maybe_lost).  A
+        source that keeps the connection open and silent for --timeout is taken to have it."""
         conn = self._conn
         deadline = time.monotonic() + self.timeout
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return False
+                    return True
                 conn.settimeout(left)
                 if not conn.recv(65536):
                     return True
-        except OSError:   # socket.timeout too
+        except socket.timeout:
+            return True
+        except OSError:
             return False
 
     @property

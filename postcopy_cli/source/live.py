@@ -33,7 +33,7 @@ from ..memory.process import ProcessMemory
 from .attached import AttachedSource, accept_program
 from .pages import PageBook
 from .recovery import RECOVER_TIMEOUT, Recovery, recovery_to
-from .streamer import TP, PageStreamer, send_preamble
+from .streamer import PRECOPY_SYNC, TP, PageStreamer, send_preamble
 
 log = logging.getLogger("postcopy.live")
 
@@ -51,6 +51,7 @@ class LiveOptions:
     migration_id: bytes | None = None          # the ID section's (None: random)
     tls: Credentials | None = None             # --tls-creds: every connection is TLS
     tls_hostname: str | None = None            # --tls-hostname (default: the host of the address)
+    hold_hot: bool = True                      # pre-copy holds back pages written since the last sync
 
 
 def _pages_in(block: RamBlock, start: int, end: int) -> list[tuple[int, int]]:
@@ -115,15 +116,22 @@ class LiveMigration:
                 halves[1].append((bi, cut, e))
             done += cut - a
         found: list[list] = [[], []]
+        failed: list[OSError] = []
 
         def scan(scanner, half, into):
-            for bi, a, e in half:
-                into += [(bi, r) for r in scanner.written(a, e, reprotect=reprotect)]
+            try:
+                for bi, a, e in half:
+                    into += [(bi, r) for r in scanner.written(a, e, reprotect=reprotect)]
+            except OSError as err:
+                failed.append(err)
 
         helper = threading.Thread(target=scan, args=(self.scanner2, halves[1], found[1]))
         helper.start()
         scan(self.scanner, halves[0], found[0])
         helper.join()
+        if failed:
+            # ESRCH: the program is gone (the caller says what became of it)
+            raise PostcopyError(f"tracking the writes of pid {self.program.pid}: {failed[0]}") from failed[0]
         out: list[list[tuple[int, int]]] = [[] for _ in self.ram_blocks]
         for bi, (a, e) in found[0] + found[1]:
             out[bi].extend(_pages_in(self.ram_blocks[bi], a, e))
@@ -151,6 +159,14 @@ class LiveMigration:
             self.book.mark_dirty(bi, runs)
         self.stats["dirty_syncs"] = self.stats.get("dirty_syncs", 0) + 1
 
+    def _sync(self) -> None:
+        """A pre-copy sync (``hold_hot``): pages written since the last one are held back; those held
+        back and quiet since go again (PageBook.defer_written)."""
+        for bi, runs in enumerate(self._written()):
+            hot, cooled = self.book.defer_written(bi, runs)
+            self.stats["precopy_cooled_pages"] = self.stats.get("precopy_cooled_pages", 0) + cooled
+        self.stats["dirty_syncs"] = self.stats.get("dirty_syncs", 0) + 1
+
     def run(self) -> dict:
         opts, streamer = self.opts, self.streamer
         t0 = time.monotonic()
@@ -160,7 +176,11 @@ class LiveMigration:
         deadline = float("inf") if opts.postcopy_after is None else t0 + opts.postcopy_after
         if opts.postcopy_after is None and opts.precopy_passes is None:
             deadline = t0   # no pre-copy at all
-        passes = streamer.precopy(deadline, self._refill, max_passes=opts.precopy_passes, stop=self.switchover)
+        # a deadline's pre-copy syncs within passes too (a pass of a large memory outlasts the time a
+        # busy program takes to write its pages again); a pass count syncs at the end of each pass
+        sync_every = PRECOPY_SYNC if opts.hold_hot and opts.precopy_passes is None else None
+        passes = streamer.precopy(deadline, self._sync if opts.hold_hot else self._refill,
+                                  max_passes=opts.precopy_passes, stop=self.switchover, sync_every=sync_every)
         streamer.phase = "switch-over"
         # every page not marked to send has been sent at least once by now,
         # except pages never reached when pass 1 was cut short
@@ -170,7 +190,8 @@ class LiveMigration:
         # everything dirtied since the last scan goes again in post-copy; of what
         # goes again, whatever the destination already has a version of is stale.
         # The program is paused: no need to write-protect again, nor to scan
-        # what goes again anyway (both cut the downtime).
+        # what goes again anyway (both cut the downtime).  Pages held back as hot go now.
+        held = self.book.undefer()
         self._refill(reprotect=False, only_clean=True)
         t_scanned = time.monotonic()
         discards = 0
@@ -201,6 +222,7 @@ class LiveMigration:
             "downtime_ms": round((t_run - t_switch) * 1000, 3),
             "pause_ms": round((t_paused - t_switch) * 1000, 3),
             "final_scan_ms": round((t_scanned - t_paused) * 1000, 3),
+            "precopy_held_pages": held,
             "discarded_pages": discards,
             "discard_commands": len(commands),
             "postcopy_pages": postcopy_pages,

@@ -6,7 +6,11 @@ per target page:
 - ``to_send``: 1 = still to send (a requested page, the next background chunk,
   or a page written since it was sent);
 - ``sent`` (live sources only): 1 = sent at least once, so the destination
-  holds a copy that a later write makes stale (it needs a discard).
+  holds a copy that a later write makes stale (it needs a discard);
+- ``hot`` (live sources only): 1 = written between the last two pre-copy
+  syncs and so held back from pre-copy (a copy sent now would most likely be
+  stale before the switch-over); such a page goes again once a sync finds it
+  quiet, or in post-copy (:meth:`PageBook.defer_written`, :meth:`PageBook.undefer`).
 
 Who writes them, and the one rule that makes it safe:
 
@@ -51,6 +55,7 @@ class PageBook:
         self.blocks = blocks
         self._to_send = [bytearray(b"\x01") * (b.length // TP) for b in blocks]
         self._sent = [bytearray(len(t)) for t in self._to_send] if track_sent else None
+        self._hot = [bytearray(len(t)) for t in self._to_send] if track_sent else None
         self.remaining = sum(len(t) for t in self._to_send)   # pages to send (an upper bound, see above)
         self.phase_pages = self.remaining   # pages to send when the phase began (see begin_phase)
         self._lock = threading.Lock()
@@ -166,6 +171,41 @@ class PageBook:
             ts = self._to_send[bi]
             for first, count in runs:
                 ts[first:first + count] = b"\x01" * count
+
+    def defer_written(self, bi: int, runs: list[tuple[int, int]]) -> tuple[int, int]:
+        """A pre-copy sync of block ``bi``: ``runs`` (first, count) were written since the last one.
+        They are hot: held back from pre-copy (not to send; post-copy or a later quiet sync sends
+        them).  Pages hot before and not written since have cooled: they go again.  Returns
+        (hot pages, cooled pages)."""
+        with self._lock:
+            if self._lent or self._hot is None:
+                raise RuntimeError("page book: pre-copy sync while the request server runs or without track_sent")
+            ts, hot = self._to_send[bi], self._hot[bi]
+            n = len(ts)
+            written = bytearray(n)
+            for first, count in runs:
+                written[first:first + count] = b"\x01" * count
+            # one byte per page, 0 or 1: the arrays as integers, combined bitwise
+            w, h, t = (int.from_bytes(x, "little") for x in (written, hot, ts))
+            ones = int.from_bytes(b"\x01" * n, "little")
+            cooled = h & (ones ^ w)
+            ts[:] = ((t & (ones ^ w)) | cooled).to_bytes(n, "little")   # in place (see the module)
+            hot[:] = written
+            return w.bit_count(), cooled.bit_count()
+
+    def undefer(self) -> int:
+        """The switch-over: every page still held back goes in post-copy.  Returns how many."""
+        with self._lock:
+            if self._hot is None:
+                return 0
+            held = 0
+            for ts, hot in zip(self._to_send, self._hot):
+                n = len(ts)
+                h = int.from_bytes(hot, "little")
+                held += h.bit_count()
+                ts[:] = (int.from_bytes(ts, "little") | h).to_bytes(n, "little")
+                hot[:] = bytes(n)
+            return held
 
     def from_received(self, bi: int, bitmap: bytes) -> None:
         """After a resume: block ``bi``'s pages go again exactly where the destination's received

@@ -37,6 +37,8 @@ log = logging.getLogger("postcopy.source")
 
 TP = codec.TARGET_PAGE_SIZE
 BULK_BUFFER = 1 << 20            # socket buffer of a main stream that has a preempt channel
+PRECOPY_FIRST_SYNC = 0.1         # seconds of pre-copy before its first sync of written pages
+PRECOPY_SYNC = 0.2               # and between the next ones (a 1 GiB PAGEMAP_SCAN is a few ms)
 
 class MemorySource(Protocol):
     """The memory a source sends: an image file (source.image.ImageMemory) or a program's
@@ -337,11 +339,15 @@ class PageStreamer:
                 on_empty()
         return bool(got)
 
-    def precopy(self, deadline: float, on_pass_end, *, max_passes: int | None = None, stop=None) -> int:
+    def precopy(self, deadline: float, on_pass_end, *, max_passes: int | None = None, stop=None,
+                sync_every: float | None = None) -> int:
         """Pre-copy: stream passes until ``deadline``, ``max_passes`` or ``stop`` is set.
 
-        At the end of each pass ``on_pass_end()`` marks in the book what was
-        dirtied meanwhile (and returns nothing).  Returns the number of
+        At the end of each pass, and every ``sync_every`` seconds within one,
+        ``on_pass_end()`` marks in the book what was dirtied meanwhile (and
+        returns nothing).  A pass ends when nothing is left to send; with a
+        deadline and nothing to send (every dirty page held back as hot), the
+        next sync is awaited, not counted as a pass.  Returns the number of
         complete passes.
         """
         book = self.book
@@ -349,22 +355,34 @@ class PageStreamer:
         self.phase = "pre-copy"
         book.begin_phase()
         passes = 0
+        first_sync = PRECOPY_FIRST_SYNC if sync_every else None
+        next_sync = time.monotonic() + first_sync if first_sync else float("inf")
+
+        def sync():
+            nonlocal next_sync
+            on_pass_end()
+            book.recount()
+            if sync_every:
+                next_sync = time.monotonic() + sync_every
 
         def pass_done():
             nonlocal passes
             passes += 1
             book.rewind()
             if max_passes is None or passes < max_passes:
-                on_pass_end()
-                book.recount()
+                sync()
                 book.begin_phase()
                 self.passes = passes
 
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if max_passes is not None and passes >= max_passes:
                 break
-            self._pump(until=deadline, on_empty=pass_done)
+            if time.monotonic() >= next_sync:
+                sync()
+            self._pump(until=min(deadline, next_sync), on_empty=pass_done)
             if not book.remaining and (max_passes is None or passes < max_passes):
+                if sync_every and max_passes is None and book.phase_pages == 0:
+                    continue   # nothing to send since the last sync: wait for the next one
                 pass_done()
         self._send(self.main, [self.enc.end()])
         book.rewind()
