@@ -111,6 +111,36 @@ def test_page_not_visible_before_it_is_counted(tmp_path):
     assert json.loads(t_out)["mismatches"] == 0
 
 
+@pytest.mark.parametrize("order", ["sequential", "random"])
+def test_a_page_found_present_is_counted_before_its_thread_runs(tmp_path, order):
+    """Deterministic: every placement pauses between placing pages and counting them (the test hook).  A
+    requested page that the main stream has placed but not yet counted, when its copy from the preempt
+    channel finds it present: that channel wakes the page's thread, so it counts the page first.  Else the
+    program ran on a page still counted missing, and the page's wait ended only when the main stream
+    counted its run, overlapping the waits that followed: one thread's blocktime came out longer than the
+    whole post-copy."""
+    size = 2 << 20
+    image = tmp_path / "mem.img"
+    write_image(image, size, seed=9)
+    serve = _InProcessServe(tmp_path)
+    toucher = _popen(postcopy_cmd("workload", "touch", "--size", str(size), "--attach", str(serve.uffd_sock),
+                                  "--image", str(image), "--order", order, "--seed", "9", "--wait-run", "--json"))
+    try:
+        dest = serve.destination()
+        lib.pc_dest_set_test_place_delay(dest.native, 30_000_000)
+        mig = run_postcopy("migrate", "--to", serve.address, "--image", str(image), "--json")
+        t_rc, t_out, t_err = _finish(toucher)
+    finally:
+        kill_and_reap(toucher)
+    serve.join()
+    assert serve.error is None, f"serve-dest failed: {serve.error!r}"
+    assert mig.returncode == 0, mig.stderr
+    assert t_rc == 0 and json.loads(t_out)["mismatches"] == 0, t_err
+    stats = serve.result.stats
+    assert stats["postcopy-requests"] > 0, stats
+    assert stats["postcopy-blocktime"] <= stats["postcopy-time-ms"] + 1, stats
+
+
 def test_program_gone_with_pages_missing_is_named(tmp_path):
     """A program that leaves while pages are missing: ProgramGone (exit 1) naming its pid and how many
     pages never arrived, not "the source disconnected"."""

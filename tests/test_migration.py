@@ -128,6 +128,32 @@ def test_image_restore_into_attached_toucher(tmp_path, serve_dest, transport, or
     assert src["zero_pages"] == stats["pages"]["zero"]
 
 
+@pytest.mark.parametrize("order", ["sequential", "random"])
+def test_one_threads_blocktime_fits_in_its_post_copy(tmp_path, serve_dest, order):
+    """The toucher is one thread that starts at RUN: the times it waited for pages cannot add up to more than
+    RUN -> complete.  A requested page that the main stream had copied in but not yet counted, when its copy
+    from the preempt channel found it there, woke the thread at once but ended its wait only when the main
+    stream counted its run: the next waits overlapped it, and blocktime came out many times the wall time."""
+    size = 32 << 20
+    image = tmp_path / "mem.img"
+    write_image(image, size, seed=3)
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "uffd.sock"), "--json")
+    toucher = _popen(postcopy_cmd("workload", "touch", "--size", str(size), "--attach", str(tmp_path / "uffd.sock"),
+                                  "--image", str(image), "--order", order, "--seed", "3", "--wait-run", "--json"))
+    try:
+        mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json", "--max-bandwidth", "48M")
+        t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
+    finally:
+        kill_and_reap(toucher)
+    rc, out, err = sd.wait()
+    assert mig.returncode == 0 and rc == 0 and toucher.returncode == 0, (mig.stderr, err, t_err)
+    assert json.loads(t_out)["mismatches"] == 0
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["postcopy-requests"] > 0, stats
+    # (1 ms: the two clocks are read in different threads)
+    assert stats["postcopy-blocktime"] <= stats["postcopy-time-ms"] + 1, stats
+
+
 def test_toucher_detects_wrong_image(tmp_path, serve_dest):
     """Guard: the end-to-end check above can fail: a different image is reported as mismatching."""
     image = tmp_path / "mem.img"

@@ -49,6 +49,13 @@ static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, ui
 {
     struct pc_dest_block *b = &d->blocks[block];
     for (uint64_t o = off; o < off + len; o += b->page_size) {
+        int fresh = 0;
+        for (uint64_t q = o; q < o + b->page_size; q += TP) {
+            if (!bit_test_and_set(b->received, q >> TP_SHIFT)) {
+                fresh = 1;
+                __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
+            }
+        }
         uint64_t t0;
         if (inflight_take(d, key_of(block, o), &t0)) {
             if (t0)
@@ -57,16 +64,35 @@ static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, ui
         } else if (__atomic_load_n(&d->overwrite_ok, __ATOMIC_RELAXED)) {
             /* before RUN: a pre-copy page */
             __atomic_fetch_add(&d->st.precopy_pages, b->page_size / TP, __ATOMIC_RELAXED);
-        } else {
+        } else if (fresh) {
             __atomic_fetch_add(&d->st.background_pages, b->page_size / TP, __ATOMIC_RELAXED);
         }
-        for (uint64_t q = o; q < o + b->page_size; q += TP) {
-            if (!bit_test_and_set(b->received, q >> TP_SHIFT))
-                __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
-        }
+        /* (not fresh: the other channel found it present first, see present_elsewhere) */
     }
     if (zero)
         __atomic_fetch_add(&d->st.zero_pages, len / TP, __ATOMIC_RELAXED);
+}
+
+/* After RUN, UFFDIO_COPY found this page present: the other channel's copy
+ * went in (each page is installed whole) and that channel has perhaps not
+ * accounted for it yet, as it accounts for its run only once all of it is
+ * in.  This channel's wake would release the page's faulting thread before
+ * that: so the page is accounted for here, received and, if requested, its
+ * latency ends now (the thread runs from this wake on). */
+static void present_elsewhere(struct pc_dest *d, int block, uint64_t off, uint64_t t)
+{
+    struct pc_dest_block *b = &d->blocks[block];
+    __atomic_fetch_add(&d->st.skipped_pages, b->page_size / TP, __ATOMIC_RELAXED);
+    for (uint64_t q = off; q < off + b->page_size; q += TP) {
+        if (!bit_test_and_set(b->received, q >> TP_SHIFT))
+            __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
+    }
+    uint64_t t0;
+    if (inflight_take(d, key_of(block, off), &t0)) {
+        if (t0)
+            record_latency(d, t > t0 ? t - t0 : 0);
+        __atomic_fetch_add(&d->st.demand_pages, b->page_size / TP, __ATOMIC_RELAXED);
+    }
 }
 
 /* A test hook: sleep between placing pages and accounting for them (0: off). */
@@ -144,7 +170,7 @@ static int place_run_nowake(struct pc_dest *d, int block, uint64_t off, uint64_t
                         return w;
                     account(d, block, off + o, page_size, pc_now_ns(), src == NULL);
                 } else {
-                    __atomic_fetch_add(&d->st.skipped_pages, page_size / TP, __ATOMIC_RELAXED);
+                    present_elsewhere(d, block, off + o, pc_now_ns());
                 }
             } else {
                 return -e;
