@@ -140,8 +140,8 @@ def _page_size(text: str | None) -> int:
               help="--attach: switch to post-copy after this many complete pre-copy passes.")
 @click.option("--precopy-resend-hot", "resend_hot", is_flag=True,
               help="--attach: in pre-copy, send a page again however often the program writes it (QEMU's way); "
-                   "by default a page written since the last sync (every 0.2 s) is held back until it is quiet, "
-                   "or for post-copy, as a copy of it would be stale again before the switch-over.")
+                   "by default a page written since the last sync (every 0.2 s), or written after it was sent, is "
+                   "held back for post-copy (one never sent goes once quiet): each page goes at most once.")
 @click.option("--kill-source", is_flag=True, help="--attach: end the source program once the migration succeeded.")
 @click.option("--single-channel", is_flag=True,
               help="Send requested pages on the main connection instead of a second (preempt) connection.")

@@ -7,10 +7,11 @@ per target page:
   or a page written since it was sent);
 - ``sent`` (live sources only): 1 = sent at least once, so the destination
   holds a copy that a later write makes stale (it needs a discard);
-- ``hot`` (live sources only): 1 = written between the last two pre-copy
-  syncs and so held back from pre-copy (a copy sent now would most likely be
-  stale before the switch-over); such a page goes again once a sync finds it
-  quiet, or in post-copy (:meth:`PageBook.defer_written`, :meth:`PageBook.undefer`).
+- ``hot`` (live sources only): 1 = held back from pre-copy, as a copy sent
+  now would most likely be stale before the switch-over: written between the
+  last two pre-copy syncs, or written after it was sent.  A page never sent
+  goes once a sync finds it quiet; the rest go in post-copy
+  (:meth:`PageBook.defer_written`, :meth:`PageBook.undefer`).
 
 Who writes them, and the one rule that makes it safe:
 
@@ -180,18 +181,22 @@ class PageBook:
         with self._lock:
             if self._lent or self._hot is None:
                 raise RuntimeError("page book: pre-copy sync while the request server runs or without track_sent")
-            ts, hot = self._to_send[bi], self._hot[bi]
+            ts, hot, sent = self._to_send[bi], self._hot[bi], self._sent[bi]
             n = len(ts)
             written = bytearray(n)
             for first, count in runs:
                 written[first:first + count] = b"\x01" * count
             # one byte per page, 0 or 1: the arrays as integers, combined bitwise
-            w, h, t = (int.from_bytes(x, "little") for x in (written, hot, ts))
+            w, h, t, snt = (int.from_bytes(x, "little") for x in (written, hot, ts, sent))
             ones = int.from_bytes(b"\x01" * n, "little")
-            cooled = h & (ones ^ w)
+            # a page written after it was sent stays held back for the rest of pre-copy: a sync
+            # interval is shorter than a large program's round of writes, so a quiet interval does
+            # not say it will stay quiet (each page then goes at most once in pre-copy)
+            cooled = h & (ones ^ w) & (ones ^ snt)
+            hot_now = w | (h & snt)
             ts[:] = ((t & (ones ^ w)) | cooled).to_bytes(n, "little")   # in place (see the module)
-            hot[:] = written
-            return w.bit_count(), cooled.bit_count()
+            hot[:] = hot_now.to_bytes(n, "little")
+            return hot_now.bit_count(), cooled.bit_count()
 
     def undefer(self) -> int:
         """The switch-over: every page still held back goes in post-copy.  Returns how many."""
