@@ -44,24 +44,40 @@ static int overwrite(struct pc_dest *d, uint64_t addr, const uint8_t *src, uint6
     return w == (ssize_t)len ? 0 : -(w < 0 ? errno : EIO);
 }
 
+/* a requested page is in: its wait ends at t; 1 if it was requested */
+static int requested_in(struct pc_dest *d, int block, uint64_t off, uint64_t t)
+{
+    uint64_t t0;
+    if (!inflight_take(d, key_of(block, off), &t0))
+        return 0;
+    if (t0)
+        record_latency(d, t > t0 ? t - t0 : 0);
+    __atomic_fetch_add(&d->st.demand_pages, d->blocks[block].page_size / TP, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* the target pages of one page of block b at off are received; 1 if any was not yet */
+static int mark_received(struct pc_dest *d, struct pc_dest_block *b, uint64_t off)
+{
+    int fresh = 0;
+    for (uint64_t q = off; q < off + b->page_size; q += TP) {
+        if (!bit_test_and_set(b->received, q >> TP_SHIFT)) {
+            fresh = 1;
+            __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
+        }
+    }
+    return fresh;
+}
+
 /* place [addr, addr+len) from src (src NULL: zeros); returns 0 or -errno */
 static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, uint64_t t, int zero)
 {
     struct pc_dest_block *b = &d->blocks[block];
     for (uint64_t o = off; o < off + len; o += b->page_size) {
-        int fresh = 0;
-        for (uint64_t q = o; q < o + b->page_size; q += TP) {
-            if (!bit_test_and_set(b->received, q >> TP_SHIFT)) {
-                fresh = 1;
-                __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
-            }
-        }
-        uint64_t t0;
-        if (inflight_take(d, key_of(block, o), &t0)) {
-            if (t0)
-                record_latency(d, t > t0 ? t - t0 : 0);
-            __atomic_fetch_add(&d->st.demand_pages, b->page_size / TP, __ATOMIC_RELAXED);
-        } else if (__atomic_load_n(&d->overwrite_ok, __ATOMIC_RELAXED)) {
+        int fresh = mark_received(d, b, o);
+        if (requested_in(d, block, o, t))
+            ;
+        else if (__atomic_load_n(&d->overwrite_ok, __ATOMIC_RELAXED)) {
             /* before RUN: a pre-copy page */
             __atomic_fetch_add(&d->st.precopy_pages, b->page_size / TP, __ATOMIC_RELAXED);
         } else if (fresh) {
@@ -83,16 +99,8 @@ static void present_elsewhere(struct pc_dest *d, int block, uint64_t off, uint64
 {
     struct pc_dest_block *b = &d->blocks[block];
     __atomic_fetch_add(&d->st.skipped_pages, b->page_size / TP, __ATOMIC_RELAXED);
-    for (uint64_t q = off; q < off + b->page_size; q += TP) {
-        if (!bit_test_and_set(b->received, q >> TP_SHIFT))
-            __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
-    }
-    uint64_t t0;
-    if (inflight_take(d, key_of(block, off), &t0)) {
-        if (t0)
-            record_latency(d, t > t0 ? t - t0 : 0);
-        __atomic_fetch_add(&d->st.demand_pages, b->page_size / TP, __ATOMIC_RELAXED);
-    }
+    mark_received(d, b, off);
+    requested_in(d, block, off, t);
 }
 
 /* A test hook: sleep between placing pages and accounting for them (0: off). */
