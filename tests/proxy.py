@@ -136,6 +136,8 @@ class _Direction:
         self.eof = False               # src said FIN; dst gets it once pending is written
         self.shut = False              # FIN passed on to dst
         self.limit: int | None = None  # cut_after: cut once this many bytes went this way
+        self.hold = False              # hold_after: at the limit, stop forwarding instead of cutting
+        self.holding = False           # the limit is reached and this way is held
 
 
 class _Link:
@@ -183,7 +185,7 @@ class FaultProxy:
         self._records: list[Connection] = []
         self._cuts: list[float] = []
         self._refuse = 0
-        self._armed: list[tuple[str, str, int]] = []
+        self._armed: list[tuple[str, str, int, bool]] = []
         self._stalled = False
         self._failed: BaseException | None = None
 
@@ -279,7 +281,19 @@ class FaultProxy:
             raise ValueError(f"direction {direction!r}: one of {DIRECTIONS}")
         if nbytes < 0:
             raise ValueError(f"nbytes {nbytes} < 0")
-        self._call(lambda: self._armed.append((kind, direction, int(nbytes))))
+        self._call(lambda: self._armed.append((kind, direction, int(nbytes), False)))
+
+    def hold_after(self, kind: str, direction: str, nbytes: int) -> None:
+        """Arms a one-shot hold of the next connection of `kind`: once exactly `nbytes` went
+        `direction` through it, nothing more goes that way (the rest waits unread; the other
+        way flows on) until a ``cut``."""
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r}: one of {KINDS}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction {direction!r}: one of {DIRECTIONS}")
+        if nbytes < 0:
+            raise ValueError(f"nbytes {nbytes} < 0")
+        self._call(lambda: self._armed.append((kind, direction, int(nbytes), True)))
 
     def refuse_next(self, n: int = 1) -> None:
         """Closes (RST) the next `n` connections as soon as they are accepted."""
@@ -482,7 +496,7 @@ class FaultProxy:
             if not self._stalled and ln.server is not None:
                 out = ln.c2s if sock is ln.client else ln.s2c
                 into = ln.s2c if sock is ln.client else ln.c2s
-                if not out.pending and not out.eof:
+                if not out.pending and not out.eof and not out.holding:
                     mask |= selectors.EVENT_READ
                 if into.pending:
                     mask |= selectors.EVENT_WRITE
@@ -526,7 +540,10 @@ class FaultProxy:
                 del d.pending[:n]
                 continue
             if d.limit is not None and rec.bytes[d.name] >= d.limit:
-                self._cut_when_sent(ln)
+                if d.hold:
+                    d.holding = True
+                else:
+                    self._cut_when_sent(ln)
                 return
             if d.eof:
                 if not d.shut:
@@ -597,10 +614,11 @@ class FaultProxy:
         ln.rec.kind = kind
         if kind == "resume":
             ln.parser = _ResumeParser()
-        for i, (k, direction, nbytes) in enumerate(self._armed):
+        for i, (k, direction, nbytes, hold) in enumerate(self._armed):
             if k == kind:
                 del self._armed[i]
-                (ln.c2s if direction == "c2s" else ln.s2c).limit = nbytes
+                d = ln.c2s if direction == "c2s" else ln.s2c
+                d.limit, d.hold = nbytes, hold
                 break
         return True
 

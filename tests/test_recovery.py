@@ -219,6 +219,33 @@ def test_shut_held_by_the_link_then_lost(tmp_path):
             run.close()
 
 
+def test_program_gone_with_every_page_then_the_link_breaks(tmp_path):
+    """Every page is in, the program read them all and exited, and the link breaks before the stream's end
+    reached serve-dest (its last byte held, then a reset).  The program lost nothing: the migration has
+    succeeded.  serve-dest must not fail for the program's absence (the source, which cannot know, would
+    retry a gone destination until its --recover-timeout): it tells the resuming source SHUT 0; both exit 0."""
+    runs = []
+    for name in ("whole", "broken"):
+        (tmp_path / name).mkdir()
+        runs.append(ImageRestore(tmp_path / name, 8 * MiB))
+    try:
+        whole, r = runs
+        with whole.explained():
+            whole.finish(whole.migrate("--single-channel"))
+        stream = whole.proxy.connections("main")[0].bytes["c2s"]   # the same image: the same stream
+        with r.explained():
+            r.proxy.hold_after("main", "c2s", stream - 1)           # all but the end of the stream
+            mig = r.migrate("--single-channel")
+            r.touch.wait(timeout=PROC_TIMEOUT)                       # read every page and left
+            r.proxy.cut()
+            mstats, dstats = r.finish(mig)
+        assert mstats["postcopy-recoveries"] == 1, mstats
+        assert dstats["pages"]["received"] == dstats["pages"]["total"]
+    finally:
+        for run in runs:
+            run.close()
+
+
 def test_foreign_source_with_a_wrong_id_is_refused(restore):
     """Another source resuming with a wrong id is refused on its own connection; the real migration ends well."""
     r = restore(64 * MiB)

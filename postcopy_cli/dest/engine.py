@@ -327,9 +327,10 @@ class Destination:
                     self._join_preempt()
                     return self._finish(self._main.decoder)
                 except PeerDisconnected as e:      # PeerTimeout too
-                    if self.phase.running and self._all_received() and not self._program_gone:
+                    if self.phase.running and self._all_received():
                         # every page is in: the migration has succeeded, whatever became of the connection
-                        # (a source that missed SHUT 0 comes back to resume and is told it again)
+                        # or of the program (it lost nothing); a source that missed SHUT 0 comes back to
+                        # resume and is told it again
                         return self._finish(self._main.decoder)
                     if not self._may_pause():
                         raise
