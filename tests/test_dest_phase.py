@@ -123,6 +123,9 @@ class Recorder:
     def register_own_memory(self):
         self.calls.append(("register",))
 
+    def place_staged(self):
+        self.calls.append(("place staged",))
+
     # PhaseProgram
     def tell(self, message):
         self.calls.append(("tell", message))
@@ -159,7 +162,7 @@ def test_postcopy_sequence_for_an_attached_program():
         ("flush",), ("phase", lib.PC_PHASE_LISTENING),               # its memory is registered already
         ("flush",), ("phase", lib.PC_PHASE_RUNNING),
         ("tell", {"event": "run", "state": base64.b64encode(b"\x01\x02").decode()}),
-        ("phase", lib.PC_PHASE_END), ("wind down",), ("tell", {"event": "complete"}),
+        ("place staged",), ("phase", lib.PC_PHASE_END), ("wind down",), ("tell", {"event": "complete"}),
     ]
     assert ph.downtime_ms is None   # no PING dated the pause
 
@@ -172,7 +175,7 @@ def test_own_memory_is_registered_at_listen_after_the_flush_and_nobody_is_told()
     ph.on_run(2, b"")
     ph.on_end(3, lambda: None)
     assert rec.calls == [("phase", lib.PC_PHASE_ADVISE), ("flush",), ("register",), ("phase", lib.PC_PHASE_LISTENING),
-                         ("flush",), ("phase", lib.PC_PHASE_RUNNING), ("phase", lib.PC_PHASE_END)]
+                         ("flush",), ("phase", lib.PC_PHASE_RUNNING), ("place staged",), ("phase", lib.PC_PHASE_END)]
 
 
 def test_a_ping_right_before_listen_dates_the_pause():

@@ -132,6 +132,26 @@ def test_ten_cuts_in_one_image_migration(restore, channels):
     assert dstats["pages"]["received"] == dstats["pages"]["total"]
 
 
+def test_ten_cuts_while_recording_a_workset(restore, tmp_path):
+    """--record-workset stages the pages that come unasked: they count as received in the bitmap a
+    resumed source gets (never sent again), and the faults on them are served while paused too."""
+    from postcopy_cli.codec import workset as wsfile
+
+    record = tmp_path / "cuts.ws"
+    r = restore(96 * MiB, dest_args=("--record-workset", str(record)))
+    mig = r.migrate("--max-bandwidth", "40M")
+    with r.explained():
+        cut_repeatedly(r.proxy, 10)
+        r.proxy.wait_resumed(10, timeout=PROC_TIMEOUT)
+        mstats, dstats = r.finish(mig)
+    assert mstats["postcopy-recoveries"] == 10 and dstats["postcopy-recoveries"] == 10, (mstats, dstats)
+    assert dstats["pages"]["received"] == dstats["pages"]["total"]
+    assert dstats["pages"]["staged"] > 0 and dstats["staged-faults"] > 0, dstats
+    ws = wsfile.load(str(record))
+    pages = [p for _, first, n, _ in ws.in_fault_order() for p in range(first, first + n)]
+    assert len(pages) == len(set(pages)) >= dstats["staged-faults"]
+
+
 def test_preempt_channel_cut_alone(restore):
     r = restore(64 * MiB)
     with r.explained():

@@ -275,7 +275,8 @@ def test_record_then_replay_every_byte_verified_far_fewer_requests(serve_dest, t
     recorded = wsfile.load(str(cold_ws))
     assert recorded.image_size == size and [b.name for b in recorded.blocks] == ["mem"]
     pages = [p for first, n, _ in recorded.blocks[0].runs for p in range(first, first + n)]
-    assert len(pages) == len(set(pages)) == cold["postcopy-requests"]
+    # its faults: on pages not there yet (requests), and on pages that came before it touched them
+    assert len(pages) == len(set(pages)) == cold["postcopy-requests"] + cold["staged-faults"], cold
     assert set(pages) <= wanted
     assert len(pages) >= len(wanted) // 2, (len(pages), len(wanted))
     times = [us for *_, us in recorded.in_fault_order()]
@@ -337,8 +338,9 @@ def test_a_huge_page_block_records_and_replays_whole_huge_pages(serve_dest, tmp_
     ws = wsfile.load(str(record))
     (block,) = ws.blocks
     assert (block.name, block.length, block.page_size) == ("mem", SIZE, HP)
+    # each huge page the toucher read before the stream's end is in the record, asked for or staged
     assert 1 <= block.pages <= SIZE // HP
-    assert block.pages * (HP // TP) == sd_stats["pages"]["demand"], sd_stats
+    assert block.pages * (HP // TP) == sd_stats["pages"]["demand"] + sd_stats["staged-faults"] * (HP // TP), sd_stats
     replay, touched, _ = _restore(serve_dest, tmp_path, image, SIZE, worksets=[record], page_size=HP,
                                   toucher=lambda sock: start_toucher(sock, image))
     assert touched["mismatches"] == 0 and touched["pages"] == SIZE // TP, touched
@@ -348,3 +350,193 @@ def test_a_huge_page_block_records_and_replays_whole_huge_pages(serve_dest, tmp_
     assert proc.returncode == 2
     assert f"recorded in pages of {HP} bytes, the image is served in pages of 4096" in \
         single_stderr_line(proc.stderr)
+
+
+# -- pages that arrived before the program touched them (staged placement) -------------------
+
+# A program that hands its memory over, waits for RUN (applying discards), prints "ready", then
+# reads the pages named on each stdin line (a JSON list, in that order) and prints a digest of each,
+# and at "check" waits for the migration's end and compares every page with the file argv[3].
+LATE_TOUCHER = """
+import ctypes, hashlib, json, sys
+from postcopy_cli.channels.control import ControlReader
+from postcopy_cli.guest import programs
+from postcopy_cli.memory.mappings import AnonymousMapping
+
+sock_path, size, final = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ram = AnonymousMapping(size)
+reader = ControlReader(programs.attach(sock_path, ram, mode="touch"), name="control")
+programs._wait_run(reader, ram)
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "check":
+        break
+    digests = [hashlib.sha256(ctypes.string_at(ram.addr + p * 4096, 4096)).hexdigest()
+               for p in json.loads(line)]
+    print(json.dumps(digests), flush=True)
+while True:
+    msg = reader.get(None)
+    if msg is ControlReader.CLOSED or msg.get("event") in ("complete", "failed"):
+        break
+with open(final, "rb") as f:
+    want = f.read()
+got = ctypes.string_at(ram.addr, size)
+bad = [i for i in range(size // 4096) if got[i * 4096:(i + 1) * 4096] != want[i * 4096:(i + 1) * 4096]]
+print(json.dumps({"end": msg if msg is ControlReader.CLOSED else msg.get("event"), "bad": bad[:20]}), flush=True)
+"""
+
+
+class LateToucher:
+    """LATE_TOUCHER in a subprocess: touch(pages) returns the digests of what it read."""
+
+    def __init__(self, sock, size: int, final_path):
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", LATE_TOUCHER, str(sock), str(size), str(final_path)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+    def line(self) -> str:
+        out = self.proc.stdout.readline()
+        assert out, self.proc.communicate(timeout=PROC_TIMEOUT)
+        return out.strip()
+
+    def touch(self, pages) -> list[str]:
+        self.proc.stdin.write(json.dumps(list(pages)) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.line())
+
+    def check(self) -> dict:
+        self.proc.stdin.write("check\n")
+        self.proc.stdin.flush()
+        return json.loads(self.line())
+
+
+def _digest(page: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(page).hexdigest()
+
+
+def _pong(src, value: int) -> None:
+    """PING ``value``; back once its PONG is: every page sent before it is in (the stream is in order)."""
+    src.send(codec.encode(codec.Ping(value)))
+    while True:
+        if any(isinstance(ev, codec.Pong) and ev.value == value for ev in src.events()):
+            return
+
+
+def _recorded_pages(path) -> list[int]:
+    ws = wsfile.load(str(path))
+    return [p for _, first, n, _ in ws.in_fault_order() for p in range(first, first + n)]
+
+
+PAGES = 64
+LATE_ORDERS = [[0, PAGES - 1, 1, PAGES - 2, 30, 31, 32, 5],
+               [PAGES - 1, 0, 17, 16, 15, PAGES - 1, 0],      # first touches only: 63, 0, 17, 16, 15
+               [0, 1, 2, 3, PAGES - 4, PAGES - 3, PAGES - 2, PAGES - 1]]
+
+
+@pytest.mark.parametrize("order", LATE_ORDERS, ids=["edges-first", "edges-reversed", "runs-at-both-ends"])
+def test_pages_that_arrived_before_their_first_touch_are_recorded_in_touch_order(serve_dest, tmp_path, order):
+    """Every page arrives (unrequested) before the program touches any: nothing would fault if they
+    were placed as they came; the record still holds the touched pages in first-touch order."""
+    from fakes import FakeSource, preamble
+
+    size = PAGES * TP
+    data = bytearray(random_bytes(size, seed=len(order)))
+    data[7 * TP:8 * TP] = bytes(TP)                     # a zero page (a ZERO record)
+    final = tmp_path / "final"
+    final.write_bytes(data)
+    sock, record = tmp_path / "u.sock", tmp_path / "late.ws"
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock), "--timeout", "30",
+                    "--record-workset", str(record))
+    toucher = LateToucher(sock, size, final)
+    try:
+        with FakeSource(sd.port, codec.BlockInfo("mem", size, TP)) as src:
+            src.send(preamble(src.block))
+            assert toucher.line() == "ready"
+            ram = src.ram
+            src.send(ram.begin() + b"".join(ram.zero("mem", o) if o == 7 * TP else ram.page("mem", o, data[o:o + TP])
+                                            for o in range(0, size, TP)) + ram.end())
+            _pong(src, 1)
+            assert toucher.touch(order) == [_digest(data[p * TP:(p + 1) * TP]) for p in order]
+            assert toucher.touch([7]) == [_digest(bytes(TP))]
+            src.send(codec.encode(codec.Eof()))
+            rc, out, err = sd.wait()
+        assert rc == 0, err
+        assert toucher.check() == {"end": "complete", "bad": []}
+        finish(toucher.proc)
+    finally:
+        kill_and_reap(toucher.proc)
+    stats = json.loads(out.splitlines()[-1])
+    assert stats["postcopy-requests"] == 0 and stats["pages"]["received"] == PAGES, stats
+    first_touches = list(dict.fromkeys(order + [7]))
+    assert _recorded_pages(record) == first_touches
+
+
+def random_bytes(n: int, *, seed: int) -> bytes:
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+def test_a_staged_page_sent_again_or_discarded_reads_its_newest_copy(serve_dest, tmp_path):
+    """Pre-copy stages every page; some are sent again (data over data, data over zeros, zeros over
+    data) and some discarded (then sent again after RUN, or asked for when touched): the program
+    reads the newest copy of each, every byte checked, and the record is its touches in order."""
+    from fakes import FakeSource, preamble
+
+    size = PAGES * TP
+    v1 = bytearray(random_bytes(size, seed=11))
+    v1[3 * TP:4 * TP] = bytes(TP)
+    newer = {2: random_bytes(TP, seed=2), 3: random_bytes(TP, seed=3), 4: bytes(TP),
+             PAGES - 1: random_bytes(TP, seed=63)}
+    after_run = {0: random_bytes(TP, seed=100), 11: random_bytes(TP, seed=111)}
+    asked = {10: random_bytes(TP, seed=110)}
+    final_data = bytearray(v1)
+    for p, page in {**newer, **after_run, **asked}.items():
+        final_data[p * TP:(p + 1) * TP] = page
+    final = tmp_path / "final"
+    final.write_bytes(final_data)
+    sock, record = tmp_path / "u.sock", tmp_path / "pre.ws"
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock), "--timeout", "30",
+                    "--record-workset", str(record))
+    toucher = LateToucher(sock, size, final)
+
+    def section(pages: dict) -> bytes:
+        return ram.begin() + b"".join(ram.zero("mem", p * TP) if page == bytes(TP) else ram.page("mem", p * TP, page)
+                                      for p, page in pages.items()) + ram.end()
+
+    try:
+        with FakeSource(sd.port, codec.BlockInfo("mem", size, TP)) as src:
+            ram = src.ram
+            src.send(preamble(src.block, through="advise"))
+            src.send(section({p: bytes(v1[p * TP:(p + 1) * TP]) for p in range(PAGES)}))
+            src.send(section(newer))
+            src.send(codec.encode(codec.PostcopyRamDiscard("mem", ((0, TP), (10 * TP, 2 * TP)))))
+            src.send(codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
+            assert toucher.line() == "ready"
+            src.send(section(after_run))
+            _pong(src, 1)
+            order = [PAGES - 1, 0, 2, 3, 4, 11, 5]
+            assert toucher.touch(order) == [_digest(final_data[p * TP:(p + 1) * TP]) for p in order]
+            # page 10 was discarded and not sent again: the touch asks for it
+            toucher.proc.stdin.write("[10]\n")
+            toucher.proc.stdin.flush()
+            req = None
+            while req is None:
+                req = next((ev for ev in src.events() if isinstance(ev, codec.ReqPagesId)), None)
+            assert (req.start, req.length) == (10 * TP, TP)
+            src.send(section(asked))
+            assert json.loads(toucher.line()) == [_digest(asked[10])]
+            src.send(codec.encode(codec.Eof()))
+            rc, out, err = sd.wait()
+        assert rc == 0, err
+        assert toucher.check() == {"end": "complete", "bad": []}
+        finish(toucher.proc)
+    finally:
+        kill_and_reap(toucher.proc)
+    stats = json.loads(out.splitlines()[-1])
+    assert stats["postcopy-requests"] == 1 and stats["pages"]["received"] == PAGES, stats
+    assert _recorded_pages(record) == order + [10]

@@ -92,7 +92,8 @@ class Destination:
             for off, length in b.unmapped_ranges():
                 lib.pc_dest_mark(self.native, bi, off, length, 1)
         if record_workset:
-            lib.pc_dest_record_workset(self.native, 1)
+            # (pages sent unasked are staged, not placed, until touched or the stream's end: native/dest_place.c)
+            check_native(lib.pc_dest_record_workset(self.native, 1), "setting up the working-set record")
         os.set_blocking(uffd.fileno(), False)
         self.fault_thread = FaultThread(self.native)
         lib.pc_dest_set_quit_fd(self.native, self.fault_thread.quit_fd)
@@ -162,6 +163,13 @@ class Destination:
 
     def register_own_memory(self) -> None:
         self._register_all()
+
+    def place_staged(self) -> None:
+        """Place the pages held back for the working-set record (none without one)."""
+        r = lib.pc_dest_place_staged(self.native)
+        if r < 0:
+            self.check_program()
+            raise native_error(r, "placing the pages staged for the working-set record", PostcopyError)
 
     def tell(self, message: dict) -> None:
         self._tell_program(message)
@@ -806,6 +814,9 @@ class Destination:
                 pass
             thread.join(5)
         self.fault_thread.close()
+        # staged pages (--record-workset) are in no other copy on this side: placed before anything
+        # unregisters (a program gone meanwhile has no memory left to place them in)
+        lib.pc_dest_place_staged(self.native)
         # an attached program's memory stays registered until every page is in:
         # unregistered, each missing page would read as a fresh zero page (its
         # own open uffd keeps the registration once ours is closed)

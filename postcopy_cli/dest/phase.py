@@ -10,10 +10,13 @@ DISCARD       native phase
 LISTENING     place the assembled pages; register own memory; native phase:
               faults become page requests, those read before are sent now
 RUNNING       place the assembled pages; native phase: no page present is
-              overwritten any more; tell the program to run with the state;
+              overwritten any more, a staged page is served from its copy (the
+              threads that faulted on one are woken to fault again); tell the
+              program to run with the state;
               ``t_run``; downtime from a PING right before LISTEN
-END           ``t_complete``; native phase; wind down (SHUT 0, fault thread,
-              registration); tell the program it is complete
+END           place the pages staged for the working-set record; ``t_complete``;
+              native phase; wind down (SHUT 0, fault thread, registration); tell
+              the program it is complete
 PAUSED        (a channel broke from LISTEN on) native phase: faults only mark
               their pages requested; tell the program; the pause starts
 RUNNING       (POSTCOPY_RESUME on a resumed stream) native phase: every page
@@ -48,6 +51,7 @@ class PhaseMemory(Protocol):
 
     def set_phase(self, phase: int) -> None: ...
     def register_own_memory(self) -> None: ...
+    def place_staged(self) -> None: ...
 
 
 class PhaseProgram(Protocol):
@@ -128,8 +132,11 @@ class DestPhase:
 
     def on_end(self, offset: int, wind_down: Callable[[], None]) -> None:
         """EOF with every page in: ``wind_down`` (SHUT 0, stop the fault thread, unregister) runs before the
-        program is told."""
-        self._enter(self._next("EOF", offset))
+        program is told.  The pages staged for the working-set record go in first: the migration is
+        complete only once every page is in the program's memory."""
+        state = self._next("EOF", offset)
+        self.memory.place_staged()
+        self._enter(state)
         self.t_complete = self.clock()
         wind_down()
         self._tell({"event": "complete"})

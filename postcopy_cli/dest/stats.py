@@ -36,6 +36,8 @@ def dest_stats(raw, *, total_pages: int, elapsed_s: float, downtime_ms: float | 
         "faults": int(raw.faults),
         "duplicate-faults": int(raw.duplicate_faults),
         "late-faults": int(raw.late_faults),
+        # --record-workset: faults on pages that had arrived (staged), served without a request
+        "staged-faults": int(raw.staged_faults),
         "pages": {
             "total": total_pages,
             "received": int(raw.received_pages),
@@ -46,6 +48,7 @@ def dest_stats(raw, *, total_pages: int, elapsed_s: float, downtime_ms: float | 
             "skipped": int(raw.skipped_pages),
             "overwritten-in-precopy": int(raw.overwritten_pages),
             "removed-by-program": int(raw.removed_pages),
+            "staged": int(raw.staged_pages),
         },
         "bytes": int(raw.demand_pages + raw.background_pages + raw.precopy_pages + raw.overwritten_pages) * 4096,
         "total-time-ms": round(elapsed_s * 1000, 3),

@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include "wire.h"
 #include <stdlib.h>
+#include <sys/mman.h>
 
 struct pc_dest *pc_dest_new(int uffd, int quit_fd, int pid)
 {
@@ -31,6 +32,7 @@ struct pc_dest *pc_dest_new(int uffd, int quit_fd, int pid)
     d->inflight = calloc(d->inflight_cap, sizeof *d->inflight);
     pthread_mutex_init(&d->rp_lock, NULL);
     pthread_mutex_init(&d->state_lock, NULL);
+    pthread_mutex_init(&d->stage_lock, NULL);
     if (!d->inflight) {
         free(d);
         return NULL;
@@ -45,6 +47,10 @@ void pc_dest_free(struct pc_dest *d)
     for (int i = 0; i < d->nblocks; i++) {
         free(d->blocks[i].received);
         free(d->blocks[i].requested);
+        if (d->blocks[i].stage)
+            munmap(d->blocks[i].stage, d->blocks[i].length);
+        free(d->blocks[i].staged);
+        free(d->blocks[i].staged_zero);
     }
     free(d->segs);
     free(d->pending);
@@ -52,6 +58,7 @@ void pc_dest_free(struct pc_dest *d)
     free(d->ws);
     pthread_mutex_destroy(&d->rp_lock);
     pthread_mutex_destroy(&d->state_lock);
+    pthread_mutex_destroy(&d->stage_lock);
     free(d);
 }
 
@@ -247,8 +254,16 @@ int pc_dest_set_phase(struct pc_dest *d, int phase)
         if (r < 0)
             return r;
     }
-    __atomic_store_n(&d->overwrite_ok, phase < PC_PHASE_RUNNING, __ATOMIC_RELEASE);
+    int was_ok = __atomic_exchange_n(&d->overwrite_ok, phase < PC_PHASE_RUNNING, __ATOMIC_ACQ_REL);
     __atomic_store_n(&d->phase, phase, __ATOMIC_RELEASE);
+    if (was_ok && phase >= PC_PHASE_RUNNING && __atomic_load_n(&d->staging, __ATOMIC_ACQUIRE)) {
+        /* A fault on a staged page is served from staging only from here on (before, a page may
+         * still be sent again or discarded); the threads that faulted on one before wait: wake
+         * them all, each faults again and is served (a thread whose page is missing only faults
+         * again: UFFDIO_WAKE wakes whoever waits in the range, fs/userfaultfd.c) */
+        for (int i = 0; i < d->nsegs; i++)
+            wake_range(d, d->segs[i].addr, d->segs[i].size);
+    }
     return r;
 }
 

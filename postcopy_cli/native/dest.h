@@ -17,6 +17,11 @@ struct pc_dest_block {
     uint64_t page_size;   /* host page size of the block */
     uint64_t *received;   /* one bit per 4096-byte target page */
     uint64_t *requested;  /* one bit per 4096-byte target page */
+    /* --record-workset: pages that arrived unrequested are held here, not placed, until the program
+     * touches them (its fault is the record's) or the stream ends (NULL: placed as they come) */
+    uint8_t *stage;           /* anonymous MAP_NORESERVE mapping, the block's length */
+    uint64_t *staged;         /* one bit per target page: its content is in stage (or zero), not placed */
+    uint64_t *staged_zero;    /* ... and it is a zero page (4 KiB blocks: UFFDIO_ZEROPAGE) */
     uint8_t name_len;
     char name[256];
 };
@@ -49,6 +54,8 @@ struct pc_dest_stats {
     uint64_t received_pages;    /* target pages marked received */
     uint64_t request_send_failures; /* page requests the broken return path did not take */
     uint64_t rerequests;        /* requests sent again on resumed streams */
+    uint64_t staged_pages;      /* target pages held back in staging (--record-workset) */
+    uint64_t staged_faults;     /* faults served from staging, without a request */
     int64_t first_error;        /* first errno the fault thread met (0: none) */
 };
 
@@ -92,6 +99,8 @@ struct pc_dest {
     int test_race_once;           /* tests only: the next run's first page is placed by "another channel" between
                                    * reading its bit and placing the run */
     /* --record-workset (under state_lock): first requests, in order; recording stops if it cannot grow */
+    int staging;          /* unrequested pages go to the blocks' stage (read by the placement hot path) */
+    pthread_mutex_t stage_lock;   /* a staged page's content and bits while it is placed or rewritten */
     int ws_recording;
     int ws_truncated;
     struct pc_ws_entry *ws;
@@ -117,6 +126,7 @@ int pc_dest_test(struct pc_dest *d, int block, uint64_t offset);
 uint64_t pc_dest_count_received(struct pc_dest *d, int block);
 void pc_dest_bitmap_le(struct pc_dest *d, int block, uint8_t *out, size_t out_len);
 void pc_dest_get_stats(struct pc_dest *d, struct pc_dest_stats *out);
-void pc_dest_record_workset(struct pc_dest *d, int on);
+int pc_dest_record_workset(struct pc_dest *d, int on);
+int pc_dest_place_staged(struct pc_dest *d);
 int64_t pc_dest_workset_read(struct pc_dest *d, uint64_t *pages, uint64_t *t_ns, size_t cap, int *truncated);
 #endif

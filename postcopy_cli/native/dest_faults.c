@@ -5,6 +5,7 @@
 #include "io.h"
 #include <poll.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 
 static const struct pc_dest_seg *seg_by_addr(const struct pc_dest *d, uint64_t addr)
 {
@@ -82,11 +83,40 @@ static void ws_note(struct pc_dest *d, uint64_t page, uint64_t t)
     d->ws[d->nws++] = (struct pc_ws_entry){ page, t };
 }
 
-void pc_dest_record_workset(struct pc_dest *d, int on)
+/* Recording also turns on staged placement: the pages the source sends unasked are held in a
+ * staging copy of each block instead of being placed, so that the program's first touch of each
+ * one still faults (and is recorded) even when the background stream got there first; the fault
+ * is served from the copy, without a request (dest_place.c). */
+int pc_dest_record_workset(struct pc_dest *d, int on)
 {
+    int r = 0;
     pthread_mutex_lock(&d->state_lock);
-    d->ws_recording = on;
+    for (int i = 0; on && i < d->nblocks && r == 0; i++) {
+        struct pc_dest_block *b = &d->blocks[i];
+        if (b->stage)
+            continue;
+        size_t words = (b->length / TP + 63) / 64;
+        b->staged = calloc(words ? words : 1, 8);
+        b->staged_zero = calloc(words ? words : 1, 8);
+        /* only the pages written into it take memory; MAP_NORESERVE: no commit charge for the rest */
+        void *m = mmap(NULL, b->length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (!b->staged || !b->staged_zero || m == MAP_FAILED) {
+            r = m == MAP_FAILED ? -errno : -ENOMEM;
+            free(b->staged);
+            free(b->staged_zero);
+            b->staged = b->staged_zero = NULL;
+            if (m != MAP_FAILED)
+                munmap(m, b->length);
+        } else {
+            b->stage = m;
+        }
+    }
+    if (r == 0) {
+        d->ws_recording = on;
+        __atomic_store_n(&d->staging, on, __ATOMIC_RELEASE);
+    }
     pthread_mutex_unlock(&d->state_lock);
+    return r;
 }
 
 /* The record so far, each page once (a page discarded and asked for again
@@ -168,13 +198,31 @@ static void drop_range(struct pc_dest *d, uint64_t start, uint64_t end)
         struct pc_dest_block *b = &d->blocks[s->block];
         for (uint64_t p = a; p < stop; p += TP) {
             uint64_t page = (s->offset + (p - s->addr)) >> TP_SHIFT;
+            /* a staged page it dropped reads as zeros too: its copy must not be placed */
+            int was_staged = b->staged && bit_clear(b->staged, page);
             if (!bit_test_and_set(b->received, page)) {
                 __atomic_fetch_add(&d->st.received_pages, 1, __ATOMIC_RELAXED);
+                __atomic_fetch_add(&d->st.removed_pages, 1, __ATOMIC_RELAXED);
+            } else if (was_staged) {
                 __atomic_fetch_add(&d->st.removed_pages, 1, __ATOMIC_RELAXED);
             }
         }
         a = stop;
     }
+}
+
+/* The program's first touch of a page held in staging: recorded, and served from the copy (from
+ * RUNNING on; before, the page may still be sent again or discarded, and the thread waits for the
+ * wake-up at RUN, faulting again then). Caller holds state_lock. */
+static void fault_on_staged(struct pc_dest *d, int block, uint64_t off, uint64_t host, uint64_t t)
+{
+    if (__atomic_load_n(&d->overwrite_ok, __ATOMIC_ACQUIRE))
+        return;
+    if (d->ws_recording)
+        ws_note(d, ((uint64_t)block << 56) | (off >> TP_SHIFT), t);
+    d->st.staged_faults++;
+    if (!serve_staged(d, block, off, host))
+        serve_late_fault(d, &d->blocks[block], host);   /* placed at the stream's end meanwhile, or dropped */
 }
 
 int pc_dest_fault_loop(struct pc_dest *d)
@@ -219,15 +267,25 @@ int pc_dest_fault_loop(struct pc_dest *d)
                 struct pc_dest_block *b = &d->blocks[s->block];
                 uint64_t off = (s->offset + (addr - s->addr)) & ~(b->page_size - 1);
                 uint64_t host = s->addr + (off - s->offset);
-                if (bit_test(b->received, off >> TP_SHIFT)) {
-                    d->st.late_faults++;
-                    serve_late_fault(d, b, host);
-                } else if (bit_test_and_set(b->requested, off >> TP_SHIFT)) {
+                uint64_t page = off >> TP_SHIFT;
+                if (bit_test(b->received, page)) {
+                    if (b->staged && bit_test(b->staged, page))
+                        fault_on_staged(d, s->block, off, host, t);
+                    else {
+                        d->st.late_faults++;
+                        serve_late_fault(d, b, host);
+                    }
+                } else if (bit_test_and_set(b->requested, page)) {
                     d->st.duplicate_faults++;
+                } else if (b->staged && (__atomic_thread_fence(__ATOMIC_SEQ_CST), bit_test(b->received, page))) {
+                    /* staged by a channel since the test above (its check of "requested" came
+                     * first): no request; if the channel saw this request it serves it too
+                     * (EEXIST: whichever comes second only wakes) */
+                    fault_on_staged(d, s->block, off, host, t);
                 } else {
                     inflight_put(d, key_of(s->block, off), t);
                     if (d->ws_recording)
-                        ws_note(d, ((uint64_t)s->block << 56) | (off >> TP_SHIFT), t);
+                        ws_note(d, ((uint64_t)s->block << 56) | page, t);
                     uint64_t req = ((uint64_t)s->block << 56) | off;
                     if (!d->requests_enabled) {
                         if (d->npending == d->cap_pending) {

@@ -4,6 +4,7 @@
 #include "dest_internal.h"
 #include "io.h"
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -209,6 +210,197 @@ static int place_run(struct pc_dest *d, int block, uint64_t off, uint64_t addr, 
     return r ? r : w;
 }
 
+/* ---- staged placement (--record-workset) ----
+ *
+ * A page the source sends unasked is copied into the block's stage and marked staged and
+ * received (so it is never asked for, nor sent again on a resumed stream), not placed: the
+ * program's first touch of it still faults, the fault thread records it and places the page
+ * from the stage (serve_staged), and what is left is placed in long runs when the stream ends
+ * (pc_dest_place_staged). Before RUNNING a staged page may be sent again (its copy is
+ * replaced) or discarded (its bits cleared); from RUNNING on its copy never changes. */
+
+/* Place the staged host page at block offset off (host addr) and wake its thread; 1 if it was
+ * staged (placed now, or present already), 0 if not (placed by someone else, or dropped). */
+int serve_staged(struct pc_dest *d, int block, uint64_t off, uint64_t addr)
+{
+    struct pc_dest_block *b = &d->blocks[block];
+    uint64_t page = off >> TP_SHIFT;
+    int served = 0;
+    pthread_mutex_lock(&d->stage_lock);
+    if (b->staged && bit_test(b->staged, page)) {
+        int rc;
+        if (b->page_size == TP && bit_test(b->staged_zero, page)) {
+            struct uffdio_zeropage z = { { addr, TP }, 0, 0 };
+            rc = ioctl(d->uffd, UFFDIO_ZEROPAGE, &z);
+        } else {
+            struct uffdio_copy c = { addr, (uint64_t)(uintptr_t)(b->stage + off), b->page_size, 0, 0 };
+            rc = ioctl(d->uffd, UFFDIO_COPY, &c);
+        }
+        int err = rc ? errno : 0;
+        if (err == 0 || err == EEXIST) {
+            for (uint64_t q = page; q < page + b->page_size / TP; q++) {
+                bit_clear(b->staged, q);
+                bit_clear(b->staged_zero, q);
+            }
+        }
+        /* EEXIST: present already (the copy that put it there woke the thread, or this wakes
+         * it); another error (EAGAIN: the mm is changing): the page stays staged, the thread
+         * is woken and faults again */
+        if (err)
+            wake_range(d, addr, b->page_size);
+        served = 1;
+    }
+    pthread_mutex_unlock(&d->stage_lock);
+    return served;
+}
+
+/* A page received already: a thread that asked for it is served from the stage if it is staged,
+ * else given the zeros the program dropped it to (serve_late_fault). */
+static void serve_received(struct pc_dest *d, int block, uint64_t off, uint64_t addr)
+{
+    if (!serve_staged(d, block, off, addr))
+        serve_late_fault(d, &d->blocks[block], addr);
+}
+
+/* Stage the run [off, off+len) of pages missing and not requested (src NULL: zeros). */
+static void stage_run(struct pc_dest *d, int block, uint64_t off, const uint8_t *src, uint64_t len)
+{
+    struct pc_dest_block *b = &d->blocks[block];
+    uint64_t first = off >> TP_SHIFT, n = len / TP;
+    if (src)
+        memcpy(b->stage + off, src, len);
+    for (uint64_t p = first; p < first + n; p++) {
+        if (src)
+            bit_clear(b->staged_zero, p);
+        else
+            bit_test_and_set(b->staged_zero, p);
+        bit_test_and_set(b->staged, p);   /* content, then staged, then received (account) */
+    }
+    account(d, block, off, len, pc_now_ns(), src == NULL);
+    __atomic_fetch_add(&d->st.staged_pages, n, __ATOMIC_RELAXED);
+    /* A fault read between this run's check of "requested" and "received" above was sent as a
+     * request; its answer would be skipped as received: serve it now (the fault thread does the
+     * same for a fault that sees "received" after setting "requested"). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&d->overwrite_ok, __ATOMIC_ACQUIRE))
+        return;   /* before RUNNING: woken at RUN, served then */
+    for (uint64_t o = off; o < off + len; o += b->page_size) {
+        if (bit_test(b->requested, o >> TP_SHIFT)) {
+            uint64_t room, addr = host_addr(d, block, o, &room);
+            if (addr)
+                serve_staged(d, block, o, addr);
+        }
+    }
+}
+
+/* Before RUNNING: pages staged already sent again (src NULL: as zeros); the newer copy
+ * replaces the staged one. */
+static void restage_run(struct pc_dest *d, int block, uint64_t off, const uint8_t *src, uint64_t len)
+{
+    struct pc_dest_block *b = &d->blocks[block];
+    pthread_mutex_lock(&d->stage_lock);
+    for (uint64_t o = off; o < off + len; o += TP) {
+        if (src) {
+            memcpy(b->stage + o, src + (o - off), TP);
+            bit_clear(b->staged_zero, o >> TP_SHIFT);
+        } else {
+            bit_test_and_set(b->staged_zero, o >> TP_SHIFT);
+        }
+    }
+    pthread_mutex_unlock(&d->stage_lock);
+    __atomic_fetch_add(&d->st.overwritten_pages, len / TP, __ATOMIC_RELAXED);
+    if (!src)
+        __atomic_fetch_add(&d->st.zero_pages, len / TP, __ATOMIC_RELAXED);
+}
+
+/* Place the staged run [off, off+len) at host addr (zeros or from the stage) and wake it; pages
+ * present already (served to a fault meanwhile) are left. 0 or -errno. */
+static int place_staged_run(struct pc_dest *d, const struct pc_dest_block *b, uint64_t off, uint64_t addr, int zero,
+                            uint64_t len)
+{
+    const uint8_t *src = zero ? NULL : b->stage + off;
+    if (!__atomic_load_n(&d->registered, __ATOMIC_ACQUIRE)) {
+        /* own memory, never registered (a stream without LISTEN) */
+        if (src)
+            memcpy((void *)(uintptr_t)addr, src, len);
+        else
+            memset((void *)(uintptr_t)addr, 0, len);
+        return 0;
+    }
+    uint64_t done = 0;
+    int r = 0;
+    while (done < len) {
+        int64_t placed = 0;
+        int rc = place_nowake(d, addr + done, src ? src + done : NULL, len - done, &placed);
+        if (rc == 0)
+            break;
+        if (placed > 0)
+            done += (uint64_t)placed;
+        if (rc == -EAGAIN || rc == -EINTR)
+            continue;
+        if (rc != -EEXIST) {
+            r = rc;
+            break;
+        }
+        done += b->page_size;   /* the page UFFDIO_COPY stopped at is present */
+    }
+    int w = wake_range(d, addr, len);
+    return r ? r : w;
+}
+
+#define STAGED_RUN_MAX (1024 * TP)   /* bytes per placement of staged pages at the end */
+
+/* The stream has ended (or the destination closes): every page still staged is placed, in runs,
+ * and staging is off. 0 or the first -errno (the pages it could not place stay staged). */
+int pc_dest_place_staged(struct pc_dest *d)
+{
+    int err = 0;
+    __atomic_store_n(&d->staging, 0, __ATOMIC_RELEASE);
+    for (int bi = 0; bi < d->nblocks; bi++) {
+        struct pc_dest_block *b = &d->blocks[bi];
+        if (!b->stage)
+            continue;
+        uint64_t npages = b->length / TP, hp = b->page_size / TP;
+        int left = 0;
+        for (uint64_t p = 0; p < npages;) {
+            if (!(p & 63) && !__atomic_load_n(&b->staged[p >> 6], __ATOMIC_ACQUIRE)) {
+                p += 64;
+                continue;
+            }
+            if (!bit_test(b->staged, p)) {
+                p += hp;
+                continue;
+            }
+            int zero = b->page_size == TP && bit_test(b->staged_zero, p);
+            uint64_t off = p << TP_SHIFT, room, addr = host_addr(d, bi, off, &room);
+            uint64_t n = hp;
+            while (p + n < npages && (n + hp) * TP <= room && n * TP < STAGED_RUN_MAX && bit_test(b->staged, p + n) &&
+                   (b->page_size == TP && bit_test(b->staged_zero, p + n)) == zero)
+                n += hp;
+            int r = addr ? place_staged_run(d, b, off, addr, zero, n * TP) : 0;
+            if (r) {
+                left = 1;
+                if (!err)
+                    err = r;
+            } else {
+                for (uint64_t q = p; q < p + n; q++) {
+                    bit_clear(b->staged, q);
+                    bit_clear(b->staged_zero, q);
+                }
+            }
+            p += n;
+        }
+        if (!left) {
+            /* give the copies' memory back (under the lock: a fault thread may be copying from a
+             * page it saw staged just before its bit was cleared) */
+            pthread_mutex_lock(&d->stage_lock);
+            madvise(b->stage, b->length, MADV_DONTNEED);
+            pthread_mutex_unlock(&d->stage_lock);
+        }
+    }
+    return err;
+}
+
 static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *data, uint64_t len)
 {
     if (block < 0 || block >= d->nblocks)
@@ -218,21 +410,23 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
         return -EINVAL;
     uint64_t o = offset, end = offset + len;
     int overwrite_ok = __atomic_load_n(&d->overwrite_ok, __ATOMIC_ACQUIRE);
+    int staging = b->stage && __atomic_load_n(&d->staging, __ATOMIC_ACQUIRE);
     while (o < end) {
         int have = bit_test(b->received, o >> TP_SHIFT);
         if (have && !overwrite_ok) {
-            /* received already (placed, or dropped by the program since RUN) */
+            /* received already (placed, staged, or dropped by the program since RUN) */
             __atomic_fetch_add(&d->st.skipped_pages, b->page_size / TP, __ATOMIC_RELAXED);
-            /* requested, then dropped by the program before it came: the
-             * faulting thread still waits; it gets the zeros it dropped */
+            /* requested, then staged or dropped by the program before it came: the faulting
+             * thread still waits; it gets the staged copy, or the zeros it dropped */
             uint64_t room, addr = host_addr(d, block, o, &room);
             uint64_t t0;
             if (inflight_take(d, key_of(block, o), &t0) && addr)
-                serve_late_fault(d, b, addr);
+                serve_received(d, block, o, addr);
             o += b->page_size;
             continue;
         }
-        /* a run of pages all missing, or (before RUN) all present */
+        /* a run of pages all missing, or (before RUN) all present; with staging, missing ones
+         * split into asked for (placed) and not (staged), present ones into placed and staged */
         uint64_t room;
         uint64_t addr = host_addr(d, block, o, &room);
         if (!addr) {   /* a hole no region maps: nothing to place */
@@ -248,12 +442,17 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
          * page): re-reading its bit here could end the run before it began,
          * and a zero-length UFFDIO_COPY is EINVAL (validate_range,
          * fs/userfaultfd.c). */
+        int held = staging && (have ? bit_test(b->staged, o >> TP_SHIFT) : !bit_test(b->requested, o >> TP_SHIFT));
         uint64_t run = b->page_size;
-        while (o + run < end && run < room && bit_test(b->received, (o + run) >> TP_SHIFT) == have)
+        while (o + run < end && run < room && bit_test(b->received, (o + run) >> TP_SHIFT) == have &&
+               (!staging || (have ? bit_test(b->staged, (o + run) >> TP_SHIFT)
+                                  : !bit_test(b->requested, (o + run) >> TP_SHIFT)) == held))
             run += b->page_size;
         const uint8_t *src = data ? data + (o - offset) : NULL;
-        int r;
-        if (have) {
+        int r = 0;
+        if (have && held) {
+            restage_run(d, block, o, src, run);
+        } else if (have) {
             /* pre-copy sent this page again (dirtied since): before RUN the
              * program is stopped, so its present copy is simply overwritten */
             if (src) {
@@ -265,6 +464,8 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
             }
             if (!r)
                 __atomic_fetch_add(&d->st.overwritten_pages, run / TP, __ATOMIC_RELAXED);
+        } else if (held) {
+            stage_run(d, block, o, src, run);
         } else {
             r = place_run(d, block, o, addr, src, run);
         }
@@ -305,6 +506,10 @@ void pc_dest_mark(struct pc_dest *d, int block, uint64_t offset, uint64_t len, i
             if (bit_clear(b->received, o >> TP_SHIFT))
                 __atomic_fetch_sub(&d->st.received_pages, 1, __ATOMIC_RELAXED);
             bit_clear(b->requested, o >> TP_SHIFT);
+            if (b->staged) {   /* discarded: its staged copy is stale (the source sends it again) */
+                bit_clear(b->staged, o >> TP_SHIFT);
+                bit_clear(b->staged_zero, o >> TP_SHIFT);
+            }
         }
     }
 }
