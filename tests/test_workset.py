@@ -144,6 +144,14 @@ def test_migrate_refuses_a_workset_that_does_not_fit_with_exit_2(tmp_path, ws, e
     assert f"--workset {path}" in line and why in line, line
 
 
+def test_workset_before_run_goes_with_a_workset(tmp_path):
+    image = tmp_path / "img"
+    write_image(image, 16 * TP)
+    proc = run_postcopy("migrate", "--to", "unix:/nowhere.sock", "--image", str(image), "--workset-before-run")
+    assert proc.returncode == 2
+    assert "--workset-before-run goes with --workset FILE" in single_stderr_line(proc.stderr)
+
+
 def test_workset_goes_with_image_only(tmp_path):
     proc = run_postcopy("migrate", "--to", "unix:/nowhere.sock", "--attach", str(tmp_path / "s.sock"),
                         "--workset", str(tmp_path / "a.ws"))
@@ -289,6 +297,13 @@ def test_record_then_replay_every_byte_verified_far_fewer_requests(serve_dest, t
     assert src["pages"] == size // TP
     assert replay["postcopy-requests"] * 4 <= cold["postcopy-requests"], (replay["postcopy-requests"],
                                                                           cold["postcopy-requests"])
+    # the same run with the working set sent before RUN: the program starts with it in place, and
+    # faults only on pages it touched after the recording's stream ended (none, mostly)
+    early, touched, src = _restore(serve_dest, tmp_path, image, size, worksets=[cold_ws],
+                                   extra=["--workset-before-run"])
+    assert touched["mismatches"] == 0 and touched["verified_pages"] == size // TP, touched
+    assert src["before-run-pages"] >= len(pages) and src["run-at-seconds"] >= 0, src
+    assert early["postcopy-requests"] <= len(wanted - set(pages)), early
     # both records merged, with another run's jitter: still every byte
     merged, touched, _ = _restore(serve_dest, tmp_path, image, size, worksets=[cold_ws, replay_ws], seed=7,
                                   jitter=0.2)

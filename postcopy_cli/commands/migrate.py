@@ -129,6 +129,9 @@ def _page_size(text: str | None) -> int:
               help="--image: send the pages of this working set (serve-dest --record-workset) first, in the "
                    "order the program faulted on them, then the rest (repeatable: merged by first fault "
                    "time, each page once). Requested pages still go first.")
+@click.option("--workset-before-run", "workset_before_run", is_flag=True,
+              help="--workset: send the working set before RUN, so that the program starts with it in place "
+                   "(fewer faults, a later start) instead of racing the stream for it.")
 @click.option("--attach", metavar="PATH", help="Migrate the live program that connects to this Unix socket.")
 @click.option("--state-file", type=click.Path(exists=True, dir_okay=False),
               help="Bytes handed to the destination program at RUN (the device state).")
@@ -168,7 +171,7 @@ def _page_size(text: str | None) -> int:
 @common_options
 def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, timeout, postcopy_after,
             precopy_passes, resend_hot, kill_source, single_channel, recover_timeout, migration_id, resume, worksets,
-            tls_creds, tls_hostname):
+            workset_before_run, tls_creds, tls_hostname):
     """Migrate memory to a serve-dest: an image file (lazy restore) or a live program.
 
     With --image, the destination's requested pages are sent first and the rest
@@ -206,6 +209,8 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
         raise UsageError("--page-size goes with --image (a live program's page sizes come from its hand-over)")
     if attach and worksets:
         raise UsageError("--workset goes with --image (a working set replays a restore of an image)")
+    if workset_before_run and not worksets:
+        raise UsageError("--workset-before-run goes with --workset FILE")
     if tls_hostname and not tls_creds:
         raise UsageError("--tls-hostname goes with --tls-creds DIR")
     tls = {"tls": Credentials.load(tls_creds, server=False) if tls_creds else None, "hostname": tls_hostname}
@@ -259,7 +264,7 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
                     stats = migrate_image(conn, memory, state=state, max_bandwidth=rate, timeout=timeout,
                                           preempt=preempt, on_start=watch.on_start, migration_id=mid,
                                           preempt_channels=preempt_channels, recovery=recovery, resume=resume,
-                                          priority=priority)
+                                          priority=priority, priority_before_run=workset_before_run)
             finally:
                 for sock in (conn, preempt):
                     if sock is not None:

@@ -114,6 +114,11 @@ class PageBook:
             return self._claim(bi, a, min(stop, len(pending)))
         return None
 
+    def next_priority_chunk(self) -> tuple[int, int, int] | None:
+        """Claim the next chunk of the priority runs still to send; None once they are all sent."""
+        with self._lock:
+            return self._next_priority()
+
     def next_chunk(self) -> tuple[int, int, int] | None:
         """Claim the next run of pages still to send, at most one chunk and whole (huge) pages of its
         block: (block, first page, count); None when the walk has reached the end.  The priority

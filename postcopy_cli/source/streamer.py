@@ -388,6 +388,24 @@ class PageStreamer:
         book.rewind()
         return passes
 
+    def send_priority_first(self) -> int:
+        """Before RUN: the book's priority runs (a replayed working set) in one RAM section on the
+        main stream, under the bandwidth cap; the destination's program does not run yet, so nothing
+        is requested meanwhile.  Returns the pages sent."""
+        book, sent = self.book, 0
+        self._begin_section(self.main)
+        while (chunk := book.next_priority_chunk()) is not None:
+            wait = self._bandwidth_wait()
+            if wait:
+                time.sleep(wait)
+            bi, first, count = chunk
+            with self.main.lock:
+                self._send_pages(self.main, bi, first * TP, count)
+            sent += count
+        self._send(self.main, [self.enc.end()])
+        self.stats["before_run_pages"] = sent
+        return sent
+
     def _raise_thread_error(self) -> None:
         if self._server is not None and self._server.error is not None:
             raise self._server.error
