@@ -168,6 +168,8 @@ class Destination:
         """Place the pages held back for the working-set record (none without one)."""
         r = lib.pc_dest_place_staged(self.native)
         if r < 0:
+            if r == -errno.ESRCH and self.program and self._control.gone.wait(self.timeout):
+                return   # the program exited with every page here: it lost nothing (check_program)
             self.check_program()
             raise native_error(r, "placing the pages staged for the working-set record", PostcopyError)
 
