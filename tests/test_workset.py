@@ -369,7 +369,8 @@ def test_a_huge_page_block_records_and_replays_whole_huge_pages(serve_dest, tmp_
 
 # -- pages that arrived before the program touched them (staged placement) -------------------
 
-# A program that hands its memory over, waits for RUN (applying discards), prints "ready", then
+# A program that hands its memory over, touches the pages of argv[4] (a JSON list, if given) in a
+# thread at once, waits for RUN (applying discards), prints "ready" (and that thread's digests), then
 # reads the pages named on each stdin line (a JSON list, in that order) and prints a digest of each,
 # and at "check" waits for the migration's end and compares every page with the file argv[3].
 LATE_TOUCHER = """
@@ -378,11 +379,22 @@ from postcopy_cli.channels.control import ControlReader
 from postcopy_cli.guest import programs
 from postcopy_cli.memory.mappings import AnonymousMapping
 
+import threading
 sock_path, size, final = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+early = json.loads(sys.argv[4]) if len(sys.argv) > 4 else []
 ram = AnonymousMapping(size)
 reader = ControlReader(programs.attach(sock_path, ram, mode="touch"), name="control")
+early_digests = []
+def touch_early():   # before RUN: these touches wait for their pages
+    for p in early:
+        early_digests.append(hashlib.sha256(ctypes.string_at(ram.addr + p * 4096, 4096)).hexdigest())
+early_thread = threading.Thread(target=touch_early, daemon=True)
+early_thread.start()
 programs._wait_run(reader, ram)
 print("ready", flush=True)
+if early:
+    early_thread.join()
+    print(json.dumps(early_digests), flush=True)
 for line in sys.stdin:
     if line.strip() == "check":
         break
@@ -404,14 +416,20 @@ print(json.dumps({"end": msg if msg is ControlReader.CLOSED else msg.get("event"
 class LateToucher:
     """LATE_TOUCHER in a subprocess: touch(pages) returns the digests of what it read."""
 
-    def __init__(self, sock, size: int, final_path):
+    def __init__(self, sock, size: int, final_path, early=()):
         import sys
 
-        self.proc = subprocess.Popen([sys.executable, "-c", LATE_TOUCHER, str(sock), str(size), str(final_path)],
+        self.proc = subprocess.Popen([sys.executable, "-c", LATE_TOUCHER, str(sock), str(size), str(final_path),
+                                      *([json.dumps(list(early))] if early else [])],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
 
     def line(self) -> str:
+        import select
+
+        # a hang detector, not a timing: a thread that never gets its page fails the test
+        ready, _, _ = select.select([self.proc.stdout], [], [], PROC_TIMEOUT)
+        assert ready, f"the toucher printed nothing within {PROC_TIMEOUT} s"
         out = self.proc.stdout.readline()
         assert out, self.proc.communicate(timeout=PROC_TIMEOUT)
         return out.strip()
@@ -555,3 +573,47 @@ def test_a_staged_page_sent_again_or_discarded_reads_its_newest_copy(serve_dest,
     stats = json.loads(out.splitlines()[-1])
     assert stats["postcopy-requests"] == 1 and stats["pages"]["received"] == PAGES, stats
     assert _recorded_pages(record) == order + [10]
+
+
+def test_a_touch_before_run_of_a_staged_page_waits_for_run_and_reads_the_newest_copy(serve_dest, tmp_path):
+    """The program touches pages before RUN: one not sent yet (asked for, placed when it comes), then
+    one that comes staged and is sent again while the thread waits. A staged page is served only from
+    RUN on (before, it may change): the thread wakes at RUN and reads the newer copy."""
+    from conftest import wait_until, waits_in_userfault
+    from fakes import FakeSource, preamble
+
+    size = PAGES * TP
+    v1 = random_bytes(size, seed=21)
+    v2 = random_bytes(TP, seed=22)
+    final_data = bytearray(v1)
+    final_data[0:TP] = v2
+    final = tmp_path / "final"
+    final.write_bytes(final_data)
+    sock, record = tmp_path / "u.sock", tmp_path / "early.ws"
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock), "--timeout", "30",
+                    "--record-workset", str(record))
+    toucher = LateToucher(sock, size, final, early=[5, 0])
+    try:
+        with FakeSource(sd.port, codec.BlockInfo("mem", size, TP)) as src:
+            ram = src.ram
+            src.send(preamble(src.block, through="advise"))
+            wait_until(lambda: waits_in_userfault(toucher.proc.pid), "the early touch of page 5 waiting")
+            src.send(src.pages(v1, range(0, size, TP)))
+            _pong(src, 1)
+            src.send(src.pages(final_data, [0]))          # page 0 again, while the thread may wait on it
+            _pong(src, 2)
+            wait_until(lambda: waits_in_userfault(toucher.proc.pid), "the early touch of page 0 waiting")
+            src.send(codec.encode(codec.PostcopyListen()) + codec.encode(codec.PostcopyRun()))
+            assert toucher.line() == "ready"
+            assert json.loads(toucher.line()) == [_digest(v1[5 * TP:6 * TP]), _digest(v2)]
+            assert toucher.touch([PAGES - 1]) == [_digest(v1[-TP:])]
+            src.send(codec.encode(codec.Eof()))
+            rc, out, err = sd.wait()
+        assert rc == 0, err
+        assert toucher.check() == {"end": "complete", "bad": []}
+        finish(toucher.proc)
+    finally:
+        kill_and_reap(toucher.proc)
+    stats = json.loads(out.splitlines()[-1])
+    assert stats["pages"]["received"] == PAGES and stats["staged-faults"] == 2, stats
+    assert _recorded_pages(record) == [5, 0, PAGES - 1]
