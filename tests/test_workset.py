@@ -425,13 +425,20 @@ class LateToucher:
                                      text=True)
 
     def line(self) -> str:
-        import select
+        import queue
+        import threading
 
-        # a hang detector, not a timing: a thread that never gets its page fails the test
-        ready, _, _ = select.select([self.proc.stdout], [], [], PROC_TIMEOUT)
-        assert ready, f"the toucher printed nothing within {PROC_TIMEOUT} s"
-        out = self.proc.stdout.readline()
-        assert out, self.proc.communicate(timeout=PROC_TIMEOUT)
+        if not hasattr(self, "_lines"):
+            # read in a thread (a select on the pipe misses lines its buffer holds already)
+            self._lines = queue.Queue()
+            threading.Thread(target=lambda: [self._lines.put(x) for x in self.proc.stdout] + [self._lines.put("")],
+                             daemon=True).start()
+        try:
+            # a hang detector, not a timing: a thread that never gets its page fails the test
+            out = self._lines.get(timeout=PROC_TIMEOUT)
+        except queue.Empty:
+            raise AssertionError(f"the toucher printed nothing within {PROC_TIMEOUT} s") from None
+        assert out, self.proc.stderr.read()
         return out.strip()
 
     def touch(self, pages) -> list[str]:
@@ -499,7 +506,7 @@ def test_pages_that_arrived_before_their_first_touch_are_recorded_in_touch_order
             rc, out, err = sd.wait()
         assert rc == 0, err
         assert toucher.check() == {"end": "complete", "bad": []}
-        finish(toucher.proc)
+        assert toucher.proc.wait(timeout=PROC_TIMEOUT) == 0
     finally:
         kill_and_reap(toucher.proc)
     stats = json.loads(out.splitlines()[-1])
@@ -567,7 +574,7 @@ def test_a_staged_page_sent_again_or_discarded_reads_its_newest_copy(serve_dest,
             rc, out, err = sd.wait()
         assert rc == 0, err
         assert toucher.check() == {"end": "complete", "bad": []}
-        finish(toucher.proc)
+        assert toucher.proc.wait(timeout=PROC_TIMEOUT) == 0
     finally:
         kill_and_reap(toucher.proc)
     stats = json.loads(out.splitlines()[-1])
@@ -611,7 +618,7 @@ def test_a_touch_before_run_of_a_staged_page_waits_for_run_and_reads_the_newest_
             rc, out, err = sd.wait()
         assert rc == 0, err
         assert toucher.check() == {"end": "complete", "bad": []}
-        finish(toucher.proc)
+        assert toucher.proc.wait(timeout=PROC_TIMEOUT) == 0
     finally:
         kill_and_reap(toucher.proc)
     stats = json.loads(out.splitlines()[-1])
