@@ -70,7 +70,8 @@ static int mark_received(struct pc_dest *d, struct pc_dest_block *b, uint64_t of
     return fresh;
 }
 
-/* place [addr, addr+len) from src (src NULL: zeros); returns 0 or -errno */
+/* the pages of [off, off+len) of block are in (placed or staged) at time t: received, and each
+ * counted once as requested (its latency ends), pre-copy or background */
 static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, uint64_t t, int zero)
 {
     struct pc_dest_block *b = &d->blocks[block];
