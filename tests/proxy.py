@@ -275,25 +275,22 @@ class FaultProxy:
     def cut_after(self, kind: str, direction: str, nbytes: int) -> None:
         """Arms a one-shot RST cut of the next connection of `kind` (one classified after
         this call) once exactly `nbytes` went `direction` ("c2s" or "s2c") through it."""
-        if kind not in KINDS:
-            raise ValueError(f"kind {kind!r}: one of {KINDS}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction {direction!r}: one of {DIRECTIONS}")
-        if nbytes < 0:
-            raise ValueError(f"nbytes {nbytes} < 0")
-        self._call(lambda: self._armed.append((kind, direction, int(nbytes), False)))
+        self._arm(kind, direction, nbytes, hold=False)
 
     def hold_after(self, kind: str, direction: str, nbytes: int) -> None:
         """Arms a one-shot hold of the next connection of `kind`: once exactly `nbytes` went
         `direction` through it, nothing more goes that way (the rest waits unread; the other
         way flows on) until a ``cut``."""
+        self._arm(kind, direction, nbytes, hold=True)
+
+    def _arm(self, kind: str, direction: str, nbytes: int, *, hold: bool) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: one of {KINDS}")
         if direction not in DIRECTIONS:
             raise ValueError(f"direction {direction!r}: one of {DIRECTIONS}")
         if nbytes < 0:
             raise ValueError(f"nbytes {nbytes} < 0")
-        self._call(lambda: self._armed.append((kind, direction, int(nbytes), True)))
+        self._call(lambda: self._armed.append((kind, direction, int(nbytes), hold)))
 
     def refuse_next(self, n: int = 1) -> None:
         """Closes (RST) the next `n` connections as soon as they are accepted."""

@@ -209,11 +209,11 @@ def test_cut_during_the_resume_handshake(restore):
         assert mstats["postcopy-recoveries"] == 1 and dstats["postcopy-recoveries"] in (1, 2), (mstats, dstats)
 
 
-def test_shut_held_by_the_link_then_lost(tmp_path):
-    """Every page is in and serve-dest sent SHUT 0, but the link holds it (stalled past a second) and then
-    breaks: the source never read it.  serve-dest must not take the silence for delivery and leave (the
-    source would retry a gone destination until its --recover-timeout): it stays until the source resumes
-    and tells it SHUT 0 again; both exit 0."""
+@contextlib.contextmanager
+def _after_a_whole_restore(tmp_path):
+    """(r, stream): a fresh 8 MiB single-channel restore set up (not started) and the byte count of its main
+    stream, measured on a first whole restore of the same image (the same image gives the same stream);
+    inside ``r.explained()``."""
     runs = []
     for name in ("whole", "broken"):
         (tmp_path / name).mkdir()
@@ -222,21 +222,29 @@ def test_shut_held_by_the_link_then_lost(tmp_path):
         whole, r = runs
         with whole.explained():
             whole.finish(whole.migrate("--single-channel"))
-        stream = whole.proxy.connections("main")[0].bytes["c2s"]   # the same image: the same stream
         with r.explained():
-            mig = r.migrate("--single-channel")
-            # the whole stream (pages, EOF) has gone to serve-dest: its SHUT 0 is what comes back next
-            r.proxy.wait_bytes("main", "c2s", stream, timeout=PROC_TIMEOUT)
-            r.proxy.stall()
-            time.sleep(2.0)
-            r.proxy.cut()
-            r.proxy.unstall()
-            mstats, dstats = r.finish(mig)
-        assert mstats["postcopy-recoveries"] == 1, mstats
-        assert dstats["pages"]["received"] == dstats["pages"]["total"]
+            yield r, whole.proxy.connections("main")[0].bytes["c2s"]
     finally:
         for run in runs:
             run.close()
+
+
+def test_shut_held_by_the_link_then_lost(tmp_path):
+    """Every page is in and serve-dest sent SHUT 0, but the link holds it (stalled past a second) and then
+    breaks: the source never read it.  serve-dest must not take the silence for delivery and leave (the
+    source would retry a gone destination until its --recover-timeout): it stays until the source resumes
+    and tells it SHUT 0 again; both exit 0."""
+    with _after_a_whole_restore(tmp_path) as (r, stream):
+        mig = r.migrate("--single-channel")
+        # the whole stream (pages, EOF) has gone to serve-dest: its SHUT 0 is what comes back next
+        r.proxy.wait_bytes("main", "c2s", stream, timeout=PROC_TIMEOUT)
+        r.proxy.stall()
+        time.sleep(2.0)
+        r.proxy.cut()
+        r.proxy.unstall()
+        mstats, dstats = r.finish(mig)
+    assert mstats["postcopy-recoveries"] == 1, mstats
+    assert dstats["pages"]["received"] == dstats["pages"]["total"]
 
 
 def test_program_gone_with_every_page_then_the_link_breaks(tmp_path):
@@ -244,26 +252,14 @@ def test_program_gone_with_every_page_then_the_link_breaks(tmp_path):
     reached serve-dest (its last byte held, then a reset).  The program lost nothing: the migration has
     succeeded.  serve-dest must not fail for the program's absence (the source, which cannot know, would
     retry a gone destination until its --recover-timeout): it tells the resuming source SHUT 0; both exit 0."""
-    runs = []
-    for name in ("whole", "broken"):
-        (tmp_path / name).mkdir()
-        runs.append(ImageRestore(tmp_path / name, 8 * MiB))
-    try:
-        whole, r = runs
-        with whole.explained():
-            whole.finish(whole.migrate("--single-channel"))
-        stream = whole.proxy.connections("main")[0].bytes["c2s"]   # the same image: the same stream
-        with r.explained():
-            r.proxy.hold_after("main", "c2s", stream - 1)           # all but the end of the stream
-            mig = r.migrate("--single-channel")
-            r.touch.wait(timeout=PROC_TIMEOUT)                       # read every page and left
-            r.proxy.cut()
-            mstats, dstats = r.finish(mig)
-        assert mstats["postcopy-recoveries"] == 1, mstats
-        assert dstats["pages"]["received"] == dstats["pages"]["total"]
-    finally:
-        for run in runs:
-            run.close()
+    with _after_a_whole_restore(tmp_path) as (r, stream):
+        r.proxy.hold_after("main", "c2s", stream - 1)   # all but the end of the stream
+        mig = r.migrate("--single-channel")
+        r.touch.wait(timeout=PROC_TIMEOUT)               # read every page and left
+        r.proxy.cut()
+        mstats, dstats = r.finish(mig)
+    assert mstats["postcopy-recoveries"] == 1, mstats
+    assert dstats["pages"]["received"] == dstats["pages"]["total"]
 
 
 def test_foreign_source_with_a_wrong_id_is_refused(restore):

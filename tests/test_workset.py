@@ -502,17 +502,23 @@ def test_pages_that_arrived_before_their_first_touch_are_recorded_in_touch_order
             _pong(src, 1)
             assert toucher.touch(order) == [_digest(data[p * TP:(p + 1) * TP]) for p in order]
             assert toucher.touch([7]) == [_digest(bytes(TP))]
-            src.send(codec.encode(codec.Eof()))
-            rc, out, err = sd.wait()
-        assert rc == 0, err
-        assert toucher.check() == {"end": "complete", "bad": []}
-        assert toucher.proc.wait(timeout=PROC_TIMEOUT) == 0
+            stats = _end_of_stream(src, sd, toucher)
     finally:
         kill_and_reap(toucher.proc)
-    stats = json.loads(out.splitlines()[-1])
     assert stats["postcopy-requests"] == 0 and stats["pages"]["received"] == PAGES, stats
     first_touches = list(dict.fromkeys(order + [7]))
     assert _recorded_pages(record) == first_touches
+
+
+def _end_of_stream(src, sd, toucher) -> dict:
+    """EOF from the fake source: serve-dest and the toucher end well (every page the toucher checked
+    right); serve-dest's stats."""
+    src.send(codec.encode(codec.Eof()))
+    rc, out, err = sd.wait()
+    assert rc == 0, err
+    assert toucher.check() == {"end": "complete", "bad": []}
+    assert toucher.proc.wait(timeout=PROC_TIMEOUT) == 0
+    return json.loads(out.splitlines()[-1])
 
 
 def random_bytes(n: int, *, seed: int) -> bytes:
@@ -570,14 +576,9 @@ def test_a_staged_page_sent_again_or_discarded_reads_its_newest_copy(serve_dest,
             assert (req.start, req.length) == (10 * TP, TP)
             src.send(section(asked))
             assert json.loads(toucher.line()) == [_digest(asked[10])]
-            src.send(codec.encode(codec.Eof()))
-            rc, out, err = sd.wait()
-        assert rc == 0, err
-        assert toucher.check() == {"end": "complete", "bad": []}
-        assert toucher.proc.wait(timeout=PROC_TIMEOUT) == 0
+            stats = _end_of_stream(src, sd, toucher)
     finally:
         kill_and_reap(toucher.proc)
-    stats = json.loads(out.splitlines()[-1])
     assert stats["postcopy-requests"] == 1 and stats["pages"]["received"] == PAGES, stats
     assert _recorded_pages(record) == order + [10]
 
@@ -614,13 +615,8 @@ def test_a_touch_before_run_of_a_staged_page_waits_for_run_and_reads_the_newest_
             assert toucher.line() == "ready"
             assert json.loads(toucher.line()) == [_digest(v1[5 * TP:6 * TP]), _digest(v2)]
             assert toucher.touch([PAGES - 1]) == [_digest(v1[-TP:])]
-            src.send(codec.encode(codec.Eof()))
-            rc, out, err = sd.wait()
-        assert rc == 0, err
-        assert toucher.check() == {"end": "complete", "bad": []}
-        assert toucher.proc.wait(timeout=PROC_TIMEOUT) == 0
+            stats = _end_of_stream(src, sd, toucher)
     finally:
         kill_and_reap(toucher.proc)
-    stats = json.loads(out.splitlines()[-1])
     assert stats["pages"]["received"] == PAGES and stats["staged-faults"] == 2, stats
     assert _recorded_pages(record) == [5, 0, PAGES - 1]
