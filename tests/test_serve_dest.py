@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -438,6 +439,42 @@ def test_two_blocks_interleaved_own_memory_library():
             assert ctypes.string_at(m.addr, s) == bytes(want[n]), n
     finally:
         server.close()
+
+
+def test_block_switch_cut_by_the_receive_own_memory_library():
+    """A RAM section switches blocks, and the bytes arrive cut inside the new block's named record
+    (8 bytes and more of it, not all): the pump stops there, the codec needs the rest, so the Python
+    side must receive it (the two once handed those bytes back and forth for ever, receiving nothing)."""
+    sizes = {"a": 64 * PAGE, "b": 64 * PAGE}
+    blocks = [codec.BlockInfo(n, s, PAGE) for n, s in sizes.items()]
+    server = ServeDest(ServeOptions(listen="tcp:127.0.0.1:0", ram=list(sizes.items()), timeout=20))
+    enc = codec.RamSectionEncoder()
+    a = enc.begin() + b"".join(enc.page("a", p * PAGE, page_data(p)) for p in range(8))
+    b = b"".join(enc.page("b", p * PAGE, page_data(100 + p)) for p in range(8)) + enc.end()
+    head = preamble(blocks) + LISTEN_RUN + a + b[:12]   # 12 bytes of block b's first (named) record
+    tail = b[12:] + ram(range(8, 64), "a") + ram(range(8, 64), "b") + codec.encode(codec.Eof())
+    conn = socket.create_connection((server.bound.host, server.bound.port), timeout=PROC_TIMEOUT)
+
+    def send():
+        conn.sendall(head)
+        time.sleep(0.5)   # serve-dest has taken the head by now (a slower one would just not be cut there)
+        conn.sendall(tail)
+
+    sender = threading.Thread(target=send)
+    result = []
+    runner = threading.Thread(target=lambda: result.append(server.run()), daemon=True)
+    sender.start()
+    runner.start()
+    try:
+        runner.join(PROC_TIMEOUT)
+        assert result, "serve-dest did not finish the stream"
+        assert result[0].complete
+        assert ctypes.string_at(server.mappings[1].addr, 8 * PAGE) == b"".join(page_data(100 + p) for p in range(8))
+    finally:
+        sender.join(PROC_TIMEOUT)
+        conn.close()
+        if not runner.is_alive():
+            server.close()
 
 
 @pytest.mark.parametrize("resend", ["before-listen", "after-run", "never-resent-then-zero"])

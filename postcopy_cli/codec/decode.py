@@ -10,6 +10,11 @@ Buffering: fed pieces are kept as immutable ``bytes`` chunks and parsed in
 place; an item straddling two pieces is assembled by copying just that item.
 Nothing is buffered beyond what was fed, and lengths read from the wire are
 checked before the decoder waits for (or assembles) that many bytes.
+
+A native fast path that consumes part of the same stream (the destination's
+pump, the source's request server) gets and returns the decoder's bytes and
+state only through :class:`~postcopy_cli.codec.pumped.PumpedDecoder`, the one
+friend of these internals.
 """
 from __future__ import annotations
 
@@ -157,23 +162,6 @@ class _Buffered:
         self._pos = 0
         return True
 
-    def take_unconsumed(self) -> bytes:
-        """Remove and return every byte fed but not consumed yet; the stream offset stays where it is."""
-        rest = b"".join([bytes(self._mv[self._pos:]), *self._chunks])
-        self._base += self._pos
-        self._buf = b""
-        self._mv = memoryview(b"")
-        self._pos = 0
-        self._chunks.clear()
-        self._pending = 0
-        return rest
-
-    def consumed_elsewhere(self, n: int) -> None:
-        """Account for ``n`` bytes of whole RAM records that the caller consumed itself."""
-        if self.buffered:
-            raise ValueError("bytes consumed elsewhere while the decoder holds unconsumed bytes")
-        self._base += n
-
     def _fail(self, problem: str, section: str, offset: int):
         self._error = ProtocolError(problem, section=section, offset=offset)
         raise self._error
@@ -248,16 +236,6 @@ class StreamDecoder(_Buffered):
     def finished(self) -> bool:
         """True once EOF has been decoded."""
         return self._phase == _P_DONE
-
-    # -- handing the bulk of a RAM section to a faster consumer --------------
-    def ram_block(self) -> str | None:
-        """The block a CONTINUE record would belong to here, or None.
-
-        Not None only inside a RAM section after its first (named) record: the
-        point where a caller may consume PAGE|CONTINUE / ZERO|CONTINUE records
-        itself (see :meth:`take_unconsumed` and :meth:`consumed_elsewhere`).
-        """
-        return self._cur_name if self._phase == _P_RAM and self._error is None else None
 
     # -- dispatch ----------------------------------------------------------
     def events(self) -> Iterator:
@@ -662,16 +640,6 @@ class ReturnPathDecoder(_Buffered):
         self.blocks = {b.name: b for b in infos}
         self._by_raw = {b.name.encode("utf-8"): b for b in infos}
         self._last_block: BlockInfo | None = None
-
-    @property
-    def last_block(self) -> str | None:
-        """The block a REQ_PAGES refers to (that of the last REQ_PAGES_ID), if any."""
-        return self._last_block.name if self._last_block is not None else None
-
-    @last_block.setter
-    def last_block(self, name: str | None) -> None:
-        """Set by a caller that decoded REQ_PAGES_ID messages itself."""
-        self._last_block = self.blocks[name] if name is not None else None
 
     def next_event(self):
         if self._error is not None:

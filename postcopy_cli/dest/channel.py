@@ -190,50 +190,50 @@ class StreamReceiver:
     def receive_loop(self) -> None:
         """Bytes in; the bulk of each RAM section goes to the native pump, the rest to the codec.
 
-        Inside a RAM section, after its first (named) record, the native pump
-        receives and places runs of PAGE|CONTINUE and ZERO|CONTINUE records
-        with the GIL released, straight from the receive buffer; anything else
-        goes through the validating sans-IO decoder.
+        Inside a RAM section of a target-page-size block, after its first (named) record, the native pump
+        receives and places runs of PAGE|CONTINUE and ZERO|CONTINUE records with the GIL released,
+        straight from the receive buffer; anything else goes through the validating sans-IO decoder.
+        The bytes and the block pass between the two only through the
+        :class:`~postcopy_cli.codec.pumped.PumpedDecoder` (its rule: every undecoded byte is in one place).
         """
-        decoder, conn, dest = self.decoder, self.conn, self.dest
+        conn, dest = self.conn, self.dest
         index = dest.index
         native = dest.native
         fast = ffi.new("struct pc_ram_fast *")
         small_pages = [b.page_size == TP for b in dest.blocks]
-        rb = bytearray(RECV_CHUNK)
-        view = memoryview(rb)
-        ptr = ffi.from_buffer(rb)
-        span = ffi.new("uint64_t[2]")          # [start, end) of unconsumed bytes in rb
+        pumped = codec.PumpedDecoder(self.decoder, RECV_CHUNK)
+        ptr = ffi.from_buffer(pumped.buffer)
+        cap = len(pumped.buffer)
+        span = ffi.from_buffer("uint64_t[]", pumped.span)   # the pump moves [start, end) in place
         fd = conn.fileno()
         timeout_ms = -1 if conn.gettimeout() is None else int(conn.gettimeout() * 1000)
-        eof = False
-        while not eof:
-            name = decoder.ram_block()
-            if name is not None and small_pages[index[name]] and not decoder.buffered:
+        recv_into = lambda view: self._recv_into(conn, view)  # noqa: E731
+        try:
+            eof = False
+            while not eof:
+                if pumped.lent:
+                    bi = index[pumped.block]
+                    self._flush()
+                    r = lib.pc_dest_pump(native, fd, self.wake_fd, bi, ptr, cap, span, span + 1, timeout_ms, fast)
+                    pumped.take_back(fast.consumed, stopped=r == lib.PC_PUMP_STOP)
+                    if fast.error:
+                        dest.placement_failed(fast.error, bi, fast.error_offset)
+                    if r == lib.PC_PUMP_WAKE:
+                        dest.program_left()
+                    elif r != lib.PC_PUMP_STOP:
+                        self._pump_ended(r)
+                else:
+                    pumped.receive(recv_into)
+                eof = self._decode_events(pumped)
+                name = pumped.block
+                if not eof and name is not None and small_pages[index[name]]:
+                    pumped.lend()   # back to the fast path (unless the undecoded bytes exceed the buffer)
                 self._flush()
-                r = lib.pc_dest_pump(native, fd, self.wake_fd, index[name], ptr, len(rb), span, span + 1, timeout_ms,
-                                     fast)
-                decoder.consumed_elsewhere(fast.consumed)
-                if fast.error:
-                    dest.placement_failed(fast.error, index[name], fast.error_offset)
-                if r == lib.PC_PUMP_WAKE:
-                    dest.program_left()
-                elif r != lib.PC_PUMP_STOP:
-                    self._pump_ended(r)
-                data = bytes(view[span[0]:span[1]])
-                span[0] = span[1] = 0
-            else:
-                n = self._recv_into(conn, view)
-                data = bytes(view[:n])
-            decoder.feed(data)
-            eof = self._decode_events(decoder)
-            name = decoder.ram_block()
-            if not eof and name is not None and small_pages[index[name]] and 0 < decoder.buffered <= len(rb):
-                # back to the fast path: the decoder's unconsumed bytes go first
-                rest = decoder.take_unconsumed()
-                view[:len(rest)] = rest
-                span[0], span[1] = 0, len(rest)
-            self._flush()
+        finally:
+            # the native views go now, not with a garbage cycle an exception left (that order freed the
+            # buffer under its view: a crash at exit)
+            ffi.release(ptr)
+            ffi.release(span)
         dest.check_fault_thread()
 
     def _pump_ended(self, r: int) -> None:
@@ -250,13 +250,14 @@ class StreamReceiver:
                                    f"({self.position(state=True)})")
         raise native_error(r, f"the source connection failed ({self.position()})", PeerDisconnected)
 
-    def _decode_events(self, decoder) -> bool:
+    def _decode_events(self, pumped: codec.PumpedDecoder) -> bool:
         """Handle decoded events until the decoder needs data or can hand over to the fast path."""
+        decoder = pumped.decoder
         dest = self.dest
         index = dest.index
         blocks = dest.blocks
         RamPage, RamZero = codec.RamPage, codec.RamZero
-        for ev in decoder.events():
+        for ev in pumped.events():
             t = type(ev)
             if t is RamPage:
                 if self._discards_pending:

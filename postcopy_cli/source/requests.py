@@ -62,6 +62,8 @@ class RequestServer:
             for offset, addr, size in memory.segments(bi):
                 lib.pc_src_add_segment(srv, bi, offset, addr, size)
         self.srv = srv
+        # the hand-over: the server's rbuf is the buffer the codec's undecoded bytes are lent into
+        self._pumped = codec.PumpedDecoder(decoder, ffi.buffer(srv.rbuf))
         self._thread: threading.Thread | None = None
 
     @property
@@ -78,22 +80,28 @@ class RequestServer:
     def start(self, on_codec: Callable[[], None], done: Callable[[], bool]) -> None:
         """Serve in a thread until ``done()`` or :meth:`stop`.  ``on_codec()`` runs in that thread
         each time the codec has bytes from the server: it takes the decoder's events (and answers
-        requests on the lane itself).  A failure ends the thread and is kept in :attr:`error`."""
-        srv = self.srv
+        requests on the lane itself).  A failure ends the thread and is kept in :attr:`error`.
+
+        From here until :meth:`stop` returns, the decoder belongs to the request thread."""
         # what the codec holds of the return path (a partial message, the REQ_PAGES block) goes to the server
-        last = self.decoder.last_block
-        srv.last_block = self.index[last] if last is not None else -1
-        rest = self.decoder.take_unconsumed()
-        if len(rest) > len(srv.rbuf):
-            raise ProtocolError(f"a message of over {len(srv.rbuf)} bytes before page requests",
+        if self._lend() is None:
+            raise ProtocolError(f"a message of over {len(self._pumped.buffer)} bytes before page requests",
                                 section="return path", offset=self.decoder.offset)
-        ffi.memmove(srv.rbuf, rest, len(rest))
-        srv.rlen = len(rest)
-        srv.need_more = 1 if rest else 0
         self.book.lend()
         self._thread = threading.Thread(target=self._serve, args=(on_codec, done), name="postcopy/requests",
                                         daemon=True)
         self._thread.start()
+
+    def _lend(self) -> int | None:
+        """The codec's undecoded bytes and REQ_PAGES block to the server (None: they exceed its buffer)."""
+        srv = self.srv
+        last = self._pumped.block
+        n = self._pumped.lend()
+        if n is not None:
+            srv.last_block = self.index[last] if last is not None else -1
+            srv.rlen = n
+            srv.need_more = 1 if n else 0
+        return n
 
     def _serve(self, on_codec, done) -> None:
         make_latency_thread()
@@ -113,17 +121,12 @@ class RequestServer:
                     on_codec()
                     # a message longer than the server's buffer (a RECV_BITMAP for a block over
                     # 2 GiB): the codec reads the rest of it here
-                    if self.decoder.buffered < len(srv.rbuf):
+                    if self._pumped.undecoded < len(self._pumped.buffer):
                         break
                     if not self._receive_long():
                         return
                 srv.named = lane.named
-                last = self.decoder.last_block
-                srv.last_block = self.index[last] if last is not None else -1
-                rest = self.decoder.take_unconsumed()
-                ffi.memmove(srv.rbuf, rest, len(rest))
-                srv.rlen = len(rest)
-                srv.need_more = 1 if rest else 0
+                self._lend()
         except BaseException as e:   # handed to the streaming thread
             self.error = e
 
@@ -144,16 +147,15 @@ class RequestServer:
             raise PeerDisconnected(f"the destination connection failed: {e.strerror or e}") from None
         if not data:
             raise PeerDisconnected("the destination disconnected before answering SHUT")
-        self.decoder.feed(data)
+        self._pumped.feed(data)
         return True
 
     def _take_from_server(self) -> None:
-        """The server's unparsed bytes and REQ_PAGES state go (back) to the codec."""
+        """The server's unparsed bytes (rbuf[0, rlen)) and REQ_PAGES state go back to the codec."""
         srv = self.srv
-        self.decoder.consumed_elsewhere(srv.consumed)
-        srv.consumed = 0
-        self.decoder.last_block = self.blocks[srv.last_block].name if srv.last_block >= 0 else None
-        self.decoder.feed(bytes(ffi.buffer(srv.rbuf, srv.rlen)))
+        consumed, srv.consumed = srv.consumed, 0
+        self._pumped.take_back(consumed, end=srv.rlen,
+                               block=self.blocks[srv.last_block].name if srv.last_block >= 0 else None)
         srv.rlen = 0
 
     def stop(self) -> dict:
@@ -163,7 +165,7 @@ class RequestServer:
         if self._thread is not None:
             self._thread.join()
         os.close(self._quit_fd)
-        if self.decoder.buffered == 0:
+        if self._pumped.lent:
             self._take_from_server()
         self.book.returned()
         st = self.srv.st
