@@ -15,7 +15,7 @@ import struct
 import pytest
 
 from postcopy_cli.codec import (BlockInfo, Blocks, Eof, Header, PostcopyAdvise, PumpedDecoder, RamEnd, RamPage,
-                                RamSectionEncoder, RamZero, ReqPagesId, ReturnPathDecoder, Shut, StreamDecoder,
+                                RamFlag, RamSectionEncoder, RamZero, ReqPagesId, ReturnPathDecoder, Shut, StreamDecoder,
                                 encode, encode_rp)
 from postcopy_cli.codec.messages import Pong, ReqPages
 from postcopy_cli.errors import ProtocolError
@@ -24,6 +24,8 @@ TP = 4096
 SMALL = BlockInfo("pc.ram", 64 * TP, TP)
 HUGE = BlockInfo("huge", 4 * 0x200000, 0x200000)
 _BE64 = struct.Struct(">Q")
+PAGE_CONT = int(RamFlag.PAGE | RamFlag.CONTINUE)   # the two records the native pump takes
+ZERO_CONT = int(RamFlag.ZERO | RamFlag.CONTINUE)
 
 
 def _stream(trailing: bytes = b"") -> tuple[bytes, list]:
@@ -85,14 +87,14 @@ def _fake_pump(pd: PumpedDecoder, peer: _Peer, out: list) -> int:
         while end - start >= 8:
             v = _BE64.unpack_from(buf, start)[0]
             flags, off = v & 0xFFF, v & ~0xFFF
-            if off >= length or flags not in (0x28, 0x22):
+            if off >= length or flags not in (PAGE_CONT, ZERO_CONT):
                 return consumed, True   # for the codec (PC_PUMP_STOP)
-            size = 8 + (TP if flags == 0x28 else 1)
+            size = 8 + (TP if flags == PAGE_CONT else 1)
             if end - start < size:
                 break
-            if flags == 0x22 and buf[start + 8]:
+            if flags == ZERO_CONT and buf[start + 8]:
                 return consumed, True   # a nonzero fill byte: the codec names the error
-            out.append(("page", block, off, bytes(buf[start + 8:start + size])) if flags == 0x28
+            out.append(("page", block, off, bytes(buf[start + 8:start + size])) if flags == PAGE_CONT
                        else ("zero", block, off))
             start += size
             consumed += size
