@@ -42,7 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import restore_bench  # noqa: E402
-from restore_bench import NotListening, ForeignCPU, child_env, listening_port, use_rev, wait_idle, StatusSampler, add_anchors_option, find_anchor, end_children, postcopy_cmd, wait4  # noqa: E402
+from restore_bench import NotListening, ForeignCPU, child_env, listening_port, use_rev, wait_idle, warm_host_memory, StatusSampler, add_anchors_option, find_anchor, end_children, postcopy_cmd, wait4  # noqa: E402
 
 GOAL_POSTCOPY_X = 0.8
 GOAL_LATENCY_X = 0.5
@@ -486,6 +486,9 @@ def main():
     ap.add_argument("--report-after", type=float, default=1.0,
                     help="the incoming workload reports this long after the migration is complete")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--warm-mib", type=int, default=None,
+                    help="MiB of memory to fault in and free before each run of either side (free page "
+                         "reporting: see restore_bench.warm_host_memory; default 3x --mem-mib, 0: off)")
     ap.add_argument("--idle-wait", type=float, default=60.0,
                     help="wait up to this long before each run for other processes to leave the CPUs idle (0: don't)")
     ap.add_argument("--rev", help="run our side from a clean export of this git revision (e.g. HEAD)")
@@ -497,6 +500,8 @@ def main():
                          "syscalls (per MiB sent, per request)")
     add_anchors_option(ap)
     args = ap.parse_args()
+    if args.warm_mib is None:
+        args.warm_mib = 3 * args.mem_mib
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in scen if s not in SCENARIOS]
     if bad:
@@ -528,6 +533,7 @@ def main():
             if not args.skip_qemu:
                 if args.idle_wait:
                     wait_idle(args.idle_wait, lambda *a: print(*a, flush=True))
+                warm_host_memory(args.warm_mib << 20)
                 print(f"[{name}] QEMU run {i + 1}/{args.runs} ...", flush=True)
                 q = run_qemu(qemu_script, args.mem_mib, bw, args.precopy_s, args.timeout + 120)
                 qruns.append(q)
@@ -535,6 +541,7 @@ def main():
             if not args.skip_ours:
                 if args.idle_wait:
                     wait_idle(args.idle_wait, lambda *a: print(*a, flush=True))
+                warm_host_memory(args.warm_mib << 20)
                 print(f"[{name}] ours run {i + 1}/{args.runs} ...", flush=True)
                 o = run_ours(args.mem_mib, bw, args.precopy_s, args.timeout, args.report_after, args.keep_work,
                              perf_stat=args.perf_stat)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import mmap
 import os
 import platform
 import random
@@ -343,6 +344,23 @@ def wait_idle(max_wait: float, log=print, threshold: float = 0.25) -> dict:
             said = True
 
 
+def warm_host_memory(nbytes: int) -> float:
+    """Fault in and free ``nbytes`` of anonymous memory; returns the seconds it took.
+
+    These VMs run with free page reporting (``page_reporting.page_reporting_order=11`` on the kernel
+    command line, mm/page_reporting.c): free 8 MiB blocks go back to the host, and the first write to
+    such memory costs a host fault.  A run that follows an idle spell would pay that for every page it
+    places, a run right after another one would not: warming the same amount before every run, on
+    both sides of a comparison, takes that difference out.  MAP_POPULATE makes the kernel allocate and
+    zero every page at mmap(2) (a write: the host backs it); munmap frees them again, hot."""
+    if nbytes <= 0:
+        return 0.0
+    t = time.monotonic()
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+    m.close()
+    return round(time.monotonic() - t, 2)
+
+
 # --------------------------------------------------------------------------- C floor
 
 FLOOR_RE = re.compile(r"mode=(\w+) pages=(\d+) faults/s=([\d.]+) MiB/s=([\d.]+) "
@@ -560,6 +578,9 @@ def main():
                     help="toucher waits for RUN before touching (default: touches as soon as attached)")
     ap.add_argument("--handover-wait", type=float, default=1.0, help="with --wait-run: seconds before migrate starts")
     ap.add_argument("--timeout", type=float, default=60.0, help="per-process timeout, seconds")
+    ap.add_argument("--warm-mib", type=int, default=None,
+                    help="MiB of memory to fault in and free before each run (free page reporting: see "
+                         "warm_host_memory; default 3x --size, 0: off)")
     ap.add_argument("--idle-wait", type=float, default=60.0,
                     help="before each measurement wait up to this long for other processes to leave the CPUs idle "
                          "(0: don't); each run reports the foreign CPU seconds it saw")
@@ -570,6 +591,8 @@ def main():
     ap.add_argument("--json-only", action="store_true", help="print only the JSON line")
     add_anchors_option(ap)
     args = ap.parse_args()
+    if args.warm_mib is None:
+        args.warm_mib = 3 * (args.size >> 20)
     if args.size % PAGE or args.size <= 0:
         ap.error("--size must be a positive multiple of 4 KiB")
 
@@ -609,8 +632,10 @@ def main():
     try:
         for i in range(1, args.runs + 1):
             idle = wait_idle(args.idle_wait, log) if args.idle_wait else None
+            warmed = warm_host_memory(args.warm_mib << 20)
             r = one_restore(args, img, i)
             r["idle_wait"] = idle
+            r["warm_host_s"] = warmed
             runs.append(r)
             if r.get("error") or not r.get("ok"):
                 log(f"run {i}: FAILED {r.get('error', '')} exit={r.get('exit')} {r.get('stderr', '')}")
