@@ -28,7 +28,7 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from restore_bench import (add_anchors_option, child_env, find_anchor, make_image, one_restore, parse_size,  # noqa: E402
-                           postcopy_cmd, wait_idle)
+                           postcopy_cmd, wait_idle, warm_host_memory)
 from qemu_compare import qemu_missing, run_ours, run_qemu  # noqa: E402
 
 GiB = 1 << 30
@@ -84,9 +84,14 @@ def main():
     ap.add_argument("--no-live", action="store_true")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--idle-wait", type=float, default=20.0)
+    ap.add_argument("--warm-mib", type=int, default=None,
+                    help="MiB to fault in and free before every run (restore_bench.warm_host_memory; default 3x "
+                         "--size, 0: off)")
     ap.add_argument("--image-dir", default=tempfile.gettempdir())
     add_anchors_option(ap)
     args = ap.parse_args()
+    if args.warm_mib is None:
+        args.warm_mib = 3 * (args.size >> 20)
 
     work = tempfile.mkdtemp(prefix="pctls-")
     creds = os.path.join(work, "pki")
@@ -108,6 +113,7 @@ def main():
             for way, opts in ways.items():
                 if args.idle_wait:
                     wait_idle(args.idle_wait, log=lambda *a: None)
+                warm_host_memory(args.warm_mib << 20)
                 r = restore_figures(one_restore(types.SimpleNamespace(**opts), img, i), args.size)
                 restore[way].append(r)
                 print(f"  restore {way} #{i}: {r}", flush=True)
@@ -119,11 +125,13 @@ def main():
     if not args.no_live:
         for i in range(args.live_runs):
             for tls in (False, True):
+                warm_host_memory(args.warm_mib << 20)
                 r = run_ours(mem_mib, 0, 1.0, args.timeout, 1.0, False, tls_creds=creds if tls else None)
                 live["ours tls" if tls else "ours plain"].append(live_figures(r, mem_mib, False))
                 print(f"  live ours {'tls' if tls else 'plain'}: {live['ours tls' if tls else 'ours plain'][-1]}",
                       flush=True)
                 if not args.no_qemu and qemu_script and not qemu_missing():
+                    warm_host_memory(args.warm_mib << 20)
                     q = run_qemu(qemu_script, mem_mib, 0, 1.0, 300, tls=tls)
                     live["qemu tls" if tls else "qemu plain"].append(live_figures(q, mem_mib, True))
                     print(f"  live qemu {'tls' if tls else 'plain'}: {live['qemu tls' if tls else 'qemu plain'][-1]}",

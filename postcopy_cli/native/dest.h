@@ -96,8 +96,10 @@ struct pc_dest {
     int registered;             /* 0: own memory before LISTENING, not registered yet -> plain memcpy */
     int discarding;             /* the program is dropping discarded ranges itself */
     uint64_t test_place_delay_ns; /* tests only: pause between placing pages and accounting for them */
-    int test_race_once;           /* tests only: the next run's first page is placed by "another channel" between
-                                   * reading its bit and placing the run */
+    int test_race_once;           /* tests only: the next run after RUN has its first page placed by "another
+                                   * channel" between reading its bit and placing the run (a requested page may
+                                   * come on the preempt channel before the main stream's RUN is read: before
+                                   * RUN a present page is overwritten, not skipped) */
     /* --record-workset (under state_lock): first requests, in order; recording stops if it cannot grow */
     int staging;          /* unrequested pages go to the blocks' stage (read by the placement hot path) */
     pthread_mutex_t stage_lock;   /* a staged page's content and bits while it is placed or rewritten */

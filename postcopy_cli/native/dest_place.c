@@ -435,7 +435,7 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
             o += b->page_size;
             continue;
         }
-        if (__atomic_load_n(&d->test_race_once, __ATOMIC_RELAXED) &&
+        if (__atomic_load_n(&d->test_race_once, __ATOMIC_RELAXED) && !overwrite_ok &&
             __atomic_exchange_n(&d->test_race_once, 0, __ATOMIC_RELAXED))
             place(d, block, o, data ? data + (o - offset) : NULL, b->page_size);   /* "the other channel" */
         /* The run starts with page o as `have` says, even if another channel
