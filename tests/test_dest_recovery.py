@@ -440,3 +440,66 @@ def test_a_preempt_channel_protocol_error_still_tells_the_source(serve_dest):
     assert rc == 3, err
     assert "protocol error" in err and "paused" not in err, err
     pre.close()
+
+
+def test_a_resumed_connection_that_breaks_while_the_requests_go_out_stays_paused(tmp_path, monkeypatch):
+    """The resumed connection breaks right as serve-dest sends the outstanding requests on it (a barrier
+    in the call that sends them: the source side is reset and serve-dest's socket has seen it before the
+    real call runs, so the kernel fails the write).  That is the source connection failing again: the
+    migration stays paused (it had ended serve-dest with exit 1, seen in CI), and the next resume is sent
+    the outstanding request again (the requests must be held back once more, not taken as sent)."""
+    import select
+
+    import postcopy_cli.dest.engine as engine
+    from test_end_races import _InProcessServe
+
+    n = 64
+    image = tmp_path / "img"
+    data = write_image(image, n * PAGE, seed=11, zero_runs=())
+    serve = _InProcessServe(tmp_path)
+    prog = Prog(str(serve.uffd_sock), str(image), n * PAGE)
+    block = codec.BlockInfo("mem", n * PAGE, PAGE)
+    real = engine.lib
+    armed: list = []   # the source whose connection breaks at the next resume's requests
+
+    class BreakingLib:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def pc_dest_set_phase(self, native, phase):
+            if armed and phase == real.PC_PHASE_RUNNING:
+                rst_close(armed.pop().conn)
+                p = select.poll()
+                p.register(serve.server.dest._conn.fileno(), select.POLLERR | select.POLLHUP)
+                assert p.poll(PROC_TIMEOUT * 1000), "serve-dest's socket never saw the reset"
+            return real.pc_dest_set_phase(native, phase)
+
+    monkeypatch.setattr(engine, "lib", BreakingLib())
+    try:
+        src = Source(serve.server.bound.port, block, data)
+        src.start()
+        src.pages(range(10))
+        src.read_until(lambda evs: 10 in src.requested(), "the request for page 10")
+        rst_close(src.conn)
+        _wait_for(lambda: any(e.get("event") == "paused" for e in prog.events()), "the program is told paused")
+        _wait_for(prog.blocked, "the program's thread waits on page 10")
+
+        broken = Source(serve.server.bound.port, block, data)
+        armed.append(broken)
+        broken.resume()
+        _wait_for(lambda: not armed, "the resume reached the outstanding requests")
+
+        again = Source(serve.server.bound.port, block, data)
+        again.resume()
+        again.read_until(has(codec.ResumeAck), "RESUME_ACK")
+        again.read_until(lambda evs: again.requested(), "the outstanding request sent again")
+        assert again.requested()[0] == 10
+        again.pages(range(10, n))
+        again.finish()
+        serve.join()
+        assert serve.error is None, f"serve-dest failed: {serve.error!r}"
+        assert serve.result.complete
+        _wait_for(lambda: "DONE" in prog.lines, "the program touched every page")
+        assert prog.pages() == n and not [line for line in prog.lines if line.endswith(" bad")]
+    finally:
+        prog.kill()

@@ -159,7 +159,12 @@ class Destination:
 
     # -- what DestPhase changes -----------------------------------------------------
     def set_phase(self, phase: int) -> None:
-        check_native(lib.pc_dest_set_phase(self.native, phase), "sending page requests")
+        r = lib.pc_dest_set_phase(self.native, phase)
+        if r == -errno.ENOMEM:
+            raise native_error(r, "collecting the outstanding page requests")
+        # any other failure is the return path's: the requests held back went out on it (LISTEN, or a
+        # resumed stream), and its breaking is the source connection's, which pauses a running migration
+        check_native(r, "the source connection failed sending page requests", PeerDisconnected)
 
     def register_own_memory(self) -> None:
         self._register_all()

@@ -219,6 +219,11 @@ static int enable_requests(struct pc_dest *d, int resuming)
             r = send_requests(d, d->pending, n);
         if (r == 0 && resuming)
             __atomic_fetch_add(&d->st.rerequests, n, __ATOMIC_RELAXED);
+        if (r < 0 && resuming) {
+            /* the resumed connection broke while the outstanding requests went out: the migration
+             * stays paused, requests held back; the next resume collects them again from the bitmaps */
+            d->requests_enabled = 0;
+        }
         d->npending = 0;
     }
     pthread_mutex_unlock(&d->state_lock);
