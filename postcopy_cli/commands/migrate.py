@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .. import signals
+from .. import hoptrace, signals
 from ..errors import PostcopyError, UsageError
 from ..units import parse_size
 from ..units import plural
@@ -68,6 +68,21 @@ class _Watch:
 
     def on_start(self, engine) -> None:
         self.engine = engine
+        if hoptrace.directory():
+            # POSTCOPY_HOP_TRACE: before anything is sent (the request server starts after RUN)
+            from ..codec.constants import TARGET_PAGE_SIZE
+
+            streamer = getattr(engine, "streamer", engine)   # --attach: the LiveMigration's
+            pages = sum(b.length // TARGET_PAGE_SIZE for b in streamer.blocks)
+            streamer.enable_hop_trace(hoptrace.capacity(pages))
+
+    def write_hop_trace(self) -> None:
+        """POSTCOPY_HOP_TRACE: the source's entries, at the end (success or failure)."""
+        if not hoptrace.directory() or self.engine is None:
+            return
+        streamer = getattr(self.engine, "streamer", self.engine)
+        hoptrace.write(hoptrace.directory(), "source", hoptrace.SOURCE_COLUMNS, streamer.hop_rows,
+                       claimed=streamer.hop_claimed, capacity=streamer.hop_capacity)
 
     def __call__(self, t: float) -> dict:
         engine = self.engine
@@ -274,6 +289,7 @@ def migrate(as_json, to, image, attach, page_size, state_file, max_bandwidth, ti
             record.remove_record(record_file)   # before RUN: nothing to resume
         raise
     finally:
+        watch.write_hop_trace()
         memory.close()
     record.remove_record(record_file)
     stats["migration_id"] = mid.hex()
@@ -327,6 +343,7 @@ def _migrate_live(as_json, to, attach, state, rate, timeout, postcopy_after, pre
                                  on_ready=lambda: print(f"postcopy: waiting for the program on unix:{attach}",
                                                         file=sys.stderr, flush=True))
     finally:
+        watch.write_hop_trace()
         signal.signal(signal.SIGUSR1, previous)
     if as_json:
         emit_json(stats)

@@ -148,6 +148,7 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stat
     the final statistics, or on failure {"error": {"code", "kind", "message"}}
     with the statistics reached so far.
     """
+    from .. import hoptrace
     from ..channels.tls import Credentials
     from ..dest.serve import ServeDest, ServeOptions
 
@@ -160,7 +161,7 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stat
     tls = Credentials.load(tls_creds, server=True) if tls_creds else None
     opts = ServeOptions(listen=listen, uffd_socket=uffd_socket, ram=_parse_ram(ram), timeout=timeout,
                         insecure=insecure, recover_timeout=recover_timeout, record_workset=bool(workset_file),
-                        tls=tls)
+                        tls=tls, hop_trace=hoptrace.capacity() if hoptrace.directory() else None)
 
     def announce(server):
         print(f"postcopy: listening on {server.bound}" +
@@ -183,6 +184,10 @@ def serve_dest(as_json, listen, uffd_socket, ram, timeout, recover_timeout, stat
         server.close()
         if workset_file and server.dest is not None:
             _write_workset(server.dest, workset_file)
+        if opts.hop_trace is not None and server.dest is not None:
+            rows, claimed = server.dest.hop_trace()
+            hoptrace.write(hoptrace.directory(), "dest", hoptrace.DEST_COLUMNS, rows, claimed=claimed,
+                           capacity=server.dest.hop_capacity)
     if stats_file:
         with open(stats_file, "w") as f:
             json.dump(result.stats, f, indent=2)

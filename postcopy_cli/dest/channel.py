@@ -207,6 +207,8 @@ class StreamReceiver:
         span = ffi.from_buffer("uint64_t[]", pumped.span)   # the pump moves [start, end) in place
         fd = conn.fileno()
         timeout_ms = -1 if conn.gettimeout() is None else int(conn.gettimeout() * 1000)
+        # the hop trace names the channel that accounted for each requested page (this thread's)
+        lib.pc_dest_hop_channel(lib.PC_HOP_PREEMPT if self.main is not None else lib.PC_HOP_MAIN)
         recv_into = lambda view: self._recv_into(conn, view)  # noqa: E731
         try:
             eof = False

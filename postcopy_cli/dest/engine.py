@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import codec
+from .. import codec, hoptrace
 from .._native import ffi, lib
 from ..errors import PeerDisconnected, PeerTimeout, PostcopyError, ProtocolError
 from ..channels.control import ControlReader
@@ -70,8 +70,10 @@ class Destination:
     """
 
     def __init__(self, blocks: list[RamBlock], uffd: Userfaultfd, *, program: Handover | None = None,
-                 timeout: float = 30.0, recover_timeout: float = 0.0, record_workset: bool = False):
-        """``record_workset``: keep the pages the program faults on, in order (:meth:`workset`)."""
+                 timeout: float = 30.0, recover_timeout: float = 0.0, record_workset: bool = False,
+                 hop_trace: int = 0):
+        """``record_workset``: keep the pages the program faults on, in order (:meth:`workset`);
+        ``hop_trace``: keep the hop times of up to this many page requests (:meth:`hop_trace`; 0: off)."""
         self.blocks = blocks
         self.uffd = uffd
         self.program = program
@@ -94,6 +96,10 @@ class Destination:
         if record_workset:
             # (pages sent unasked are staged, not placed, until touched or the stream's end: native/dest_place.c)
             check_native(lib.pc_dest_record_workset(self.native, 1), "setting up the working-set record")
+        self.hop_capacity = hop_trace
+        if hop_trace:
+            # before the fault thread starts: every request has its entry
+            check_native(lib.pc_dest_hop_trace(self.native, hop_trace), "setting up the hop trace")
         os.set_blocking(uffd.fileno(), False)
         self.fault_thread = FaultThread(self.native)
         lib.pc_dest_set_quit_fd(self.native, self.fault_thread.quit_fd)
@@ -780,6 +786,12 @@ class Destination:
         return workset.Workset(tuple(workset.WorksetBlock(b.name, b.length, b.page_size,
                                                           workset.runs_of(*per_block[bi]))
                                      for bi, b in enumerate(self.blocks))), not truncated[0]
+
+    def hop_trace(self) -> tuple[list[tuple], int]:
+        """The hop trace (``hop_trace``): rows of hoptrace.DEST_COLUMNS, one per page request in the
+        order the faults were read, and how many requests asked for an entry (beyond the rows: dropped)."""
+        entries, claimed = hoptrace.read(lib.pc_dest_hop_read, self.native, [b.name for b in self.blocks])
+        return hoptrace.dest_rows(entries), claimed
 
     def progress(self) -> dict:
         """A snapshot for a live display.  ``received``: pages in now (discards at the switch-over

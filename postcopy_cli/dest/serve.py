@@ -34,6 +34,7 @@ class ServeOptions:
     recover_timeout: float = 600.0
     record_workset: bool = False
     tls: Credentials | None = None      # --tls-creds: every connection of the source is TLS
+    hop_trace: int | None = None        # POSTCOPY_HOP_TRACE: entries to keep (0: one per target page; None: off)
 
 
 # what a plaintext source that reaches a TLS serve-dest reads before the close: a fatal TLS alert,
@@ -166,9 +167,12 @@ class ServeDest:
         threading.Thread(target=self._accept_all, args=(stop,), name="postcopy/accept", daemon=True).start()
         try:
             blocks = self._attach() if self.uffd_listener else self._own_memory()
+            hop = self.opts.hop_trace
+            if hop == 0:
+                hop = sum(b.pages for b in blocks)
             self.dest = Destination(blocks, self.uffd, program=self.program, timeout=self.opts.timeout,
                                     recover_timeout=self.opts.recover_timeout,
-                                    record_workset=self.opts.record_workset)
+                                    record_workset=self.opts.record_workset, hop_trace=hop or 0)
             conn = self._accept_source()
         except BaseException:
             stop.set()

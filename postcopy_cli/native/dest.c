@@ -56,6 +56,8 @@ void pc_dest_free(struct pc_dest *d)
     free(d->pending);
     free(d->inflight);
     free(d->ws);
+    free(d->hop);
+    free(d->inflight_hop);
     pthread_mutex_destroy(&d->rp_lock);
     pthread_mutex_destroy(&d->state_lock);
     pthread_mutex_destroy(&d->stage_lock);
@@ -125,21 +127,52 @@ static size_t encode_request(struct pc_dest *d, int block, uint64_t off, uint8_t
     return pc_wire_req_pages(out, off, (uint32_t)b->page_size, b->name, b->name_len);
 }
 
-int send_requests(struct pc_dest *d, const uint64_t *reqs, size_t n)
+/* The hop trace's entries of reqs[0, n) (0: none), from known (NULL: looked up in the in-flight
+ * table, before the requests are sent: an answer may take a page out of it as soon as its
+ * request is out). */
+static void hop_ids(struct pc_dest *d, const uint64_t *reqs, const uint64_t *known, size_t n, uint64_t *ids)
+{
+    for (size_t k = 0; k < n; k++) {
+        uint64_t off = reqs[k] & ((1ULL << 56) - 1);
+        ids[k] = known ? known[k] : inflight_hop_peek(d, key_of((int)(reqs[k] >> 56), off));
+    }
+}
+
+/* The hop trace: those requests were handed to the return path's socket at t (taken before the
+ * write: on loopback the source may read a request before the write returns here). */
+static void hop_sent(struct pc_dest *d, const uint64_t *ids, size_t n, uint64_t t)
+{
+    for (size_t k = 0; k < n; k++) {
+        if (ids[k] && __atomic_load_n(&d->hop->e[ids[k] - 1].t[1], __ATOMIC_RELAXED))
+            pc_hop_flag(d->hop, ids[k], PC_HOP_REREQUESTED);
+        pc_hop_time(d->hop, ids[k], 1, t);
+    }
+}
+
+int send_requests(struct pc_dest *d, const uint64_t *reqs, const uint64_t *known_hops, size_t n)
 {
     uint8_t buf[64 * PC_WIRE_REQ_MAX];
+    uint64_t ids[64];
     size_t i = 0;
     int r = 0;
+    struct pc_hop_trace *hop = __atomic_load_n(&d->hop, __ATOMIC_ACQUIRE);
     pthread_mutex_lock(&d->rp_lock);
     if (d->rp_fd < 0)
         r = -ENOTCONN;
     while (i < n && r == 0) {
-        size_t len = 0;
+        size_t len = 0, first = i;
         for (; i < n && len + PC_WIRE_REQ_MAX <= sizeof buf; i++) {
             int block = (int)(reqs[i] >> 56);
             len += encode_request(d, block, reqs[i] & ((1ULL << 56) - 1), buf + len);
         }
+        uint64_t t = 0;
+        if (hop) {
+            hop_ids(d, reqs + first, known_hops ? known_hops + first : NULL, i - first, ids);
+            t = pc_now_ns();
+        }
         r = pc_send_all(d->rp_fd, buf, len);
+        if (hop && r == 0)
+            hop_sent(d, ids, i - first, t);
     }
     if (r && d->rp_fd >= 0) {
         /* the connection is broken: end it, so the stream's thread, reading it,
@@ -216,7 +249,7 @@ static int enable_requests(struct pc_dest *d, int resuming)
             r = 0;
         }
         if (r == 0 && n)
-            r = send_requests(d, d->pending, n);
+            r = send_requests(d, d->pending, NULL, n);
         if (r == 0 && resuming)
             __atomic_fetch_add(&d->st.rerequests, n, __ATOMIC_RELAXED);
         if (r < 0 && resuming) {
@@ -270,6 +303,29 @@ int pc_dest_set_phase(struct pc_dest *d, int phase)
             wake_range(d, d->segs[i].addr, d->segs[i].size);
     }
     return r;
+}
+
+/* The hop trace on, for up to capacity page requests (before the fault thread starts: a request
+ * read before has no entry). 0, -EBUSY (on already) or -ENOMEM. */
+int pc_dest_hop_trace(struct pc_dest *d, uint64_t capacity)
+{
+    if (__atomic_load_n(&d->hop, __ATOMIC_ACQUIRE))
+        return -EBUSY;
+    uint64_t *ids = calloc(d->inflight_cap, sizeof *ids);
+    struct pc_hop_trace *h = pc_hop_new(capacity);
+    if (!ids || !h) {
+        free(ids);
+        free(h);
+        return -ENOMEM;
+    }
+    d->inflight_hop = ids;
+    __atomic_store_n(&d->hop, h, __ATOMIC_RELEASE);   /* whoever sees the trace sees its id table */
+    return 0;
+}
+
+uint64_t pc_dest_hop_read(struct pc_dest *d, struct pc_hop_entry *out, uint64_t cap, uint64_t *claimed)
+{
+    return pc_hop_read(__atomic_load_n(&d->hop, __ATOMIC_ACQUIRE), out, cap, claimed);
 }
 
 void pc_dest_get_stats(struct pc_dest *d, struct pc_dest_stats *out)

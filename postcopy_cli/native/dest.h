@@ -1,6 +1,7 @@
 #ifndef POSTCOPY_DEST_H
 #define POSTCOPY_DEST_H
 #include "compat.h"
+#include "hop_trace.h"
 #include <pthread.h>
 
 #define PC_HIST_BUCKETS 32
@@ -107,6 +108,10 @@ struct pc_dest {
     int ws_truncated;
     struct pc_ws_entry *ws;
     size_t nws, cap_ws;
+    /* the hop trace (NULL: off): one entry per page request, its id kept in inflight_hop[] at the
+     * request's slot of the in-flight table */
+    struct pc_hop_trace *hop;
+    uint64_t *inflight_hop;
 };
 
 struct pc_dest *pc_dest_new(int uffd, int quit_fd, int pid);
@@ -131,4 +136,6 @@ void pc_dest_get_stats(struct pc_dest *d, struct pc_dest_stats *out);
 int pc_dest_record_workset(struct pc_dest *d, int on);
 int pc_dest_place_staged(struct pc_dest *d);
 int64_t pc_dest_workset_read(struct pc_dest *d, uint64_t *pages, uint64_t *t_ns, size_t cap, int *truncated);
+int pc_dest_hop_trace(struct pc_dest *d, uint64_t capacity);
+uint64_t pc_dest_hop_read(struct pc_dest *d, struct pc_hop_entry *out, uint64_t cap, uint64_t *claimed);
 #endif

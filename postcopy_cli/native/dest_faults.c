@@ -25,7 +25,8 @@ static const struct pc_dest_seg *seg_by_addr(const struct pc_dest *d, uint64_t a
 
 /* ---- in-flight requests: page key -> time the fault was read ---- */
 
-static void inflight_put(struct pc_dest *d, uint64_t key, uint64_t t)
+/* hop: the request's hop-trace entry (0: none), kept at the same slot of d->inflight_hop */
+static void inflight_put(struct pc_dest *d, uint64_t key, uint64_t t, uint64_t hop)
 {
     size_t mask = d->inflight_cap - 1, h = (key * 0x9E3779B97F4A7C15ULL) >> 40;
     for (size_t n = 0; n < 64; n++, h++) {
@@ -33,6 +34,8 @@ static void inflight_put(struct pc_dest *d, uint64_t key, uint64_t t)
         uint64_t expect = 0;
         /* claim the slot, fill it, then publish the key */
         if (__atomic_compare_exchange_n(&e->key, &expect, UINT64_MAX, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            if (d->inflight_hop)
+                __atomic_store_n(&d->inflight_hop[h & mask], hop, __ATOMIC_RELAXED);
             __atomic_store_n(&e->t_ns, t, __ATOMIC_RELEASE);
             __atomic_store_n(&e->key, key, __ATOMIC_RELEASE);
             return;
@@ -42,19 +45,38 @@ static void inflight_put(struct pc_dest *d, uint64_t key, uint64_t t)
 }
 
 /* 1 if the page was requested (its entry is removed); *t gets the time the
- * fault was read (0 for a request the table had no room to measure) */
-int inflight_take(struct pc_dest *d, uint64_t key, uint64_t *t)
+ * fault was read (0 for a request the table had no room to measure), *hop (if
+ * not NULL) its hop-trace entry (0: none, or another taker got the time) */
+int inflight_take(struct pc_dest *d, uint64_t key, uint64_t *t, uint64_t *hop)
 {
     size_t mask = d->inflight_cap - 1, h = (key * 0x9E3779B97F4A7C15ULL) >> 40;
+    if (hop)
+        *hop = 0;
     for (size_t n = 0; n < 64; n++, h++) {
         struct pc_inflight *e = &d->inflight[h & mask];
         if (__atomic_load_n(&e->key, __ATOMIC_ACQUIRE) == key) {
             *t = __atomic_exchange_n(&e->t_ns, 0, __ATOMIC_ACQ_REL);
+            /* the entry goes with the time: to the one taker whose sample ends there */
+            uint64_t id = *t && d->inflight_hop ? __atomic_exchange_n(&d->inflight_hop[h & mask], 0, __ATOMIC_ACQ_REL)
+                                                : 0;
+            if (hop)
+                *hop = id;
             __atomic_store_n(&e->key, 0, __ATOMIC_RELEASE);
             return 1;
         }
     }
     *t = 0;
+    return 0;
+}
+
+/* the hop-trace entry of the request in flight for key (0: none) */
+uint64_t inflight_hop_peek(struct pc_dest *d, uint64_t key)
+{
+    size_t mask = d->inflight_cap - 1, h = (key * 0x9E3779B97F4A7C15ULL) >> 40;
+    for (size_t n = 0; n < 64; n++, h++) {
+        if (__atomic_load_n(&d->inflight[h & mask].key, __ATOMIC_ACQUIRE) == key)
+            return __atomic_load_n(&d->inflight_hop[h & mask], __ATOMIC_ACQUIRE);
+    }
     return 0;
 }
 
@@ -228,7 +250,7 @@ static void fault_on_staged(struct pc_dest *d, int block, uint64_t off, uint64_t
 int pc_dest_fault_loop(struct pc_dest *d)
 {
     struct uffd_msg msgs[64];
-    uint64_t reqs[64];
+    uint64_t reqs[64], hops[64];   /* requests to send, and their hop-trace entries */
     struct pollfd p[2] = { { d->uffd, POLLIN, 0 }, { d->quit_fd, POLLIN, 0 } };
     for (;;) {
         int r = poll(p, 2, -1);
@@ -283,7 +305,9 @@ int pc_dest_fault_loop(struct pc_dest *d)
                      * (EEXIST: whichever comes second only wakes) */
                     fault_on_staged(d, s->block, off, host, t);
                 } else {
-                    inflight_put(d, key_of(s->block, off), t);
+                    struct pc_hop_trace *trace = __atomic_load_n(&d->hop, __ATOMIC_ACQUIRE);
+                    uint64_t hop = trace ? pc_hop_claim(trace, (uint32_t)s->block, off, t) : 0;
+                    inflight_put(d, key_of(s->block, off), t, hop);
                     if (d->ws_recording)
                         ws_note(d, ((uint64_t)s->block << 56) | page, t);
                     uint64_t req = ((uint64_t)s->block << 56) | off;
@@ -300,6 +324,7 @@ int pc_dest_fault_loop(struct pc_dest *d)
                         }
                         d->pending[d->npending++] = req;
                     } else {
+                        hops[nreq] = hop;
                         reqs[nreq++] = req;
                     }
                 }
@@ -318,7 +343,7 @@ int pc_dest_fault_loop(struct pc_dest *d)
         /* a failed send ends the connection (send_requests): the stream's
          * thread decides; the pages stay requested and are asked for again */
         if (nreq)
-            send_requests(d, reqs, nreq);
+            send_requests(d, reqs, hops, nreq);
         pthread_mutex_unlock(&d->state_lock);
     }
 }

@@ -30,9 +30,11 @@ static inline int bit_clear(uint64_t *map, uint64_t i)
 static inline uint64_t key_of(int block, uint64_t off) { return (((uint64_t)block << 48) | (off >> TP_SHIFT)) + 1; }
 
 #define PC_DEST_INTERNAL __attribute__((visibility("hidden")))
-PC_DEST_INTERNAL int inflight_take(struct pc_dest *d, uint64_t key, uint64_t *t);
+PC_DEST_INTERNAL int inflight_take(struct pc_dest *d, uint64_t key, uint64_t *t, uint64_t *hop);
+PC_DEST_INTERNAL uint64_t inflight_hop_peek(struct pc_dest *d, uint64_t key);
 PC_DEST_INTERNAL int wake_range(struct pc_dest *d, uint64_t addr, uint64_t len);
 PC_DEST_INTERNAL void serve_late_fault(struct pc_dest *d, const struct pc_dest_block *b, uint64_t addr);
 PC_DEST_INTERNAL int serve_staged(struct pc_dest *d, int block, uint64_t off, uint64_t addr);
-PC_DEST_INTERNAL int send_requests(struct pc_dest *d, const uint64_t *reqs, size_t n);
+/* hop: the requests' hop-trace entries (NULL: looked up in the in-flight table) */
+PC_DEST_INTERNAL int send_requests(struct pc_dest *d, const uint64_t *reqs, const uint64_t *hop, size_t n);
 #endif

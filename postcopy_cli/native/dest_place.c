@@ -45,14 +45,21 @@ static int overwrite(struct pc_dest *d, uint64_t addr, const uint8_t *src, uint6
     return w == (ssize_t)len ? 0 : -(w < 0 ? errno : EIO);
 }
 
-/* a requested page is in: its wait ends at t; 1 if it was requested */
-static int requested_in(struct pc_dest *d, int block, uint64_t off, uint64_t t)
+/* a requested page is in: its wait ends at t; 1 if it was requested. elsewhere: this receiver
+ * found it present (PC_HOP_ELSEWHERE), the other's copy went in. */
+static int requested_in(struct pc_dest *d, int block, uint64_t off, uint64_t t, uint32_t elsewhere)
 {
-    uint64_t t0;
-    if (!inflight_take(d, key_of(block, off), &t0))
+    uint64_t t0, hop;
+    if (!inflight_take(d, key_of(block, off), &t0, &hop))
         return 0;
     if (t0)
         record_latency(d, t > t0 ? t - t0 : 0);
+    if (hop) {   /* the hop trace: the same end as the latency sample */
+        struct pc_hop_trace *h = d->hop;
+        pc_hop_time(h, hop, 2, pc_hop_rx_time(block, off));
+        pc_hop_time(h, hop, 3, t);
+        pc_hop_flag(h, hop, pc_hop_channel | elsewhere);
+    }
     __atomic_fetch_add(&d->st.demand_pages, d->blocks[block].page_size / TP, __ATOMIC_RELAXED);
     return 1;
 }
@@ -77,7 +84,7 @@ static void account(struct pc_dest *d, int block, uint64_t off, uint64_t len, ui
     struct pc_dest_block *b = &d->blocks[block];
     for (uint64_t o = off; o < off + len; o += b->page_size) {
         int fresh = mark_received(d, b, o);
-        if (requested_in(d, block, o, t))
+        if (requested_in(d, block, o, t, 0))
             ;
         else if (__atomic_load_n(&d->overwrite_ok, __ATOMIC_RELAXED)) {
             /* before RUN: a pre-copy page */
@@ -102,7 +109,7 @@ static void present_elsewhere(struct pc_dest *d, int block, uint64_t off, uint64
     struct pc_dest_block *b = &d->blocks[block];
     __atomic_fetch_add(&d->st.skipped_pages, b->page_size / TP, __ATOMIC_RELAXED);
     mark_received(d, b, off);
-    requested_in(d, block, off, t);
+    requested_in(d, block, off, t, PC_HOP_ELSEWHERE);
 }
 
 /* A test hook: sleep between placing pages and accounting for them (0: off). */
@@ -421,7 +428,7 @@ static int place(struct pc_dest *d, int block, uint64_t offset, const uint8_t *d
              * thread still waits; it gets the staged copy, or the zeros it dropped */
             uint64_t room, addr = host_addr(d, block, o, &room);
             uint64_t t0;
-            if (inflight_take(d, key_of(block, o), &t0) && addr)
+            if (inflight_take(d, key_of(block, o), &t0, NULL) && addr)
                 serve_received(d, block, o, addr);
             o += b->page_size;
             continue;

@@ -24,9 +24,15 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
     uint64_t run_off = 0, run_n = 0;   /* PAGE run being assembled in staging */
     uint64_t zero_off = 0, zero_n = 0; /* ZERO run */
     int r = 0;
-#define FLUSH_PAGES() do { if (run_n) { r = pc_dest_place(d, block, run_off, staging, run_n * TP); \
+    /* the hop trace: when each record of the runs was parsed, for the requests they answer */
+    int hop = __atomic_load_n(&d->hop, __ATOMIC_ACQUIRE) != NULL;
+    uint64_t run_t[RUN_MAX], zero_t[RUN_MAX];
+#define HOP_RX(off, n, t) do { if (hop) pc_hop_rx = (struct pc_hop_rx){ block, off, n, t }; } while (0)
+#define FLUSH_PAGES() do { if (run_n) { HOP_RX(run_off, run_n, run_t); \
+        r = pc_dest_place(d, block, run_off, staging, run_n * TP); HOP_RX(0, 0, NULL); \
         if (r) { out->error = r; out->error_offset = run_off; } run_n = 0; } } while (0)
-#define FLUSH_ZEROS() do { if (zero_n) { r = pc_dest_place_zero(d, block, zero_off, zero_n * TP); \
+#define FLUSH_ZEROS() do { if (zero_n) { HOP_RX(zero_off, zero_n, zero_t); \
+        r = pc_dest_place_zero(d, block, zero_off, zero_n * TP); HOP_RX(0, 0, NULL); \
         if (r) { out->error = r; out->error_offset = zero_off; } zero_n = 0; } } while (0)
     while (!out->error) {
         uint64_t off;
@@ -47,6 +53,8 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
             if (!run_n)
                 run_off = off;
             memcpy(staging + run_n * TP, buf + pos + 8, TP);
+            if (hop)
+                run_t[run_n] = pc_now_ns();
             run_n++;
         } else {
             FLUSH_PAGES();
@@ -56,6 +64,8 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
                 break;
             if (!zero_n)
                 zero_off = off;
+            if (hop)
+                zero_t[zero_n] = pc_now_ns();
             zero_n++;
         }
         pos += (uint64_t)n;
@@ -68,6 +78,7 @@ void pc_dest_ram_fast(struct pc_dest *d, int block, const uint8_t *buf, uint64_t
         FLUSH_ZEROS();
 #undef FLUSH_PAGES
 #undef FLUSH_ZEROS
+#undef HOP_RX
 }
 
 /* Receive on fd into buf and place the fast records as they come, all with

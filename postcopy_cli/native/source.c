@@ -40,7 +40,22 @@ void pc_src_free(struct pc_src *s)
         return;
     free(s->segs);
     free(s->readbuf);
+    free(s->hop);
     free(s);
+}
+
+/* The hop trace on, for up to capacity requests (before pc_src_serve runs). 0, -EBUSY, -ENOMEM. */
+int pc_src_hop_trace(struct pc_src *s, uint64_t capacity)
+{
+    if (s->hop)
+        return -EBUSY;
+    s->hop = pc_hop_new(capacity);
+    return s->hop ? 0 : -ENOMEM;
+}
+
+uint64_t pc_src_hop_read(struct pc_src *s, struct pc_hop_entry *out, uint64_t cap, uint64_t *claimed)
+{
+    return pc_hop_read(s->hop, out, cap, claimed);
 }
 
 int pc_src_add_block(struct pc_src *s, const char *name, uint64_t length, uint64_t page_size, const uint8_t *base,
@@ -123,13 +138,16 @@ static void within_cap(struct pc_src *s)
     }
 }
 
-/* answer one request: returns 0 or -errno */
-static int answer(struct pc_src *s, int block, uint64_t start, uint64_t len)
+/* answer one request, read (parsed) at t_read (0: not traced): returns 0 or -errno */
+static int answer(struct pc_src *s, int block, uint64_t start, uint64_t len, uint64_t t_read)
 {
     struct pc_src_block *b = &s->blocks[block];
     uint64_t first = start / TP, n = len / TP, pending = 0;
+    uint64_t hop = t_read ? pc_hop_claim(s->hop, (uint32_t)block, start, t_read) : 0;
     for (uint64_t i = 0; i < n; i++)
         pending |= __atomic_exchange_n(&b->to_send[first + i], 0, __ATOMIC_ACQ_REL);
+    if (hop && !pending)
+        pc_hop_flag(s->hop, hop, PC_HOP_SENT_BEFORE);
     if (b->sent)
         memset(b->sent + first, 1, n);
     __atomic_fetch_add(pending ? &s->st.requested_pages : &s->st.resent_pages, n, __ATOMIC_RELAXED);
@@ -140,6 +158,10 @@ static int answer(struct pc_src *s, int block, uint64_t start, uint64_t len)
         if (!data)
             return -errno;
         uint64_t zeros = 0;
+        /* the hop trace: the page's bytes are handed to the socket now (before the write: on loopback
+         * the destination may parse them before the write returns here) */
+        if (hop && !done)
+            pc_hop_time(s->hop, hop, 1, pc_now_ns());
         int64_t w = pc_src_send_pages(s->out_fd, data, start + done, chunk / TP,
                                       s->named == block ? NULL : b->name, &zeros);
         if (w < 0)
@@ -178,7 +200,7 @@ static int drain(struct pc_src *s)
         }
         s->last_block = block;
         __atomic_fetch_add(&s->st.requests, 1, __ATOMIC_RELAXED);
-        int e = answer(s, block, q.start, q.len);
+        int e = answer(s, block, q.start, q.len, s->hop ? pc_now_ns() : 0);
         pos += (uint32_t)n;
         if (e) {
             r = e;

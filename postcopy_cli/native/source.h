@@ -1,6 +1,7 @@
 #ifndef POSTCOPY_SOURCE_H
 #define POSTCOPY_SOURCE_H
 #include "compat.h"
+#include "hop_trace.h"
 #include "src_send.h"
 
 #define PC_SRC_MAX_BLOCKS 256
@@ -59,6 +60,7 @@ struct pc_src {
     uint32_t rlen;        /* unparsed bytes in rbuf */
     uint8_t rbuf[65536];
     struct pc_src_stats st;
+    struct pc_hop_trace *hop;   /* the hop trace: one entry per request answered (NULL: off) */
 };
 
 #define PC_SERVE_QUIT 0
@@ -71,4 +73,6 @@ int pc_src_add_block(struct pc_src *s, const char *name, uint64_t length, uint64
                      uint8_t *to_send, uint8_t *sent);
 int pc_src_add_segment(struct pc_src *s, int block, uint64_t offset, uint64_t addr, uint64_t size);
 int pc_src_serve(struct pc_src *s);
+int pc_src_hop_trace(struct pc_src *s, uint64_t capacity);
+uint64_t pc_src_hop_read(struct pc_src *s, struct pc_hop_entry *out, uint64_t cap, uint64_t *claimed);
 #endif

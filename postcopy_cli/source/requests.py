@@ -17,7 +17,7 @@ import socket
 import threading
 from typing import Callable
 
-from .. import codec
+from .. import codec, hoptrace
 from .._native import ffi, lib
 from ..errors import PeerDisconnected, PostcopyError, ProtocolError
 from ..sched import make_latency_thread
@@ -65,6 +65,18 @@ class RequestServer:
         # the hand-over: the server's rbuf is the buffer the codec's undecoded bytes are lent into
         self._pumped = codec.PumpedDecoder(decoder, ffi.buffer(srv.rbuf))
         self._thread: threading.Thread | None = None
+
+    def enable_hop_trace(self, capacity: int) -> None:
+        """Keep the hop times of up to ``capacity`` requests (before :meth:`start`)."""
+        r = lib.pc_src_hop_trace(self.srv, capacity)
+        if r < 0:
+            raise native_error(r, "request server: the hop trace", PostcopyError)
+
+    def hop_trace(self) -> tuple[list[tuple], int]:
+        """The hop trace's rows (hoptrace.SOURCE_COLUMNS, in the order the requests were read) and how
+        many requests asked for an entry (beyond the rows: dropped)."""
+        entries, claimed = hoptrace.read(lib.pc_src_hop_read, self.srv, [b.name for b in self.blocks])
+        return hoptrace.source_rows(entries), claimed
 
     @property
     def bytes_sent(self) -> int:

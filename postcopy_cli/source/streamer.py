@@ -138,6 +138,11 @@ class PageStreamer:
         self.preempt: Lane | None = None
         self._server: RequestServer | None = None
         self._fd = -1
+        # the hop trace (POSTCOPY_HOP_TRACE, enable_hop_trace): entries per request server (0: off),
+        # and the rows and entries asked for of the servers stopped so far
+        self.hop_capacity = 0
+        self.hop_rows: list[tuple] = []
+        self.hop_claimed = 0
         if conn is not None:
             self.attach(conn, preempt)
 
@@ -165,6 +170,15 @@ class PageStreamer:
             # requests already decoded are queued for the preempt channel; the server takes the rest
             self._handle_return_path(b"")
             self._server = RequestServer(conn, self.preempt, self.memory, self.book, self.cap, self.decoder)
+            if self.hop_capacity:
+                self._server.enable_hop_trace(self.hop_capacity)
+
+    def enable_hop_trace(self, capacity: int) -> None:
+        """Keep the hop times of up to ``capacity`` requests per request server (the native one, on
+        the preempt channel: requests answered from Python are not traced); :attr:`hop_rows`."""
+        self.hop_capacity = capacity
+        if self._server is not None:
+            self._server.enable_hop_trace(capacity)
 
     def progress(self) -> dict:
         """A snapshot for a live display, read from another thread without locks (counters only).
@@ -471,6 +485,10 @@ class PageStreamer:
             finally:
                 for key, n in srv.stop().items():
                     self.stats[key] += n
+                if self.hop_capacity:
+                    rows, claimed = srv.hop_trace()
+                    self.hop_rows += rows
+                    self.hop_claimed += claimed
                 self._server = None
             if srv.error is not None:
                 raise srv.error
