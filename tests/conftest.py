@@ -145,6 +145,24 @@ def write_image(path, size: int, *, seed: int = 1, zero_runs=((16, 40), (100, 1)
     return bytes(data)
 
 
+def touch_restore(uffd_sock, address: str, image, size: int, *migrate_args: str, order: str = "random",
+                  seed: int = 1, wait_run: bool = False) -> tuple[_subprocess.CompletedProcess, ...]:
+    """An image restore into ``workload touch`` attached to serve-dest's ``uffd_sock`` (serve-dest listening
+    on ``address``): (migrate's run, the toucher's); the toucher is reaped whatever happens."""
+    from postcopy_cli.selftest.harness import kill_and_reap
+
+    toucher = _subprocess.Popen(postcopy_cmd("workload", "touch", "--size", str(size), "--attach", str(uffd_sock),
+                                             "--image", str(image), "--order", order, "--seed", str(seed), "--json",
+                                             *(("--wait-run",) if wait_run else ())),
+                                stdout=_subprocess.PIPE, stderr=_subprocess.PIPE, text=True)
+    try:
+        mig = run_postcopy("migrate", "--to", address, "--image", str(image), "--json", *migrate_args)
+        t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
+    finally:
+        kill_and_reap(toucher)
+    return mig, _subprocess.CompletedProcess(toucher.args, toucher.returncode, t_out, t_err)
+
+
 def zero_pages_of(data: bytes) -> int:
     """Target pages (the last one padded with zeros) that are all zero."""
     z = bytes(4096)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROC_TIMEOUT, postcopy_cmd, run_postcopy, write_image, zero_pages_of
+from conftest import PROC_TIMEOUT, postcopy_cmd, run_postcopy, touch_restore, write_image, zero_pages_of
 from fakes import FakeSource, preamble
 from postcopy_cli import codec
 import postcopy_cli
@@ -138,16 +138,11 @@ def test_one_threads_blocktime_fits_in_its_post_copy(tmp_path, serve_dest, order
     image = tmp_path / "mem.img"
     write_image(image, size, seed=3)
     sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(tmp_path / "uffd.sock"), "--json")
-    toucher = _popen(postcopy_cmd("workload", "touch", "--size", str(size), "--attach", str(tmp_path / "uffd.sock"),
-                                  "--image", str(image), "--order", order, "--seed", "3", "--wait-run", "--json"))
-    try:
-        mig = run_postcopy("migrate", "--to", sd.address, "--image", str(image), "--json", "--max-bandwidth", "48M")
-        t_out, t_err = toucher.communicate(timeout=PROC_TIMEOUT)
-    finally:
-        kill_and_reap(toucher)
+    mig, touch = touch_restore(tmp_path / "uffd.sock", sd.address, image, size, "--max-bandwidth", "48M",
+                               order=order, seed=3, wait_run=True)
     rc, out, err = sd.wait()
-    assert mig.returncode == 0 and rc == 0 and toucher.returncode == 0, (mig.stderr, err, t_err)
-    assert json.loads(t_out)["mismatches"] == 0
+    assert mig.returncode == 0 and rc == 0 and touch.returncode == 0, (mig.stderr, err, touch.stderr)
+    assert json.loads(touch.stdout)["mismatches"] == 0
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["postcopy-requests"] > 0, stats
     # (1 ms: the two clocks are read in different threads)
