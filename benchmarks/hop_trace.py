@@ -39,7 +39,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from restore_bench import PAGE, fmt, make_image, one_restore, parse_size, wait_idle  # noqa: E402
+from restore_bench import PAGE, fmt, make_image, one_restore, parse_size, wait_idle, warm_host_memory  # noqa: E402
 
 from postcopy_cli import hoptrace  # noqa: E402
 
@@ -189,6 +189,9 @@ def main() -> int:
     ap.add_argument("--handover-wait", type=float, default=1.0)
     ap.add_argument("--timeout", type=float, default=60.0, help="per-process timeout, seconds")
     ap.add_argument("--idle-wait", type=float, default=60.0, help="wait up to this long for an idle host first")
+    ap.add_argument("--warm-mib", type=int, default=None,
+                    help="MiB of memory to fault in and free before the run (restore_bench.warm_host_memory: free "
+                         "page reporting; default 3x --size, 0: off)")
     ap.add_argument("--migrate-args", default="", help="extra arguments for `postcopy migrate` (image restore)")
     ap.add_argument("--attach", action="store_true",
                     help="a live migration (workload incoming, migrate --attach, 1 s of pre-copy) instead")
@@ -206,6 +209,7 @@ def main() -> int:
     created = False
     try:
         idle = wait_idle(args.idle_wait, log) if args.idle_wait else None
+        warmed = warm_host_memory((3 * (args.size >> 20) if args.warm_mib is None else args.warm_mib) << 20)
         if args.attach:
             import qemu_compare
 
@@ -232,7 +236,8 @@ def main() -> int:
         if not ok:
             log(f"the migration FAILED: {r.get('error') or r.get('exit')} {r.get('stderr', '')}")
         conditions = {"mode": mode, "size_mib": args.size >> 20, "loadavg": round(os.getloadavg()[0], 2),
-                      "foreign_cpu_s": cpu.get("foreign_cpu_s"), "wall_s": cpu.get("wall_s"), "idle_wait": idle}
+                      "foreign_cpu_s": cpu.get("foreign_cpu_s"), "wall_s": cpu.get("wall_s"), "idle_wait": idle,
+                      "warm_host_s": warmed}
         try:
             dest, source = load_traces(trace_dir)
         except (RuntimeError, OSError) as e:
