@@ -486,12 +486,7 @@ def test_pages_that_arrived_before_their_first_touch_are_recorded_in_touch_order
     size = PAGES * TP
     data = bytearray(random_bytes(size, seed=len(order)))
     data[7 * TP:8 * TP] = bytes(TP)                     # a zero page (a ZERO record)
-    final = tmp_path / "final"
-    final.write_bytes(data)
-    sock, record = tmp_path / "u.sock", tmp_path / "late.ws"
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock), "--timeout", "30",
-                    "--record-workset", str(record))
-    toucher = LateToucher(sock, size, final)
+    sd, toucher, record = _recording(serve_dest, tmp_path, data, "late.ws")
     try:
         with FakeSource(sd.port, codec.BlockInfo("mem", size, TP)) as src:
             src.send(preamble(src.block))
@@ -508,6 +503,17 @@ def test_pages_that_arrived_before_their_first_touch_are_recorded_in_touch_order
     assert stats["postcopy-requests"] == 0 and stats["pages"]["received"] == PAGES, stats
     first_touches = list(dict.fromkeys(order + [7]))
     assert _recorded_pages(record) == first_touches
+
+
+def _recording(serve_dest, tmp_path, final_data, record_name: str, **toucher_kw):
+    """serve-dest recording a workset into ``record_name`` with a LateToucher attached that checks the
+    memory against ``final_data`` at the end: (serve-dest, toucher, the record's path)."""
+    final = tmp_path / "final"
+    final.write_bytes(final_data)
+    sock, record = tmp_path / "u.sock", tmp_path / record_name
+    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock), "--timeout", "30",
+                    "--record-workset", str(record))
+    return sd, LateToucher(sock, len(final_data), final, **toucher_kw), record
 
 
 def _end_of_stream(src, sd, toucher) -> dict:
@@ -543,12 +549,7 @@ def test_a_staged_page_sent_again_or_discarded_reads_its_newest_copy(serve_dest,
     final_data = bytearray(v1)
     for p, page in {**newer, **after_run, **asked}.items():
         final_data[p * TP:(p + 1) * TP] = page
-    final = tmp_path / "final"
-    final.write_bytes(final_data)
-    sock, record = tmp_path / "u.sock", tmp_path / "pre.ws"
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock), "--timeout", "30",
-                    "--record-workset", str(record))
-    toucher = LateToucher(sock, size, final)
+    sd, toucher, record = _recording(serve_dest, tmp_path, final_data, "pre.ws")
 
     def section(pages: dict) -> bytes:
         return ram.begin() + b"".join(ram.zero("mem", p * TP) if page == bytes(TP) else ram.page("mem", p * TP, page)
@@ -595,12 +596,7 @@ def test_a_touch_before_run_of_a_staged_page_waits_for_run_and_reads_the_newest_
     v2 = random_bytes(TP, seed=22)
     final_data = bytearray(v1)
     final_data[0:TP] = v2
-    final = tmp_path / "final"
-    final.write_bytes(final_data)
-    sock, record = tmp_path / "u.sock", tmp_path / "early.ws"
-    sd = serve_dest("--listen", "tcp:127.0.0.1:0", "--uffd-socket", str(sock), "--timeout", "30",
-                    "--record-workset", str(record))
-    toucher = LateToucher(sock, size, final, early=[5, 0])
+    sd, toucher, record = _recording(serve_dest, tmp_path, final_data, "early.ws", early=[5, 0])
     try:
         with FakeSource(sd.port, codec.BlockInfo("mem", size, TP)) as src:
             ram = src.ram
